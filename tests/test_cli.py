@@ -1,0 +1,36 @@
+import subprocess
+import sys
+
+from cprec.cli import COMMANDS, build_parser
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "cprec.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("prepare", "train", "eval", "export", "demo"):
+        assert name in out
+    assert set(COMMANDS) == {"prepare", "train", "eval", "export", "demo"}
+
+
+def test_subcommand_help():
+    for name in COMMANDS:
+        out = subprocess.run(
+            [sys.executable, "-m", "cprec.cli", name, "--help"], capture_output=True, text=True, check=True
+        ).stdout
+        assert "usage: cprec " + name in out
+
+
+def test_config_error_is_one_clear_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  lr: 0.1\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "cprec.cli", "prepare", str(cfg), "trian.lr=3"], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert "unknown config key 'trian'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_parser_overrides():
+    args = build_parser().parse_args(["train", "c.yaml", "train.lr=1", "train.seed=2"])
+    assert args.overrides == ["train.lr=1", "train.seed=2"]
