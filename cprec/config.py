@@ -74,6 +74,8 @@ class PromptConfig:
     """Separator between rendered items."""
     item_token_budget: int = 32
     """Maximum tokens per rendered item; longer item text is cut to this many tokens."""
+    domain_names: dict[str, str] = field(default_factory=dict)
+    """How domains are named inside prompts (domain id -> display name); default the id itself."""
 
     def __post_init__(self):
         _check(self.item_token_budget > 0, "data.prompt.item_token_budget", "must be > 0")
@@ -95,7 +97,7 @@ class TokenizerConfig:
     """At most this many corpus lines are sampled to train sentencepiece."""
 
     def __post_init__(self):
-        _check(self.vocab_size >= 100, "data.tokenizer.vocab_size", "must be >= 100")
+        _check(self.vocab_size >= 300, "data.tokenizer.vocab_size", "must be >= 300 (256 byte-fallback pieces)")
         _one_of(self.model_type, "data.tokenizer.model_type", ("bpe", "unigram"))
         _check(self.train_sentences > 0, "data.tokenizer.train_sentences", "must be > 0")
 
@@ -136,6 +138,8 @@ class DataConfig:
     """Fail on the first bad record (naming file and line) instead of counting and skipping it."""
     kinds: list[str] = field(default_factory=lambda: ["domain", "mixed"])
     """Which pre-training sequences to render: domain (per-domain) and/or mixed (all-domain)."""
+    mixed_min_domains: int = 2
+    """Render a user's all-domain mixed sequence only if it spans at least this many domains."""
     max_doc_tokens: int = 1024
     """Longest token sequence per document; longer behaviour sequences are split into windows."""
     window_overlap_items: int = 0
@@ -163,6 +167,7 @@ class DataConfig:
         _check(len(self.kinds) > 0, "data.kinds", "needs at least one of domain, mixed")
         for k in self.kinds:
             _one_of(k, "data.kinds", ("domain", "mixed"))
+        _check(self.mixed_min_domains >= 1, "data.mixed_min_domains", "must be >= 1")
         _check(self.max_doc_tokens >= 16, "data.max_doc_tokens", "must be >= 16")
         _check(self.window_overlap_items >= 0, "data.window_overlap_items", "must be >= 0")
         _check(self.shard_max_bytes >= 1024, "data.shard_max_bytes", "must be >= 1024")
@@ -305,7 +310,11 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Packed rows per rank per micro-step."""
     grad_accum: int = 1
-    """Micro-steps per optimizer step."""
+    """Micro-steps per optimizer step (derived from global_batch_size when that is set)."""
+    global_batch_size: int = 0
+    """Rows per optimizer step over all ranks; 0 = micro_batch_size x grad_accum x ranks. When set,
+    grad_accum = global_batch_size / (micro_batch_size x ranks), which must divide exactly: this keeps
+    the optimizer step the same when a run resumes on a different number of ranks."""
     max_steps: int = 1000
     """Optimizer steps in this phase (counted from the phase start)."""
     max_tokens: int = 0
@@ -337,6 +346,13 @@ class TrainConfig:
         _one_of(self.phase, "train.phase", ("stable", "anneal"))
         for name in ("seq_len", "micro_batch_size", "grad_accum"):
             _check(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        _check(self.global_batch_size >= 0, "train.global_batch_size", "must be >= 0")
+        if self.global_batch_size:
+            _check(
+                self.global_batch_size % self.micro_batch_size == 0,
+                "train.global_batch_size",
+                f"must be a multiple of train.micro_batch_size ({self.micro_batch_size})",
+            )
         _check(self.max_steps >= 0 and self.max_tokens >= 0, "train.max_steps", "must be >= 0")
         _check(self.max_steps > 0 or self.max_tokens > 0, "train.max_steps", "max_steps or max_tokens > 0")
         _check(self.lr > 0, "train.lr", "must be > 0")
@@ -386,6 +402,8 @@ class EvalConfig:
     """Users per fine-tuning batch."""
     finetune_negatives: int = 15
     """In-domain sampled negatives per user (0 = in-batch negatives only)."""
+    finetune_pairs_per_user: int = 1
+    """Training pairs per user: its last N training items, each with the items before it as history."""
     in_batch_negatives: bool = True
     """Also use the other users' positives in the batch as negatives."""
     temperature: float = 0.05
@@ -421,6 +439,12 @@ class EvalConfig:
         _one_of(self.finetune_scope, "eval.finetune_scope", ("all", "per_domain"))
         _check(self.finetune_epochs >= 0, "eval.finetune_epochs", "must be >= 0")
         _check(self.finetune_negatives >= 0, "eval.finetune_negatives", "must be >= 0")
+        _check(
+            self.finetune_negatives > 0 or self.in_batch_negatives,
+            "eval.finetune_negatives",
+            "must be > 0 when eval.in_batch_negatives is false (no negatives at all)",
+        )
+        _check(self.finetune_pairs_per_user > 0, "eval.finetune_pairs_per_user", "must be > 0")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(self.lora_rank >= 0, "eval.lora_rank", "must be >= 0")
         for b in self.baselines:

@@ -1,4 +1,28 @@
 """CPRec kernels, imported as ``cprec_kernels`` (not ``kernels``: that name belongs to Hugging Face).
 
-A small dispatcher picks, per call, between a pure-PyTorch reference and fast paths.
+A small dispatcher picks, per call, between a pure-PyTorch reference and fast paths: packed
+(varlen) causal attention and a language-model loss that need not materialise full logits.
 """
+
+from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
+from .dispatch import (
+    ATTENTION_BACKENDS,
+    CE_BACKENDS,
+    choose_attention_backend,
+    choose_ce_backend,
+    lm_cross_entropy,
+    packed_attention,
+)
+from .flash import flash_available
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "CE_BACKENDS",
+    "choose_attention_backend",
+    "choose_ce_backend",
+    "chunked_cross_entropy",
+    "cross_entropy_reference",
+    "flash_available",
+    "lm_cross_entropy",
+    "packed_attention",
+]

@@ -1,0 +1,464 @@
+"""The training input pipeline: prepared shards -> packed batches for one rank, resumable exactly.
+
+``build_loader(cfg, rank, world_size)`` -> ``PackedLoader``, an infinite iterable of packed batches
+(the contract in ARCHITECTURE.md) with ``state_dict``/``load_state_dict``.
+
+How the work is split (details in ``cprec.data.docstream``):
+
+- Each epoch the shards are permuted with the seed and dealt to the ``world_size x num_workers``
+  global workers (shards left over after the last full round are split at sample level), so over
+  one epoch every sample is read by exactly one worker of one rank. Each worker shuffles through a
+  seeded buffer that drains at the end of its epoch; its epochs then follow one another. Ranks can
+  end an epoch a few documents apart; the loader is infinite, so every rank always has a batch.
+- Workers (torch DataLoader processes) only read documents. Mixing weights are applied inside each
+  worker (one reader per stream, token-deficit scheduling); packing happens here in the main process.
+- Exact resume: the main process records, per worker, the worker's last state snapshot (sent with
+  every ``chunk_docs``-th document) and how many documents it has consumed since. Documents already
+  consumed but not yet in a batch sit in the packer, whose buffer is part of the state. Restarting a
+  worker = load its snapshot, skip the consumed documents; the DataLoader polls workers round-robin,
+  so the restarted loader relabels its workers to poll the one that was due next first.
+- A state saved with another world size, worker count, seed, stream set or shard set restarts at
+  epoch granularity (each stream at the oldest epoch any saved worker was in), with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import DataLoader
+from webdataset.shardlists import expand_urls
+
+from cprec.data.docstream import Chunk, Doc, DocumentDataset
+from cprec.data.packing import collate_rows, make_packer
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+def _identity(x):
+    return x
+
+
+# -------------------------------------------------------------------------------- shard source
+def read_manifest(folder: Path) -> dict:
+    """``manifest.json`` of a prepared folder, checked for the fields the loader needs."""
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"{folder}: no manifest.json; is this a folder written by `cprec prepare`?")
+    with open(path, encoding="utf-8") as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != 1:
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this loader reads 1")
+    if not manifest.get("shards"):
+        raise ValueError(f"{path}: lists no shards")
+    return manifest
+
+
+def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
+    """Shard URLs and manifest (if one is found) for a prepared folder, its manifest.json, or a spec.
+
+    A spec is a path or URL with brace patterns (``shard-{000000..000015}.tar``), several joined with
+    ``::``, or ``pipe:`` commands (``pipe:aws s3 cp s3://b/shard-{0..9}.tar -``). For a local spec the
+    manifest is looked up next to the shards and one folder up.
+    """
+    if not spec:
+        raise ValueError("config field 'train.loader.shards': empty, and data.output_dir is empty too")
+    path = Path(spec).expanduser()
+    if path.is_dir() or (path.name == "manifest.json" and path.is_file()):
+        folder = path if path.is_dir() else path.parent
+        manifest = read_manifest(folder)
+        return [str(folder / s["path"]) for s in manifest["shards"]], manifest
+    urls = expand_urls(spec)
+    if not urls:
+        raise ValueError(f"config field 'train.loader.shards': {spec!r} names no shard")
+    manifest = None
+    first = urls[0]
+    if ":" not in first.split("/", 1)[0] or first.startswith("file:"):
+        local = Path(first.removeprefix("file:")).expanduser()
+        for folder in (local.parent, local.parent.parent):
+            if (folder / "manifest.json").is_file():
+                manifest = read_manifest(folder)
+                break
+    return urls, manifest
+
+
+def resolve_mixing(mixing: dict[str, float] | None, manifest: dict | None) -> dict[str, float] | None:
+    """Normalised positive weights per stream, or None for the natural mix (documents in shard order)."""
+    if not mixing:
+        return None
+    if manifest is None or not manifest.get("streams"):
+        raise ValueError(
+            "config field 'train.loader.mixing': weights need the stream list of manifest.json; point "
+            "train.loader.shards at the prepared folder (or leave mixing empty for the natural mix)"
+        )
+    known = sorted(manifest["streams"])
+    for key, w in mixing.items():
+        if key not in known:
+            raise ValueError(
+                f"config field 'train.loader.mixing.{key}': unknown stream; known streams: {known}"
+            )
+        if w < 0:
+            raise ValueError(f"config field 'train.loader.mixing.{key}': weight must be >= 0, got {w}")
+        if w > 0 and not manifest["streams"][key].get("sequences", 1):
+            raise ValueError(f"config field 'train.loader.mixing.{key}': the stream has no documents")
+    weights = {k: float(w) for k, w in mixing.items() if w > 0}
+    if not weights:
+        raise ValueError("config field 'train.loader.mixing': every weight is 0")
+    left_out = [s for s in known if s not in weights]
+    if left_out:
+        log.info("loader mixing leaves out streams %s (weight 0 or not listed)", left_out)
+    total = sum(weights.values())
+    return {k: weights[k] / total for k in sorted(weights)}
+
+
+# ------------------------------------------------------------------------------------ loader
+class PackedLoader:
+    """Infinite iterable of packed batches for one rank, with exact ``state_dict``/``load_state_dict``.
+
+    Iterating again (a new ``iter()``) continues from the last batch handed out, so
+    ``loader.load_state_dict(s); iter(loader)`` resumes at the batch after the one ``s`` was taken at.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        manifest: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seq_len: int = 512,
+        batch_size: int = 4,
+        seed: int = 0,
+        mixing: dict[str, float] | None = None,
+        shuffle_buffer: int = 1000,
+        num_workers: int = 0,
+        packing: str = "greedy",
+        bestfit_buffer: int = 64,
+        on_corrupt: str = "fail",
+        pad_id: int | None = None,
+        chunk_docs: int = 256,
+        log_every: int = 1000,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"config field 'train.loader.on_corrupt': fail or skip, got {on_corrupt!r}")
+        if not urls:
+            raise ValueError("loader has no shard to read")
+        self.urls, self.manifest = list(urls), manifest
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.weights = resolve_mixing(mixing, manifest)
+        self.shuffle_buffer, self.on_corrupt = shuffle_buffer, on_corrupt
+        self.chunk_docs, self.log_every = chunk_docs, log_every
+        if pad_id is None:
+            pad_id = int((manifest or {}).get("tokenizer", {}).get("pad_id", 0))
+        self.pad_id = pad_id
+        self.packer = make_packer(packing, seq_len, bestfit_buffer)
+        self._W = max(1, num_workers)
+        self._records = [self._fresh_record() for _ in range(self._W)]
+        self._rotation = 0
+        self._start_epochs: dict[str, int] | None = None
+        self._counters = {"batches": 0, "docs": 0, "empty_docs": 0, "tokens": 0, "pad_tokens": 0}
+        self._stream_tokens: dict[str, int] = {}
+        self._active: Iterator | None = None
+        if manifest and len(manifest.get("shards", [])) == len(self.urls):
+            n = sum(int(s.get("samples", 0)) for s in manifest["shards"])
+            log.info(
+                "loader rank %d/%d: %d shards, %d samples per epoch over all ranks",
+                rank,
+                world_size,
+                len(urls),
+                n,
+            )
+
+    # ------------------------------------------------------------------ documents
+    @staticmethod
+    def _fresh_record() -> dict[str, Any]:
+        return {
+            "snapshot": None,
+            "skip": 0,
+            "epochs": {},
+            "skipped_shards": 0,
+            "skipped_samples": 0,
+            "skipped_names": [],
+        }
+
+    def _dataset(self) -> DocumentDataset:
+        return DocumentDataset(
+            self.urls,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            weights=self.weights,
+            buffer_size=self.shuffle_buffer,
+            on_corrupt=self.on_corrupt,
+            chunk_docs=self.chunk_docs,
+            restore=[(r["snapshot"], r["skip"]) for r in self._records],
+            start_epochs=self._start_epochs,
+            rotation=self._rotation,
+        )
+
+    def _chunks(self) -> Iterator[Chunk]:
+        dataset = self._dataset()
+        if self.num_workers == 0:
+            return iter(dataset)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            prefetch_factor=4,
+            in_order=True,  # round-robin over workers: what makes the order reproducible
+        )
+        return iter(loader)
+
+    def iter_documents(self) -> Iterator[Doc]:
+        """Documents in the order the packer receives them; consuming one advances the loader state."""
+        for chunk in self._chunks():
+            rec = self._records[chunk.worker]
+            if chunk.snapshot is not None:
+                rec["snapshot"], rec["skip"] = chunk.snapshot, 0
+            expected = (rec["snapshot"]["seq"] if rec["snapshot"] else 0) + rec["skip"]
+            if chunk.start != expected:
+                raise RuntimeError(
+                    f"loader worker {chunk.worker} sent document #{chunk.start}, expected #{expected}"
+                )
+            if chunk.skipped_shards > rec["skipped_shards"] or chunk.skipped_samples > rec["skipped_samples"]:
+                log.warning(
+                    "loader rank %d worker %d: %d shard(s) and %d sample(s) skipped so far (latest: %s)",
+                    self.rank,
+                    chunk.worker,
+                    chunk.skipped_shards,
+                    chunk.skipped_samples,
+                    ", ".join(chunk.skipped_names) or "-",
+                )
+            rec["skipped_shards"], rec["skipped_samples"] = chunk.skipped_shards, chunk.skipped_samples
+            rec["skipped_names"] = chunk.skipped_names
+            # The next document is due from this worker while its chunk is unfinished, else the next.
+            self._rotation = chunk.worker
+            for i, doc in enumerate(chunk.docs):
+                rec["skip"] += 1
+                rec["epochs"][self._stream_key(doc)] = doc.epoch
+                if i == len(chunk.docs) - 1:
+                    self._rotation = (chunk.worker + 1) % self._W
+                yield doc
+        raise RuntimeError(
+            f"loader rank {self.rank}: every worker ran out of documents "
+            f"(all shards missing/corrupt, or no document of the mixed streams); see the warnings above"
+        )
+
+    def _stream_key(self, doc: Doc) -> str:
+        return doc.stream if self.weights else "*"
+
+    # ------------------------------------------------------------------ batches
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.close()
+        self._active = self._batches()
+        return self._active
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        docs = self.iter_documents()
+        try:
+            while True:
+                while self.packer.n_ready < self.batch_size:
+                    doc = next(docs)
+                    if len(doc.tokens) == 0:
+                        self._counters["empty_docs"] += 1
+                        continue
+                    self._counters["docs"] += 1
+                    self.packer.push(doc.tokens, doc.stream)
+                rows = [self.packer.pop_row() for _ in range(self.batch_size)]
+                batch = collate_rows(rows, self.seq_len, self.pad_id)
+                c = self._counters
+                c["batches"] += 1
+                c["tokens"] += batch["n_tokens"]
+                c["pad_tokens"] += self.batch_size * self.seq_len - batch["n_tokens"]
+                for s, n in batch["stream_tokens"].items():
+                    self._stream_tokens[s] = self._stream_tokens.get(s, 0) + n
+                if self.log_every and c["batches"] % self.log_every == 0:
+                    self._log_mix()
+                yield batch
+        finally:
+            docs.close()
+
+    def close(self) -> None:
+        """Stop the worker processes of the current iteration (the state stays as it is)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    # ------------------------------------------------------------------ reporting
+    def targets(self) -> dict[str, float]:
+        """Target token share per stream: the mixing weights, or the manifest's token shares."""
+        if self.weights:
+            return dict(self.weights)
+        streams = (self.manifest or {}).get("streams", {})
+        total = sum(int(v.get("tokens", 0)) for v in streams.values())
+        return {s: int(v.get("tokens", 0)) / total for s, v in sorted(streams.items())} if total else {}
+
+    def realised_mix(self) -> dict[str, dict[str, float]]:
+        """Per stream: non-pad tokens delivered in batches so far, their share, and the target share."""
+        total = sum(self._stream_tokens.values())
+        targets = self.targets()
+        out = {}
+        for s in sorted(set(targets) | set(self._stream_tokens)):
+            n = self._stream_tokens.get(s, 0)
+            out[s] = {"tokens": n, "share": n / total if total else 0.0, "target": targets.get(s, 0.0)}
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: batches, documents, tokens, packing efficiency (non-pad fraction), skips, epochs."""
+        c = dict(self._counters)
+        slots = c["tokens"] + c["pad_tokens"]
+        c["efficiency"] = c["tokens"] / slots if slots else 0.0
+        c["splits"] = self.packer.splits
+        c["skipped_shards"] = sum(r["skipped_shards"] for r in self._records)
+        c["skipped_samples"] = sum(r["skipped_samples"] for r in self._records)
+        c["epochs"] = self.epochs()
+        return c
+
+    def epochs(self) -> dict[str, int]:
+        """Per stream ('*' for the natural mix), the oldest epoch any of this rank's workers is in."""
+        start = self._start_epochs or {}
+        streams = list(self.weights) if self.weights else ["*"]
+        return {s: min(int(r["epochs"].get(s, start.get(s, 0))) for r in self._records) for s in streams}
+
+    def _log_mix(self) -> None:
+        parts = [f"{s} {v['share']:.3f} (target {v['target']:.3f})" for s, v in self.realised_mix().items()]
+        st = self.stats()
+        log.info(
+            "loader rank %d after %d batches: mix %s; non-pad %.2f%%; skipped %d shard(s), %d sample(s)",
+            self.rank,
+            st["batches"],
+            ", ".join(parts),
+            100 * st["efficiency"],
+            st["skipped_shards"],
+            st["skipped_samples"],
+        )
+
+    # ------------------------------------------------------------------ state
+    def _layout(self) -> dict[str, Any]:
+        """What must match for an exact resume."""
+        if self.manifest and self.manifest.get("content_hash"):
+            shards = str(self.manifest["content_hash"])
+        else:
+            names = "\n".join(os.path.basename(u.rstrip(" -|")) for u in self.urls)
+            shards = hashlib.sha256(names.encode()).hexdigest()[:16]
+        return {
+            "world_size": self.world_size,
+            "num_workers": self._W,
+            "seed": self.seed,
+            "streams": sorted(self.weights) if self.weights else None,
+            "shards": f"{shards}/{len(self.urls)}",
+            "chunk_docs": self.chunk_docs,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state, taken between batches."""
+        return copy.deepcopy(
+            {
+                "format": STATE_FORMAT,
+                "rank": self.rank,
+                "layout": self._layout(),
+                "weights": self.weights,
+                "rotation": self._rotation,
+                "start_epochs": self._start_epochs,
+                "workers": self._records,
+                "packer": self.packer.state_dict(),
+                "counters": self._counters,
+                "stream_tokens": self._stream_tokens,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Resume from ``state_dict()`` of this rank, or from the list of every rank's states.
+
+        With the same layout (world size, workers, seed, streams, shards) the next batch is exactly the
+        one after the batch the state was taken at. Otherwise the loader warns and restarts each
+        stream at the start of the oldest epoch any saved worker was in.
+        """
+        self.close()
+        states = state if isinstance(state, list) else [state]
+        for s in states:
+            if s.get("format") != STATE_FORMAT:
+                raise ValueError(f"loader state format {s.get('format')!r}, this loader reads {STATE_FORMAT}")
+        mine = [s for s in states if s["rank"] == self.rank]
+        layout = self._layout()
+        if mine and mine[0]["layout"] == layout:
+            s = mine[0]
+            self._records = copy.deepcopy(s["workers"])
+            self._rotation = 0
+            self._start_epochs = s["start_epochs"]
+            self.packer.load_state_dict(s["packer"])
+            self._counters = dict(s["counters"])
+            self._stream_tokens = dict(s["stream_tokens"])
+            return
+        self._restart_at_epoch(states, mine[0] if mine else states[0], layout)
+
+    def _restart_at_epoch(self, states: list[dict], own: dict, layout: dict) -> None:
+        saved = own["layout"]
+        changed = {k: (saved.get(k), v) for k, v in layout.items() if saved.get(k) != v}
+        if not changed and own["rank"] != self.rank:
+            changed = {"rank": (own["rank"], self.rank)}
+        epochs: dict[str, int] = {}
+        for s in states:
+            for rec in s["workers"]:
+                for stream, e in rec["epochs"].items():
+                    epochs[stream] = min(epochs.get(stream, e), int(e))
+        if self.weights:
+            start = {s: epochs.get(s, 0) for s in self.weights}
+        else:
+            start = {"*": min(epochs.values(), default=0)}
+        packer = own["packer"]
+        held_rows = len(packer.get("ready", []))
+        held_pieces = len(packer.get("buffer", packer.get("row", [])))
+        log.warning(
+            "loader state was saved with a different layout (%s): the shard-to-worker assignment is not "
+            "the same, so the exact position cannot be kept. Restarting at epoch granularity: stream "
+            "epochs %s start over from their first shard (samples of those epochs already seen are seen "
+            "again), and the saved shuffle/packer buffers are dropped (%d finished row(s), %d buffered "
+            "piece(s)); mixing counters and token totals carry over.",
+            ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
+            start,
+            held_rows,
+            held_pieces,
+        )
+        self._records = [self._fresh_record() for _ in range(self._W)]
+        self._rotation = 0
+        self._start_epochs = start
+        self._counters = dict(own["counters"])
+        self._stream_tokens = dict(own["stream_tokens"])
+
+
+# ----------------------------------------------------------------------------------- builder
+def build_loader(cfg, rank: int, world_size: int, shards: str | None = None) -> PackedLoader:
+    """The loader of ``cfg.train`` for one rank (shards default: train.loader.shards or data.output_dir)."""
+    lc = cfg.train.loader
+    spec = shards or lc.shards or cfg.data.output_dir
+    urls, manifest = resolve_shards(spec)
+    return PackedLoader(
+        urls,
+        manifest=manifest,
+        rank=rank,
+        world_size=world_size,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.train.micro_batch_size,
+        seed=cfg.train.seed,
+        mixing=lc.mixing,
+        shuffle_buffer=lc.shuffle_buffer,
+        num_workers=lc.num_workers,
+        packing=lc.packing,
+        bestfit_buffer=lc.bestfit_buffer,
+        on_corrupt=lc.on_corrupt,
+        log_every=max(1, 100 * cfg.train.log_every),
+    )

@@ -1,0 +1,212 @@
+"""The one internal schema every reader produces, and the ledger of records that were skipped.
+
+Interactions are held column-wise (numpy code arrays + vocabularies) rather than as one Python
+object per event: ML-1M alone has a million events, and cleaning/splitting are sorts and masks.
+
+Every record a reader sees is accounted for exactly once: it either becomes a row of
+``Interactions`` or is counted in ``IssueLog.dropped`` under a reason. Later stages (cleaning,
+splitting) move rows from "kept" to "dropped" through the same ledger, so the manifest can state
+``interactions_in == train + valid + test + sum(dropped)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Why a record was dropped. Readers and cleaning use these names; the manifest counts them.
+DROP_REASONS = {
+    "unparsable_line": "a line/row that could not be parsed (bad JSON, wrong number of fields)",
+    "missing_field": "a record without a user or item value (or without a timestamp in a timed file)",
+    "bad_timestamp": "a timestamp that is neither a number nor an ISO date",
+    "unknown_item": "an item id outside the item catalogue of a closed-catalogue source",
+    "unknown_domain": "an event whose domain is not in data.domains",
+    "no_domain_for_genre": "ML-1M: a movie none of whose genres is in data.domain_map",
+    "item_domain_conflict": "an item id already seen in another domain (item ids are global)",
+    "item_without_text": "an event on an item without text, with data.missing_text=drop",
+    "duplicate_event": "a repeated (user, item, timestamp) event, with data.dedup=keep_first",
+    "user_too_few_interactions": "events of a user with fewer than data.min_interactions events",
+}
+
+# Targets of pre-split sources (food-kitchen valid/test users) are marked on the event itself.
+NO_TARGET, VALID_TARGET, TEST_TARGET = 0, 1, 2
+TARGET_NAMES = {VALID_TARGET: "valid", TEST_TARGET: "test"}
+
+
+class IssueLog:
+    """Counts skipped records by reason, or raises at the first one in strict mode."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.dropped: Counter[str] = Counter()
+        self.item_issues: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def drop(self, reason: str, file: str | Path, line: int | str, detail: str = "", n: int = 1) -> None:
+        """Record ``n`` dropped interaction records (one location given for all of them)."""
+        if reason not in DROP_REASONS:
+            raise KeyError(f"unknown drop reason {reason!r}")
+        where = f"{file}:{line}"
+        if self.strict:
+            raise ValueError(f"{where}: {reason} ({DROP_REASONS[reason]}){': ' + detail if detail else ''}")
+        self.dropped[reason] += n
+        self.examples.setdefault(reason, f"{where}: {detail}")
+
+    def item_issue(self, reason: str, file: str | Path, line: int | str, detail: str = "") -> None:
+        """Record a problem with an item record (not an interaction), e.g. a duplicate item row."""
+        if self.strict:
+            raise ValueError(f"{file}:{line}: {reason}{': ' + detail if detail else ''}")
+        self.item_issues[reason] += 1
+        self.examples.setdefault(reason, f"{file}:{line}: {detail}")
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def log_summary(self) -> None:
+        for reason, n in sorted(self.dropped.items()):
+            log.info("dropped %d records: %s (first: %s)", n, reason, self.examples.get(reason, ""))
+        for reason, n in sorted(self.item_issues.items()):
+            log.info("item issue x%d: %s (first: %s)", n, reason, self.examples.get(reason, ""))
+
+
+@dataclass
+class Item:
+    """One catalogue item. ``fields`` are the text fields other than the title, in order."""
+
+    item: str
+    domain: str
+    title: str
+    fields: dict[str, str] = field(default_factory=dict)
+    has_text: bool = True
+
+
+@dataclass
+class Interactions:
+    """Events column-wise: integer codes into the vocabularies, plus where each event came from.
+
+    ``time`` is NaN where the source has no timestamps; ``order`` is the position in read order and
+    breaks ties (so "file order" is the fallback time). ``file``/``line`` name the source record for
+    error messages. ``target`` marks held-out events of pre-split sources.
+    """
+
+    user: np.ndarray  # int32 codes into users
+    item: np.ndarray  # int32 codes into items
+    domain: np.ndarray  # int32 codes into domains
+    time: np.ndarray  # float64, NaN = unknown
+    order: np.ndarray  # int64 read order
+    file: np.ndarray  # int32 codes into files
+    line: np.ndarray  # int64 line (or row) number, 1-based
+    target: np.ndarray  # int8: NO_TARGET / VALID_TARGET / TEST_TARGET
+    users: list[str]
+    items: list[str]
+    domains: list[str]
+    files: list[str]
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def select(self, mask_or_index: np.ndarray) -> Interactions:
+        """Rows picked by a boolean mask or an index array; vocabularies are shared."""
+        cols = {k: getattr(self, k)[mask_or_index] for k in _COLUMNS}
+        return Interactions(**cols, users=self.users, items=self.items, domains=self.domains, files=self.files)
+
+    def where(self, row: int) -> tuple[str, int]:
+        """(file, line) of a row, for error messages."""
+        return self.files[int(self.file[row])], int(self.line[row])
+
+    def sort_by_user_time(self) -> Interactions:
+        """Rows grouped by user, each user's events in time order (ties: read order)."""
+        time = np.where(np.isnan(self.time), -np.inf, self.time)
+        idx = np.lexsort((self.order, time, self.user))
+        return self.select(idx)
+
+
+_COLUMNS = ("user", "item", "domain", "time", "order", "file", "line", "target")
+
+
+class InteractionsBuilder:
+    """Appends events one by one (readers), interning ids into code vocabularies."""
+
+    def __init__(self):
+        self._codes: dict[str, dict[str, int]] = {"user": {}, "item": {}, "domain": {}, "file": {}}
+        self._cols = {
+            "user": array("i"),
+            "item": array("i"),
+            "domain": array("i"),
+            "time": array("d"),
+            "file": array("i"),
+            "line": array("q"),
+            "target": array("b"),
+        }
+
+    def _code(self, kind: str, value: str) -> int:
+        codes = self._codes[kind]
+        c = codes.get(value)
+        if c is None:
+            c = codes[value] = len(codes)
+        return c
+
+    def file_code(self, path: str | Path) -> int:
+        return self._code("file", str(path))
+
+    def add(
+        self,
+        user: str,
+        item: str,
+        domain: str,
+        time: float,
+        file_code: int,
+        line: int,
+        target: int = NO_TARGET,
+    ) -> None:
+        c = self._cols
+        c["user"].append(self._code("user", user))
+        c["item"].append(self._code("item", item))
+        c["domain"].append(self._code("domain", domain))
+        c["time"].append(time)
+        c["file"].append(file_code)
+        c["line"].append(line)
+        c["target"].append(target)
+
+    def __len__(self) -> int:
+        return len(self._cols["user"])
+
+    def build(self) -> Interactions:
+        cols = {
+            k: np.frombuffer(v, dtype=dt).copy() if len(v) else np.zeros(0, dtype=dt)
+            for (k, v), dt in zip(
+                self._cols.items(), (np.int32, np.int32, np.int32, np.float64, np.int32, np.int64, np.int8)
+            )
+        }
+        vocab = {k: list(v) for k, v in self._codes.items()}  # dicts keep insertion order = code order
+        return Interactions(
+            **cols,
+            order=np.arange(len(self), dtype=np.int64),
+            users=vocab["user"],
+            items=vocab["item"],
+            domains=vocab["domain"],
+            files=vocab["file"],
+        )
+
+
+@dataclass
+class Dataset:
+    """What a reader returns: events, the item catalogue and the files they came from."""
+
+    interactions: Interactions
+    items: dict[str, Item]
+    sources: list[Path]
+    interactions_in: int
+    """Records seen by the reader (kept + dropped while reading)."""
+    presplit: bool = False
+    """Held-out targets are given by the source (``Interactions.target``), not leave-one-out."""
+    closed_catalogue: bool = False
+    """The catalogue lists every rankable item (kept even if never interacted with)."""

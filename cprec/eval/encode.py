@@ -1,0 +1,318 @@
+"""Turn items and users into embeddings with a causal LM.
+
+Prompts (token ids, built by ``PromptBuilder`` from the prepared folder's tokenizer and the
+``data.prompt`` templates the pre-training text used):
+- item:  BOS + tokens of items.parquet ``text`` (the item rendered by ``prompt.item``), cut to
+  ``prompt.item_token_budget`` tokens;
+- user:  BOS + tokens of ``prompt.mixed_seq`` over the user's last ``eval.max_history_items`` history
+  items (all domains, time order), each rendered by ``prompt.item_in_mixed`` (``{domain}``,
+  ``{title}``; ``{fields}`` is empty because items.parquet keeps only title and text) and cut to
+  the item token budget, joined by ``prompt.item_sep``. This is exactly the all-domain mixed text
+  the model was pre-trained on, so the last position summarises the user's whole history.
+Token cuts are made on token ids and decoded back to text, so the prompt is then tokenized in one
+piece like the pre-training documents. Prompts longer than the model's positions keep BOS and the
+most recent tokens.
+
+Pooling (``eval.pooling``): ``last`` = final hidden state at the last non-pad token, ``mean`` = mean
+of final hidden states over non-pad tokens. Embeddings are L2-normalised, so the dot product used
+for scoring and fine-tuning is the cosine similarity. Batches are right-padded (a causal model's
+real tokens never attend to the padding after them, so padding does not change any embedding) and
+sorted by length to waste little compute.
+
+Item embeddings are cached under ``<eval.output_dir>/cache/`` keyed by hash(checkpoint identity,
+catalogue content, prompt config, pooling): re-evaluating the same checkpoint skips item encoding.
+When torch.distributed is initialised each rank encodes a slice and the slices are all-gathered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from cprec.config import PromptConfig
+from cprec.eval.inputs import Catalogue
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ prompts
+class PromptBuilder:
+    """Token ids of item and user prompts (see the module docstring for the exact format)."""
+
+    def __init__(self, tokenizer, prompt: PromptConfig, max_history_items: int, max_len: int = 0):
+        self.tok = tokenizer
+        self.prompt = prompt
+        self.max_history_items = max_history_items
+        self.max_len = max_len
+        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self._mixed_cache: dict[int, str] = {}
+        self.unknown_history_items = 0
+        """History item ids missing from the catalogue (left out of the prompt, counted)."""
+
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
+
+    def _cut(self, texts: list[str]) -> list[str]:
+        """Cut each text to the item token budget (decoded back to text)."""
+        budget = self.prompt.item_token_budget
+        ids = self._ids(texts)
+        return [t if len(i) <= budget else self.tok.decode(i[:budget]) for t, i in zip(texts, ids)]
+
+    def _finish(self, ids: list[int]) -> list[int]:
+        ids = self.bos + list(ids)
+        if self.max_len and len(ids) > self.max_len:
+            ids = self.bos + ids[len(ids) - (self.max_len - len(self.bos)) :]
+        return ids
+
+    def item_ids(self, texts: list[str]) -> list[list[int]]:
+        """BOS + item text tokens, cut to the budget."""
+        budget = self.prompt.item_token_budget
+        return [self._finish(i[:budget]) for i in self._ids(texts)]
+
+    def _mixed_items(self, catalogue: Catalogue, rows: list[int]) -> list[str]:
+        todo = sorted({r for r in rows if r not in self._mixed_cache})
+        if todo:
+            rendered = [
+                self.prompt.item_in_mixed.format_map(
+                    {
+                        "domain": catalogue.domains[r],
+                        "title": catalogue.titles[r],
+                        "fields": "",
+                        "text": catalogue.texts[r],
+                    }
+                )
+                for r in todo
+            ]
+            self._mixed_cache.update(zip(todo, self._cut(rendered)))
+        return [self._mixed_cache[r] for r in rows]
+
+    def user_texts(self, catalogue: Catalogue, histories: list[list[str]]) -> list[str]:
+        """The mixed-sequence text of each history (last ``max_history_items`` known items)."""
+        out = []
+        for hist in histories:
+            rows = [catalogue.index.get(i) for i in hist]
+            self.unknown_history_items += sum(r is None for r in rows)
+            rows = [r for r in rows if r is not None][-self.max_history_items :]
+            items = self.prompt.item_sep.join(self._mixed_items(catalogue, rows))
+            out.append(self.prompt.mixed_seq.format_map({"items": items, "domain": "all"}))
+        return out
+
+    def user_ids(self, catalogue: Catalogue, histories: list[list[str]]) -> list[list[int]]:
+        """BOS + tokens of the mixed-sequence prompt of each history."""
+        return [self._finish(i) for i in self._ids(self.user_texts(catalogue, histories))]
+
+
+def load_tokenizer(prepared_dir: str | Path):
+    """The prepared folder's ``tokenizer/`` (an HF tokenizer folder)."""
+    from transformers import AutoTokenizer
+
+    folder = Path(prepared_dir) / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder} (run `cprec prepare` first)")
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def default_device() -> torch.device:
+    """This rank's GPU when there is one (LOCAL_RANK under torchrun), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def load_model(folder: str | Path, device: torch.device | None = None):
+    """An HF causal LM from a local folder: bf16 on GPU, fp32 on CPU (exact, and tiny models)."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    return model.to(device)
+
+
+# ------------------------------------------------------------------------------------ pooling
+def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists into ``input_ids`` and ``attention_mask`` (int64 [B, L])."""
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("cannot encode an empty prompt")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = 1
+    return ids, mask
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B, L, H] hidden states -> [B, H]: last non-pad token (right padding) or masked mean."""
+    if pooling == "last":
+        last = attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if pooling == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1)
+    raise ValueError(f"unknown pooling {pooling!r} (last or mean)")
+
+
+def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """L2-normalised pooled final hidden states of an HF causal LM (keeps the autograd graph)."""
+    base = getattr(model, "base_model", model)
+    if base is model:
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
+        )
+        hidden = out.hidden_states[-1]
+    else:
+        # The decoder alone: skips the vocabulary projection, the costliest layer of a small model.
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return torch.nn.functional.normalize(pool(hidden, attention_mask, pooling).float(), dim=-1)
+
+
+class Encoder:
+    """Batched, length-sorted, no-grad encoding of token id lists into embeddings (float32, CPU)."""
+
+    def __init__(self, model, pad_id: int, pooling: str = "last", batch_size: int = 64):
+        self.model = model
+        self.pad_id = pad_id
+        self.pooling = pooling
+        self.batch_size = batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _encode_local(self, seqs: list[list[int]], desc: str) -> torch.Tensor:
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out: torch.Tensor | None = None
+        was_training = self.model.training
+        self.model.eval()
+        bar = tqdm(total=len(seqs), desc=desc, unit="prompt", disable=not seqs or None, leave=False)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], self.pad_id)
+            e = embed(self.model, ids.to(self.device), mask.to(self.device), self.pooling).cpu()
+            if out is None:
+                out = torch.empty((len(seqs), e.shape[1]), dtype=torch.float32)
+            out[torch.tensor(idx)] = e
+            bar.update(len(idx))
+        bar.close()
+        self.model.train(was_training)
+        if out is None:
+            out = torch.empty((0, self._hidden_size()), dtype=torch.float32)
+        return out
+
+    def _hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def encode(self, seqs: list[list[int]], desc: str = "encode") -> torch.Tensor:
+        """Embeddings [N, H]; under torch.distributed each rank encodes every world-th prompt."""
+        if not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1):
+            return self._encode_local(seqs, desc)
+        rank, world = tdist.get_rank(), tdist.get_world_size()
+        mine = list(range(rank, len(seqs), world))
+        local = self._encode_local([seqs[i] for i in mine], f"{desc} [rank {rank}]")
+        parts: list = [None] * world
+        tdist.all_gather_object(parts, (mine, local))
+        out = torch.empty((len(seqs), local.shape[1]), dtype=torch.float32)
+        for idx, emb in parts:
+            if idx:
+                out[torch.tensor(idx)] = emb
+        return out
+
+
+# -------------------------------------------------------------------------------------- cache
+def checkpoint_identity(folder: str | Path) -> str:
+    """Cheap identity of a model folder: hash of (name, size, mtime) of every file in it.
+
+    Hashing multi-GB weights on every eval would cost minutes; a re-saved or changed checkpoint
+    gets a new mtime, so it cannot hit a stale cache entry.
+    """
+    folder = Path(folder).resolve()
+    h = hashlib.sha256(str(folder).encode())
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class ItemEmbeddingCache:
+    """Item embeddings saved as ``<folder>/items-<key>.pt`` (tensor + item ids + key parts)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(model_id: str, catalogue_hash: str, prompt: PromptConfig, pooling: str) -> str:
+        blob = json.dumps(
+            {"model": model_id, "catalogue": catalogue_hash, "prompt": asdict(prompt), "pooling": pooling},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"items-{key}.pt"
+
+    def load(self, key: str, items: list[str]) -> torch.Tensor | None:
+        p = self.path(key)
+        if not p.is_file():
+            self.misses += 1
+            return None
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+        if blob["items"] != items:  # a hash collision or a hand-edited file: never trust it
+            log.warning("item cache %s holds other items; re-encoding", p)
+            self.misses += 1
+            return None
+        self.hits += 1
+        return blob["embeddings"]
+
+    def save(self, key: str, items: list[str], embeddings: torch.Tensor) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        p = self.path(key)
+        tmp = p.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"items": list(items), "embeddings": embeddings.contiguous()}, tmp)
+        tmp.replace(p)
+        return p
+
+
+def encode_items(
+    encoder: Encoder,
+    builder: PromptBuilder,
+    catalogue: Catalogue,
+    rows: list[int],
+    cache: ItemEmbeddingCache | None = None,
+    model_id: str = "",
+) -> torch.Tensor:
+    """Embeddings [len(rows), H] of catalogue rows, from the cache when the key matches."""
+    items = [catalogue.items[r] for r in rows]
+    key = None
+    if cache is not None and model_id:
+        key = cache.key(model_id, catalogue.subset_hash(rows), builder.prompt, encoder.pooling)
+        hit = cache.load(key, items)
+        if hit is not None:
+            log.info("item embeddings: cache hit %s (%d items)", cache.path(key).name, len(items))
+            return hit
+    emb = encoder.encode(builder.item_ids([catalogue.texts[r] for r in rows]), desc="items")
+    if key is not None and (not tdist.is_initialized() or tdist.get_rank() == 0):
+        cache.save(key, items, emb)
+    return emb
+
+
+def encode_users(
+    encoder: Encoder, builder: PromptBuilder, catalogue: Catalogue, histories: list[list[str]]
+) -> torch.Tensor:
+    """Embeddings [len(histories), H] of user history prompts."""
+    return encoder.encode(builder.user_ids(catalogue, histories), desc="users")

@@ -1,0 +1,296 @@
+"""The evaluation job (`cprec eval CONFIG`): checkpoint -> (fine-tune) -> rank -> baselines -> report.
+
+1. Resolve the checkpoint (``eval.checkpoint``; empty = ``<train.output_dir>/final``, else the target
+   of ``<train.output_dir>/checkpoints/latest``). A folder with ``config.json`` is an HF folder; a
+   run or ``checkpoints/`` folder is followed to its latest checkpoint; any other folder is a
+   DeepSpeed checkpoint, exported once into ``<eval.output_dir>/hf_export/`` by
+   ``cprec.train.export.run``.
+2. Read the eval inputs of the prepared folder (``eval.prepared_dir`` or ``data.output_dir``) and
+   build one ranking task per domain (``eval.max_users`` caps users per domain, seeded).
+3. ``llm-pretrained``: item and user embeddings (item cache under ``<eval.output_dir>/cache/``),
+   scored by dot product, ranked under ``eval.protocol``.
+4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
+   per domain (``eval.finetune_scope``), saved under ``<eval.output_dir>/finetuned/<scope>/``, ranked
+   the same way.
+5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks.
+6. report.json / report.md / metrics.png in ``eval.output_dir``, logged to MLflow (``tracking``).
+
+Under torchrun, encoding and fine-tuning are spread over the ranks; rank 0 trains the baselines and
+writes the report (other ranks return an empty dict).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from cprec.config import Config
+from cprec.dist import barrier, destroy_distributed, dist_info, init_distributed
+from cprec.eval import baselines, finetune
+from cprec.eval.encode import (
+    Encoder,
+    ItemEmbeddingCache,
+    PromptBuilder,
+    checkpoint_identity,
+    encode_items,
+    encode_users,
+    load_model,
+    load_tokenizer,
+)
+from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs
+from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, evaluate
+from cprec.eval.report import build_report, log_report_to_mlflow, write_report
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------- checkpoint
+def _latest(checkpoints: Path) -> Path:
+    name = (checkpoints / "latest").read_text(encoding="utf-8").strip()
+    target = checkpoints / name
+    if not target.is_dir():
+        raise FileNotFoundError(f"{checkpoints / 'latest'} names {name!r}, which does not exist")
+    return target
+
+
+def find_checkpoint(cfg: Config) -> Path:
+    """The folder to evaluate: ``eval.checkpoint`` or the training run's final/latest checkpoint."""
+    if cfg.eval.checkpoint:
+        p = Path(cfg.eval.checkpoint)
+        if not p.exists():
+            raise FileNotFoundError(f"eval.checkpoint not found: {p}")
+        if (p / "config.json").is_file():
+            return p
+        if (p / "latest").is_file():
+            return _latest(p)
+        if (p / "final").is_dir():
+            return p / "final"
+        if (p / "checkpoints" / "latest").is_file():
+            return _latest(p / "checkpoints")
+        return p
+    run_dir = Path(cfg.train.output_dir)
+    if (run_dir / "final").is_dir():
+        return run_dir / "final"
+    if (run_dir / "checkpoints" / "latest").is_file():
+        return _latest(run_dir / "checkpoints")
+    raise FileNotFoundError(
+        f"no checkpoint to evaluate: set eval.checkpoint, or train first (looked for "
+        f"{run_dir / 'final'} and {run_dir / 'checkpoints' / 'latest'})"
+    )
+
+
+def resolve_hf_folder(cfg: Config) -> tuple[Path, dict]:
+    """(HF model folder, {"path", "id", "kind"}); DeepSpeed checkpoints are exported once."""
+    src = find_checkpoint(cfg)
+    if (src / "config.json").is_file():
+        return src, {"path": str(src), "id": checkpoint_identity(src), "kind": "hf"}
+    src_id = checkpoint_identity(src)
+    out = Path(cfg.eval.output_dir) / "hf_export"
+    marker = Path(cfg.eval.output_dir) / "hf_export.json"
+    done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+    if dist_info().is_main and (done.get("source_id") != src_id or not (out / "config.json").is_file()):
+        from cprec.train.export import run as export_run  # written with the trainer
+
+        log.info("exporting DeepSpeed checkpoint %s -> %s", src, out)
+        export_run(str(src), str(out))
+        marker.write_text(json.dumps({"source": str(src), "source_id": src_id}), encoding="utf-8")
+    barrier()  # every rank, always: the others wait for rank 0's export
+    return out, {"path": str(src), "id": src_id, "kind": "deepspeed", "export": str(out)}
+
+
+# ------------------------------------------------------------------------------------ the LLM
+class LLMSide:
+    """What every LLM evaluation shares: tokenizer, prompt builder, item cache."""
+
+    def __init__(self, cfg: Config, prepared: Path, inputs: EvalInputs):
+        self.cfg = cfg
+        self.inputs = inputs
+        self.tokenizer = load_tokenizer(prepared)
+        self.cache = ItemEmbeddingCache(Path(cfg.eval.output_dir) / "cache")
+        self.pad_id = next(
+            (t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0
+        )
+
+    def builder(self, model) -> PromptBuilder:
+        vocab = int(model.config.vocab_size)
+        if len(self.tokenizer) > vocab:
+            raise ValueError(
+                f"tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}: "
+                "the checkpoint was not trained on this prepared folder"
+            )
+        max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        return PromptBuilder(self.tokenizer, self.cfg.data.prompt, self.cfg.eval.max_history_items, max_len)
+
+    def score_fn(self, model, model_id: str, tasks: dict[str, DomainTask]) -> ScoreFn:
+        """Encode the tasks' items (cached) and users now; scoring is then one matmul per batch."""
+        builder = self.builder(model)
+        enc = Encoder(model, self.pad_id, self.cfg.eval.pooling, self.cfg.eval.batch_size)
+        cat = self.inputs.catalogue
+        items, users = {}, {}
+        for d, task in tasks.items():
+            items[d] = encode_items(enc, builder, cat, task.rows.tolist(), self.cache, model_id)
+            users[d] = encode_users(enc, builder, cat, [u.history for u in task.users])
+        if builder.unknown_history_items:
+            log.warning(
+                "%d history items are not in items.parquet (left out of prompts)",
+                builder.unknown_history_items,
+            )
+
+        def score(task: DomainTask, batch) -> torch.Tensor:
+            return users[task.domain][torch.as_tensor(batch)] @ items[task.domain].t()
+
+        return score
+
+
+def _by_domain(fns: dict[str, ScoreFn]) -> ScoreFn:
+    return lambda task, batch: fns[task.domain](task, batch)
+
+
+def finetuned_score_fn(
+    cfg: Config, side: LLMSide, base_dir: Path, base_id: str, tasks: dict[str, DomainTask]
+) -> tuple[ScoreFn, dict]:
+    """Fine-tune per ``eval.finetune_scope`` (or reuse a completed run) and encode with the result."""
+    ecfg = cfg.eval
+    cat: Catalogue = side.inputs.catalogue
+    scopes = {"all": None} if ecfg.finetune_scope == "all" else {d: {d} for d in tasks}
+    fns, details = {}, {}
+    for scope, domains in scopes.items():
+        folder = Path(ecfg.output_dir) / "finetuned" / scope
+        key = finetune.settings_key(ecfg, base_id, scope)
+        state = finetune.load_state(folder)
+        if state and state.get("completed") and state.get("key") == key:
+            log.info("fine-tuned model for scope %r found in %s: reusing it", scope, folder)
+        else:
+            model = load_model(base_dir)
+            builder = side.builder(model)
+            pairs, skipped = finetune.build_pairs(
+                side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
+            )
+            log.info("fine-tuning scope %r on %d pairs (skipped %s)", scope, len(pairs), skipped)
+            stats = finetune.finetune(model, builder, cat, pairs, ecfg, side.pad_id, desc=f"finetune {scope}")
+            if dist_info().is_main:
+                finetune.save_finetuned(model, folder, key, stats, skipped)
+            barrier()
+            del model
+            gc.collect()
+            state = finetune.load_state(folder)
+        details[scope] = {k: v for k, v in state.items() if k != "losses"} | {"folder": str(folder)}
+        model = load_model(folder)
+        scope_tasks = tasks if domains is None else {d: tasks[d] for d in domains}
+        fn = side.score_fn(model, checkpoint_identity(folder), scope_tasks)
+        for d in scope_tasks:
+            fns[d] = fn
+        del model
+        gc.collect()
+    return _by_domain(fns), details
+
+
+# ---------------------------------------------------------------------------------------- job
+def run(cfg: Config) -> dict:
+    """Run the evaluation job; returns the report dict (empty on ranks other than 0)."""
+    started_dist = dist_info().world_size > 1 and not torch.distributed.is_initialized()
+    info = init_distributed()
+    try:
+        return _run(cfg, info.is_main)
+    finally:
+        if started_dist:
+            destroy_distributed()
+
+
+def _run(cfg: Config, is_main: bool) -> dict:
+    ecfg = cfg.eval
+    out = Path(ecfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prepared = Path(ecfg.prepared_dir or cfg.data.output_dir)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    inputs = load_inputs(prepared, ecfg.split)
+    tasks = build_tasks(inputs, ecfg.max_users, ecfg.seed)
+    n_users = {d: len(tk.users) for d, tk in tasks.items()}
+    n_users["overall"] = sum(n_users.values())
+    log.info("eval %s split, %s protocol, users per domain %s", ecfg.split, ecfg.protocol, n_users)
+    seconds["inputs"] = time.perf_counter() - t
+
+    def rank(name: str, fn: ScoreFn) -> None:
+        t0 = time.perf_counter()
+        results[name] = evaluate(
+            tasks, fn, ecfg.ks, ecfg.protocol, ecfg.n_negatives, ecfg.seed, batch_size=ecfg.batch_size
+        )
+        seconds[f"rank/{name}"] = time.perf_counter() - t0
+        log.info(
+            "%s: %s",
+            name,
+            {d: round(v.get(f"recall@{max(ecfg.ks)}", 0.0), 4) for d, v in results[name].items()},
+        )
+
+    results: dict[str, dict] = {}
+    models: dict[str, dict] = {}
+    hf_dir, ckpt = resolve_hf_folder(cfg)
+    side = LLMSide(cfg, prepared, inputs)
+
+    t = time.perf_counter()
+    model = load_model(hf_dir)
+    fn = side.score_fn(model, ckpt["id"], tasks)
+    del model
+    gc.collect()
+    seconds["encode/llm-pretrained"] = time.perf_counter() - t
+    if is_main:
+        rank("llm-pretrained", fn)
+    models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
+
+    if ecfg.finetune:
+        t = time.perf_counter()
+        fn, details = finetuned_score_fn(cfg, side, hf_dir, ckpt["id"], tasks)
+        seconds["finetune+encode/llm-finetuned"] = time.perf_counter() - t
+        if is_main:
+            rank("llm-finetuned", fn)
+        models["llm-finetuned"] = {"scope": ecfg.finetune_scope, "runs": details}
+    models["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
+
+    if not is_main:
+        barrier()
+        return {}
+    if "popularity" in ecfg.baselines:
+        counts = baselines.popularity_counts(inputs.train_sequences, inputs.catalogue)
+        rank(
+            "popularity", baselines.popularity_score_fn(baselines.popularity_scores(counts, inputs.catalogue))
+        )
+        models["popularity"] = {"source": "train_sequences.parquet item counts, ties by item id"}
+    if "sasrec" in ecfg.baselines:
+        t = time.perf_counter()
+        scfg = baselines.SASRecConfig(
+            hidden=ecfg.sasrec_hidden, max_len=ecfg.sasrec_max_len, epochs=ecfg.sasrec_epochs, seed=ecfg.seed
+        )
+        sasrec, stats = baselines.train_sasrec(inputs.train_sequences, inputs.catalogue, scfg)
+        seconds["train/sasrec"] = time.perf_counter() - t
+        rank("sasrec", baselines.sasrec_score_fn(sasrec, inputs.catalogue))
+        models["sasrec"] = stats
+
+    report = build_report(
+        protocol=ecfg.protocol,
+        n_negatives=ecfg.n_negatives,
+        split=ecfg.split,
+        checkpoint=ckpt,
+        ks=ecfg.ks,
+        n_users=n_users,
+        results=results,
+        models=models,
+        skipped=inputs.skipped,
+        seconds=seconds,
+    )
+    files = write_report(report, out)
+    log.info("report written to %s", files["md"])
+    try:
+        run_id = log_report_to_mlflow(report, cfg, files)
+    except Exception as e:  # the report files are written; a tracking outage must not lose them
+        log.error("MLflow logging failed (%s); the report files are in %s", e, out)
+        run_id = None
+    if run_id:
+        report["mlflow_run_id"] = run_id
+    barrier()
+    return report

@@ -1,0 +1,147 @@
+"""Build the causal LM: from scratch from a `ModelConfig`, or from a local HF model folder.
+
+From scratch: a transformers config (``AutoConfig.for_model(cfg.arch, ...)``) sized by the config
+fields and a vocabulary equal to the tokenizer's, then ``AutoModelForCausalLM.from_config``.
+From a folder (continual pre-training of an existing Llama / Qwen2 / Mistral / OPT-style decoder):
+``AutoModelForCausalLM.from_pretrained(folder)``; the embeddings grow when the tokenizer has more
+ids than the model has rows. Nothing is downloaded: the folder must exist locally.
+
+Precision: weights are kept in fp32 whatever ``cfg.dtype`` says. Under DeepSpeed the engine's bf16
+mode casts the module and keeps fp32 master weights in the optimizer; without DeepSpeed,
+:class:`cprec.model.packed.PackedCausalLM` runs the decoder under ``torch.autocast(bfloat16)`` when
+``cfg.dtype == "bf16"``. Loading a bf16 checkpoint therefore upcasts it (2x host memory while
+loading; build inside ``deepspeed.zero.Init`` for models that do not fit one host).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from cprec.config import ModelConfig
+
+from .flops import count_params
+
+log = logging.getLogger(__name__)
+
+
+def resolve_intermediate_size(cfg: ModelConfig) -> int:
+    """MLP width: ``cfg.intermediate_size``, or round(8/3 * hidden) up to a multiple of 64 when 0."""
+    if cfg.intermediate_size:
+        return cfg.intermediate_size
+    return int(math.ceil(round(8 * cfg.hidden_size / 3) / 64) * 64)
+
+
+def hf_config(
+    cfg: ModelConfig,
+    vocab_size: int,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
+    """The transformers config of a from-scratch model (``cfg.arch`` = llama | qwen2 | mistral)."""
+    from transformers import AutoConfig
+
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be > 0, got {vocab_size}")
+    extra = {}
+    if cfg.arch == "mistral":
+        # Packed attention does not implement sliding windows; documents are far shorter anyway.
+        extra["sliding_window"] = None
+    return AutoConfig.for_model(
+        cfg.arch,
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=resolve_intermediate_size(cfg),
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=False,
+        **extra,
+    )
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers 4.x and 5.x names)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _from_folder(cfg: ModelConfig, vocab_size: int):
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(cfg.name_or_path).expanduser()
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.name_or_path: {folder} is not a local HF model folder (no config.json); "
+            "models are never downloaded, save one with save_pretrained() first"
+        )
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > rows:
+        log.info("resizing token embeddings %d -> %d to fit the tokenizer", rows, vocab_size)
+        model.resize_token_embeddings(vocab_size)
+    elif vocab_size < rows:
+        log.info("tokenizer uses %d of the model's %d embedding rows", vocab_size, rows)
+    return model
+
+
+def build_model(
+    cfg: ModelConfig,
+    vocab_size: int,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+):
+    """Return a ``transformers.PreTrainedModel`` (causal LM, fp32 weights, ``use_cache`` off).
+
+    ``vocab_size`` is the tokenizer's; special-token ids, when given, go into the model config (for a
+    folder model only where the folder left them unset). ``seed`` seeds the random initialisation of
+    a from-scratch model. ``cfg.gradient_checkpointing`` turns on non-reentrant activation
+    checkpointing of every decoder layer.
+    """
+    if cfg.name_or_path:
+        model = _from_folder(cfg, vocab_size)
+        for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
+            if value is not None and getattr(model.config, name, None) is None:
+                setattr(model.config, name, value)
+        if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = pad_token_id
+        source = str(cfg.name_or_path)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        config = hf_config(
+            cfg, vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        source = f"from scratch ({cfg.arch})"
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    log.info(
+        "model %s: %s parameters (%s without input embeddings), vocab %d, gradient checkpointing %s",
+        source,
+        f"{count_params(model):,}",
+        f"{count_params(model, exclude_input_embeddings=True):,}",
+        model.get_input_embeddings().weight.shape[0],
+        "on" if cfg.gradient_checkpointing else "off",
+    )
+    return model

@@ -1,0 +1,455 @@
+"""`cprec train`: one phase of continual pre-training (stable or anneal) with DeepSpeed.
+
+Where a run starts (`plan_start`):
+- **resume** its own run: the output folder already holds a checkpoint -> continue from the newest
+  one (weights, optimizer, step, tokens, RNG, loader position, MLflow run). Automatic.
+- **init** from another run: ``train.init_from`` names a checkpoint (a step folder, a run folder, or a
+  ``checkpoints/latest|final`` pointer) -> weights + optimizer state, the global step continues from
+  there; the loader starts fresh on this run's own mixture. Required for an anneal run.
+- **fresh**: neither -> a new model (stable phase only).
+
+The global step runs on across phases: an anneal initialised from ``step_0001000`` trains updates
+1000, 1001, ... and its LR decays from there (`schedule.build_schedule`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+from tqdm import tqdm
+
+from cprec import dist
+from cprec.config import Config, config_hash, config_to_dict, save_config
+from cprec.train import checkpoint as ckpt_io
+from cprec.train import engine as eng
+from cprec.train import mfu as mfu_mod
+from cprec.train.schedule import Schedule, build_schedule, phase_steps
+from cprec.train.tracking import Tracker, make_tracker
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+# Model fields a checkpoint must agree on to be loadable (kernels and precision of compute may change).
+_WEIGHT_FIELDS = (
+    "name_or_path",
+    "arch",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "intermediate_size",
+    "tie_word_embeddings",
+    "dtype",
+)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training diverged: the loss is NaN or infinite."""
+
+
+# ------------------------------------------------------------------------------- planning
+@dataclass
+class StartPlan:
+    kind: str  # fresh | resume | init
+    checkpoint: Path | None = None
+    state: dict = field(default_factory=dict)  # the checkpoint's trainer_state.json
+
+
+def plan_start(cfg: Config) -> StartPlan:
+    """Resume own run > initialise from ``train.init_from`` > fresh (stable only)."""
+    own = ckpt_io.latest_checkpoint(cfg.train.output_dir)
+    if own is not None:
+        if cfg.train.init_from:
+            log.info("resuming own run from %s; train.init_from=%s is ignored", own, cfg.train.init_from)
+        return StartPlan("resume", own, ckpt_io.read_state(own))
+    if cfg.train.init_from:
+        src = ckpt_io.resolve_checkpoint(cfg.train.init_from)
+        return StartPlan("init", src, ckpt_io.read_state(src))
+    if cfg.train.phase == "anneal":
+        raise ValueError(
+            "config field 'train.init_from': an anneal run starts from a stable checkpoint; set it to a "
+            "checkpoint folder, a stable run folder or <run>/checkpoints/latest"
+        )
+    return StartPlan("fresh")
+
+
+def read_manifest(cfg: Config) -> tuple[Path, dict]:
+    """The prepared folder the shards come from and its manifest.json."""
+    shards = cfg.train.loader.shards
+    folder = Path(shards if shards and Path(shards).is_dir() else cfg.data.output_dir)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `cprec prepare` first (or set train.loader.shards)")
+    return folder, json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path: Path) -> None:
+    """The shards, the model's own tokenizer and the checkpoint must all use the same tokenizer."""
+    want = manifest["tokenizer"]["hash"]
+    if cfg.model.name_or_path:
+        from cprec.data.tokenize import tokenizer_hash
+
+        have = tokenizer_hash(cfg.model.name_or_path)
+        if have != want:
+            raise ValueError(
+                f"tokenizer mismatch: model.name_or_path {cfg.model.name_or_path} has tokenizer hash {have}, "
+                f"the shards in {manifest_path} were made with {want}; prepare the data with that tokenizer "
+                f"(data.tokenizer.path)"
+            )
+    if plan.checkpoint is not None and plan.state.get("tokenizer_hash") not in (None, want):
+        raise ValueError(
+            f"tokenizer mismatch: checkpoint {plan.checkpoint} was trained with tokenizer hash "
+            f"{plan.state['tokenizer_hash']}, the shards in {manifest_path} use {want}"
+        )
+
+
+def check_compatible(cfg: Config, plan: StartPlan, vocab_size: int) -> None:
+    """Fail early, naming the field, when a checkpoint cannot be loaded into this model."""
+    if plan.checkpoint is None:
+        return
+    saved = plan.state["config"]["model"]
+    diffs = [f"model.{k}: {saved.get(k)!r} there, {getattr(cfg.model, k)!r} here" for k in _WEIGHT_FIELDS]
+    diffs = [d for d, k in zip(diffs, _WEIGHT_FIELDS) if saved.get(k) != getattr(cfg.model, k)]
+    if plan.state.get("vocab_size") != vocab_size:
+        diffs.append(f"vocab size: {plan.state.get('vocab_size')} there, {vocab_size} here")
+    saved_stage = plan.state["config"]["train"]["zero_stage"]
+    if (saved_stage == 0) != (cfg.train.zero_stage == 0):
+        diffs.append(f"train.zero_stage: {saved_stage} there, {cfg.train.zero_stage} here")
+    if diffs:
+        raise ValueError(f"incompatible checkpoint {plan.checkpoint}: " + "; ".join(diffs))
+
+
+# ------------------------------------------------------------------------------- per-step meter
+class StepMeter:
+    """Token counts and throughput; sums over ranks (loss every step, per-stream counts at log time)."""
+
+    def __init__(self, streams: list[str], tokens_seen: int, phase_tokens: int, stream_tokens: dict):
+        self.streams = sorted(streams)
+        self.tokens_seen, self.phase_tokens = tokens_seen, phase_tokens
+        self.stream_tokens = {s: int(stream_tokens.get(s, 0)) for s in self.streams}
+        self._local_streams = dict.fromkeys(self.streams, 0)
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    def add_batch(self, batch: dict) -> int:
+        for key, n in batch.get("stream_tokens", {}).items():
+            if key not in self._local_streams:  # a stream the manifest did not list: still counted
+                raise ValueError(f"batch has tokens of stream {key!r}, not listed in the manifest")
+            self._local_streams[key] += int(n)
+        return int(batch["n_tokens"])
+
+    def end_step(self, loss_sum: float, micro_steps: int, local_tokens: int) -> float:
+        """Mean loss over micro-steps and ranks; global token count (one all-reduce)."""
+        t = torch.tensor([loss_sum / micro_steps, float(local_tokens)], dtype=torch.float64)
+        world = 1
+        if tdist.is_initialized():
+            tdist.all_reduce(t)
+            world = tdist.get_world_size()
+        tokens = int(t[1].item())
+        self.tokens_seen += tokens
+        self.phase_tokens += tokens
+        self._window_tokens += tokens
+        return t[0].item() / world
+
+    def log_window(self) -> dict[str, float]:
+        """Throughput since the last call and cumulative per-stream tokens (collective call)."""
+        t = torch.tensor([self._local_streams[s] for s in self.streams], dtype=torch.float64)
+        if tdist.is_initialized():
+            tdist.all_reduce(t)
+        for s, n in zip(self.streams, t.tolist()):
+            self.stream_tokens[s] += int(n)
+        self._local_streams = dict.fromkeys(self.streams, 0)
+        elapsed = time.perf_counter() - self._window_start
+        out = {"tokens_per_s": self._window_tokens / max(elapsed, 1e-9)}
+        out.update({f"tokens/{s}": float(n) for s, n in self.stream_tokens.items()})
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+        return out
+
+
+# ------------------------------------------------------------------------------- the run
+@dataclass
+class Run:
+    """Everything the loop touches."""
+
+    cfg: Config
+    engine: object
+    loader: object
+    tracker: Tracker
+    schedule: Schedule
+    meter: StepMeter
+    geo: eng.BatchGeometry
+    step: int
+    phase_start: int
+    end_step: int
+    base_state: dict  # trainer_state fields that do not change during the run
+    tokenizer_dir: Path
+    flops_per_token: float
+    peak_flops: float
+    last_checkpoint: Path | None = None
+
+
+def model_inputs(batch: dict, device) -> dict:
+    """The packed-batch fields the model's forward takes."""
+    out = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "cu_seqlens")}
+    out["max_seqlen"] = int(batch["max_seqlen"])
+    return out
+
+
+def train_loop(r: Run) -> Path | None:
+    """The loop: scheduled LR, accumulated micro-steps, one update, log, check, checkpoint."""
+    batches = iter(r.loader)
+    rank0 = dist.is_main()
+    bar = tqdm(total=r.end_step, initial=r.step, desc=f"{r.cfg.train.phase}", disable=not rank0)
+    kill_at = int(os.environ.get("CPREC_KILL_AT_STEP", "-1"))  # crash injection for resume tests
+    while r.step < r.end_step:
+        lr = r.schedule(r.step)
+        eng.set_lr(r.engine, lr)
+        loss_sum, local_tokens = 0.0, 0
+        for _ in range(r.geo.grad_accum):
+            batch = next(batches)
+            loss = r.engine(**model_inputs(batch, r.engine.device))
+            r.engine.backward(loss)
+            r.engine.step()
+            loss_sum += loss.item()
+            local_tokens += r.meter.add_batch(batch)
+        r.step += 1
+        loss = r.meter.end_step(loss_sum, r.geo.grad_accum, local_tokens)
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss is {loss} at step {r.step}; last good checkpoint: {r.last_checkpoint or 'none'} "
+                f"(lower train.lr or raise train.schedule.warmup_steps, then resume from it)"
+            )
+        log_step(r, loss, lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        every = r.cfg.train.checkpoint.every_steps
+        if r.step == r.end_step or (every and r.step % every == 0):
+            save(r, permanent=r.step == r.end_step)
+        if r.step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    return r.last_checkpoint
+
+
+def log_step(r: Run, loss: float, lr: float) -> None:
+    """metrics.jsonl every step (rank 0); tracker metrics every ``log_every`` steps and at the end."""
+    grad_norm = r.engine.get_global_grad_norm()
+    row = {"step": r.step, "loss": loss, "lr": lr, "tokens": r.meter.tokens_seen}
+    row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    if r.step % r.cfg.train.log_every == 0 or r.step == r.end_step:
+        window = r.meter.log_window()  # collective: every rank calls it
+        row.update(window)
+        row["mfu"] = mfu_mod.mfu(window["tokens_per_s"], r.flops_per_token, r.peak_flops, r.geo.world_size)
+        metrics = {k: v for k, v in row.items() if k != "step" and v is not None}
+        metrics["phase_tokens"] = r.meter.phase_tokens
+        r.tracker.log_metrics(metrics, r.step)
+        log.info(
+            "step %d loss %.4f lr %.3g tok/s %.0f mfu %.3f",
+            r.step,
+            loss,
+            lr,
+            window["tokens_per_s"],
+            row["mfu"],
+        )
+    if dist.is_main():
+        with open(Path(r.cfg.train.output_dir) / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def save(r: Run, permanent: bool) -> None:
+    state = dict(
+        r.base_state,
+        phase_start_step=r.phase_start,
+        end_step=r.end_step,
+        tokens_seen=r.meter.tokens_seen,
+        phase_tokens=r.meter.phase_tokens,
+        stream_tokens=r.meter.stream_tokens,
+        run_id=r.tracker.run_id,
+    )
+    rank_state = {"rng": ckpt_io.rng_state(), "loader": r.loader.state_dict(), "step": r.step}
+    result = ckpt_io.save(
+        r.engine,
+        r.cfg.train.output_dir,
+        r.step,
+        state,
+        rank_state,
+        permanent=permanent,
+        keep_last=r.cfg.train.checkpoint.keep_last,
+        tokenizer_dir=r.tokenizer_dir,
+    )
+    r.last_checkpoint = result.path
+
+
+def truncate_metrics(output_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl rows after ``step`` (written by a run that died after its last checkpoint)."""
+    path = output_dir / METRICS_FILE
+    if dist.is_main() and path.is_file():
+        rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        kept = [ln for ln in rows if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+def build_module(cfg: Config, tok: dict) -> tuple[torch.nn.Module, float]:
+    """The HF causal LM wrapped for packed batches, and its training FLOPs per token (for MFU).
+
+    Seeded, so every rank builds the same initial weights.
+    """
+    from cprec.model.build import build_model
+    from cprec.model.flops import count_params, flops_per_token
+    from cprec.model.packed import PackedCausalLM
+
+    hf = build_model(
+        cfg.model,
+        int(tok["vocab_size"]),
+        bos_token_id=tok.get("bos_id"),
+        eos_token_id=tok.get("eos_id"),
+        pad_token_id=tok.get("pad_id"),
+        seed=cfg.train.seed,
+    )
+    shape = hf.config if cfg.model.name_or_path else cfg.model
+    flops = flops_per_token(shape, count_params(hf, exclude_input_embeddings=True), cfg.train.seq_len)
+    return PackedCausalLM(hf, cfg.model), flops
+
+
+def setup(cfg: Config) -> Run | None:
+    """Everything before the loop: plan, engine, checkpoint load, loader, tracker."""
+    from cprec.data.loader import build_loader
+
+    info = dist.dist_info()
+    out = Path(cfg.train.output_dir)
+    prepared, manifest = read_manifest(cfg)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    geo = eng.batch_geometry(cfg.train, info.world_size)
+    ckpt_io.clean_leftovers(out)
+    plan = plan_start(cfg)
+    check_tokenizer(cfg, manifest, plan, prepared / "manifest.json")
+    check_compatible(cfg, plan, vocab)
+    if plan.kind == "resume":
+        step, phase_start = plan.state["step"], plan.state["phase_start_step"]
+    else:
+        step = phase_start = plan.state.get("step", 0)
+    end_step = phase_start + phase_steps(cfg.train, geo.tokens_per_step)
+    if step >= end_step:
+        log.info("phase already complete at step %d (%s); nothing to do", step, plan.checkpoint)
+        return None
+    universal = plan.checkpoint is not None and plan.state["world_size"] != info.world_size
+    universal = universal and cfg.train.zero_stage > 0
+    ckpt_io.seed_everything(cfg.train.seed)
+    module, flops_per_token = build_module(cfg, manifest["tokenizer"])
+    engine = eng.init_engine(module, cfg, geo, universal=universal)
+    if plan.checkpoint is not None:
+        if universal:
+            log.warning(
+                "checkpoint %s was written by %d ranks, this run has %d: loading weights and optimizer "
+                "through a universal checkpoint; loader position and RNG streams restart",
+                plan.checkpoint,
+                plan.state["world_size"],
+                info.world_size,
+            )
+            ckpt_io.ensure_universal(plan.checkpoint)
+        ckpt_io.load(engine, plan.checkpoint, universal=universal)
+    # A fresh data stream (anneal branch, world-size change) gets its own seed so it does not replay
+    # the first batches of the stream the checkpoint was trained on.
+    carry_loader = plan.kind == "resume" and not universal
+    seed = cfg.train.seed + (0 if carry_loader or plan.kind == "fresh" else step)
+    loader_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+    loader = build_loader(loader_cfg, info.rank, info.world_size)
+    if carry_loader:
+        rank_state = ckpt_io.read_rank_state(plan.checkpoint, info.rank)
+        loader.load_state_dict(rank_state["loader"])
+        ckpt_io.set_rng_state(rank_state["rng"])
+        truncate_metrics(out, step)
+    else:
+        ckpt_io.seed_everything(seed + 7919 * info.rank)
+    parent = plan.state if plan.kind == "init" else plan.state.get("parent")
+    tracker = make_tracker(
+        cfg, out, info.rank, run_id=plan.state.get("run_id") if plan.kind == "resume" else None, parent=parent
+    )
+    peak, source = mfu_mod.peak_flops()
+    log.info("MFU peak %.3g FLOP/s per device (%s)", peak, source)
+    tracker.set_tags({"cprec.mfu_peak_source": source, "cprec.start": plan.kind})
+    lineage = plan.state.get("lineage", [])
+    if plan.kind != "resume":
+        lineage = lineage + [{"output_dir": str(out.resolve()), "phase": cfg.train.phase, "start_step": step}]
+    base_state = {
+        "phase": cfg.train.phase,
+        "world_size": info.world_size,
+        "geometry": dataclasses.asdict(geo),
+        "tracking_uri": getattr(tracker, "uri", None),
+        "config": config_to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "tokenizer_hash": manifest["tokenizer"]["hash"],
+        "vocab_size": vocab,
+        "tokenizer_ids": {k: manifest["tokenizer"].get(k) for k in ("bos_id", "eos_id", "pad_id")},
+        "init_from": str(plan.checkpoint) if plan.kind == "init" else plan.state.get("init_from", ""),
+        "parent": _parent_summary(parent),
+        "lineage": lineage,
+    }
+    prev = plan.state if plan.kind == "resume" else {}
+    meter = StepMeter(
+        list(manifest["streams"]),
+        tokens_seen=plan.state.get("tokens_seen", 0),
+        phase_tokens=prev.get("phase_tokens", 0),
+        stream_tokens=prev.get("stream_tokens", {}),
+    )
+    if dist.is_main():
+        save_config(cfg, out / "config.yaml")
+    return Run(
+        cfg=cfg,
+        engine=engine,
+        loader=loader,
+        tracker=tracker,
+        schedule=build_schedule(cfg.train, geo.tokens_per_step, phase_start),
+        meter=meter,
+        geo=geo,
+        step=step,
+        phase_start=phase_start,
+        end_step=end_step,
+        base_state=base_state,
+        tokenizer_dir=prepared / manifest["tokenizer"].get("path", "tokenizer"),
+        flops_per_token=flops_per_token,
+        peak_flops=peak,
+        last_checkpoint=plan.checkpoint if plan.kind == "resume" else None,
+    )
+
+
+def _parent_summary(parent: dict | None) -> dict | None:
+    if not parent:
+        return None
+    keys = ("run_id", "tracking_uri", "phase", "step", "parent")
+    return {k: parent.get(k) for k in keys if k in parent}
+
+
+def run(cfg: Config) -> Path:
+    """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun."""
+    eng.start_distributed()
+    out = Path(cfg.train.output_dir)
+    r = None
+    try:
+        r = setup(cfg)
+        if r is None:
+            return out
+        final = train_loop(r)
+        if dist.is_main() and final is not None:
+            from cprec.train.export import export_checkpoint
+
+            export_checkpoint(final, out / "final")
+        dist.barrier()
+        r.tracker.finish("FINISHED")
+        log.info("phase %s done at step %d: %s", cfg.train.phase, r.step, final)
+        return out
+    except BaseException:
+        if r is not None:
+            r.tracker.finish("FAILED")
+        raise
+    finally:
+        dist.destroy_distributed()

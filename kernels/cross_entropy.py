@@ -1,0 +1,118 @@
+"""Language-model loss from hidden states and the output-head weight, with or without full logits.
+
+``cross_entropy_reference`` builds the ``[N, V]`` logits and calls ``F.cross_entropy``: simple,
+and the ground truth, but a packed batch of 16k tokens with a 128k vocabulary needs 8 GiB of fp32
+logits (plus as much again for their gradient).
+
+``chunked_cross_entropy`` never holds more than ``[chunk, V]`` logits: the forward pass computes
+logits chunk by chunk and keeps only each token's log-sum-exp (fp32); the backward pass recomputes
+each chunk's logits and turns them straight into the gradients of the hidden states and weight.
+Extra cost: one more ``N x H x V`` matmul in backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean token loss from full logits: ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]`` -> fp32 scalar."""
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="mean")
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
+        n = hidden.shape[0]
+        valid = labels != ignore_index
+        n_valid = int(valid.sum())
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        safe_labels = labels.masked_fill(~valid, 0)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = F.linear(hidden[s:e], weight, bias).float()
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
+            total += ((lse[s:e] - target) * valid[s:e]).sum()
+        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
+        ctx.chunk_size = chunk_size
+        ctx.n_valid = n_valid
+        if n_valid == 0:
+            return total  # 0.0: no target tokens, nothing to learn from
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, valid, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        # Weight/bias gradients are summed over chunks in fp32, then cast once.
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        if ctx.n_valid > 0:
+            coef = grad_out.float() / ctx.n_valid
+            n = hidden.shape[0]
+            for s in range(0, n, ctx.chunk_size):
+                e = min(s + ctx.chunk_size, n)
+                h = hidden[s:e]
+                logits = F.linear(h, weight, bias).float()
+                # d loss / d logits = (softmax - onehot(label)) / n_valid on valid rows, 0 elsewhere.
+                g = torch.exp(logits - lse[s:e, None])
+                g.scatter_add_(1, labels[s:e, None], torch.full_like(g[:, :1], -1.0))
+                g *= (valid[s:e] * coef)[:, None]
+                g_low = g.to(hidden.dtype)
+                if need_h:
+                    grad_h[s:e] = g_low @ weight
+                if need_w:
+                    grad_w += (g_low.t() @ h).float()
+                if need_b:
+                    grad_b += g.sum(0)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Mean token loss without materialising ``[N, V]`` logits (see module docstring).
+
+    ``hidden [N, H]`` and ``weight [V, H]`` share a dtype (bf16 or fp32); log-sum-exp and the loss
+    are accumulated in fp32. Labels equal to ``ignore_index`` contribute nothing; with no valid
+    label at all the loss is 0 (not NaN as in ``F.cross_entropy``) and every gradient is 0.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or labels.dim() != 1:
+        raise ValueError(
+            f"chunked_cross_entropy wants hidden [N, H], weight [V, H], labels [N]; got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}"
+        )
+    if hidden.shape[0] != labels.shape[0] or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"shape mismatch: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+            f"labels {tuple(labels.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    # Autocast would change the matmul dtype in forward but not in backward; dtypes are explicit here.
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_size), ignore_index)

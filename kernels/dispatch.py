@@ -1,0 +1,164 @@
+"""Per-call choice between the reference kernels and the fast paths.
+
+Attention (packed causal, no cross-document attention):
+
+- ``reference``: explicit masked softmax in fp32 (ground truth, slow).
+- ``sdpa``: one SDPA call with a ``[B, 1, L, L]`` block-diagonal causal mask.
+- ``loop``: one causal SDPA call per document slice (no mask, work follows the documents).
+- ``flash``: flash-attn ``flash_attn_varlen_func`` (CUDA + flash-attn only).
+- ``auto``: ``flash`` when flash-attn imports and the tensors are on CUDA; otherwise ``loop`` or
+  ``sdpa`` by the cost model in :func:`choose_attention_backend`.
+
+Loss (``lm_cross_entropy``): ``reference`` (full logits), ``chunked`` (never ``[N, V]``), ``auto``
+(chunked once ``N * V`` exceeds :data:`CE_AUTO_CHUNK_ELEMENTS`).
+
+Each distinct choice is logged once (INFO), so a run's log says which kernels it used.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
+from .flash import flash_available, flash_unavailable_reason, packed_attention_flash
+from .loop import packed_attention_loop
+from .reference import packed_attention_reference
+from .sdpa import packed_attention_sdpa
+from .segments import bounds_list, segment_lengths
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash")
+CE_BACKENDS = ("auto", "reference", "chunked")
+
+# Cost model for auto on CPU (measured on 2 cores, 8 heads of 64, fwd+bwd, fp32 and bf16): the
+# per-document loop costs ~70 ns per score entry plus ~0.7-1 ms per segment (Python and two small
+# kernels, forward and backward), i.e. about LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries; the masked
+# SDPA costs ~45-50 ns per entry of the whole L x L block of every row. Pick the loop when its
+# estimated work is smaller. Examples: 2048-token rows of 100-300-token documents -> loop (4-5x
+# faster); 256-token rows of 20-60-token documents, or 8-24-token documents -> sdpa.
+# On CUDA without flash-attn the masked SDPA (memory-efficient kernel) always wins: kernel launches
+# dominate the loop there.
+LOOP_SEGMENT_OVERHEAD_TOKENS = 128
+# Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
+CE_AUTO_CHUNK_ELEMENTS = 1 << 26
+
+_logged: set[tuple[str, str]] = set()
+
+
+def _log_once(kind: str, name: str, why: str) -> None:
+    if (kind, name) not in _logged:
+        _logged.add((kind, name))
+        log.info("%s backend: %s (%s)", kind, name, why)
+
+
+def choose_attention_backend(
+    requested: str,
+    device_type: str,
+    seg_lengths: list[int],
+    batch: int,
+    seq_len: int,
+    flash_ok: bool | None = None,
+) -> tuple[str, str]:
+    """Return ``(backend, reason)`` for one call. Pure apart from probing flash-attn when ``flash_ok`` is None.
+
+    Raises ValueError for an unknown name and RuntimeError when ``flash`` is forced but unusable.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose from {list(ATTENTION_BACKENDS)}")
+    if flash_ok is None:
+        flash_ok = flash_available()
+    if requested == "flash":
+        if not flash_ok:
+            raise RuntimeError(
+                f"model.attn_backend=flash but flash-attn is not importable ({flash_unavailable_reason()}); "
+                "install flash-attn on a CUDA machine or use auto|sdpa|loop|reference"
+            )
+        if device_type != "cuda":
+            raise RuntimeError(
+                f"model.attn_backend=flash needs CUDA tensors, got device '{device_type}'; "
+                "flash-attn has no CPU build: use auto|sdpa|loop|reference"
+            )
+        return "flash", "forced by config"
+    if requested != "auto":
+        return requested, "forced by config"
+    if device_type == "cuda" and flash_ok:
+        return "flash", "auto: flash-attn importable and tensors on CUDA"
+    if device_type == "cuda":
+        return "sdpa", "auto: tensors on CUDA but flash-attn absent"
+    loop_work = sum(n * n for n in seg_lengths) + len(seg_lengths) * LOOP_SEGMENT_OVERHEAD_TOKENS**2
+    mask_work = batch * seq_len * seq_len
+    where = f"no flash on {device_type}"
+    if loop_work < mask_work:
+        return "loop", f"auto ({where}): per-document work {loop_work} < masked {mask_work}"
+    return "sdpa", f"auto ({where}): masked work {mask_work} <= per-document {loop_work}"
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    *,
+    scale: float | None = None,
+    dropout: float = 0.0,
+    backend: str = "auto",
+    bounds: list[int] | None = None,
+) -> torch.Tensor:
+    """Causal attention within the segments of packed rows.
+
+    ``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` (``H % Hkv == 0``), ``cu_seqlens`` int32 boundaries over
+    the flattened ``B * L`` tokens (no segment crossing a row) -> ``[B, L, H, D]``. ``bounds`` is
+    ``cu_seqlens`` as a Python list, when the caller already has it (saves a host copy per layer).
+    """
+    b, h, n, _ = q.shape
+    if k.shape[1] == 0 or h % k.shape[1]:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({k.shape[1]})")
+    if bounds is None:
+        bounds = bounds_list(cu_seqlens)
+    name, why = choose_attention_backend(backend, q.device.type, segment_lengths(bounds), b, n)
+    _log_once("attention", name, why)
+    if name == "flash":
+        return packed_attention_flash(q, k, v, cu_seqlens, max_seqlen, scale, dropout)
+    if name == "loop":
+        return packed_attention_loop(q, k, v, bounds, scale, dropout)
+    if name == "sdpa":
+        return packed_attention_sdpa(q, k, v, cu_seqlens, scale, dropout)
+    return packed_attention_reference(q, k, v, cu_seqlens, scale, dropout)
+
+
+def choose_ce_backend(requested: str, n_tokens: int, vocab_size: int) -> tuple[str, str]:
+    """Return ``(backend, reason)`` for the loss; ``auto`` chunks once ``N * V`` is large."""
+    if requested not in CE_BACKENDS:
+        raise ValueError(f"unknown cross-entropy backend {requested!r}; choose from {list(CE_BACKENDS)}")
+    if requested != "auto":
+        return requested, "forced by config"
+    if n_tokens * vocab_size > CE_AUTO_CHUNK_ELEMENTS:
+        return "chunked", f"auto: N*V = {n_tokens * vocab_size} > {CE_AUTO_CHUNK_ELEMENTS}"
+    return "reference", f"auto: N*V = {n_tokens * vocab_size} <= {CE_AUTO_CHUNK_ELEMENTS}"
+
+
+def lm_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean next-token loss (fp32) of ``hidden [N, H]`` under the head ``weight [V, H]`` (+ ``bias``).
+
+    ``labels [N]`` hold target ids or -100 (ignored). No valid label gives 0 rather than NaN.
+    """
+    name, why = choose_ce_backend(backend, hidden.shape[0], weight.shape[0])
+    _log_once("cross-entropy", name, why)
+    if name == "chunked":
+        return chunked_cross_entropy(hidden, weight, labels, chunk_size, bias=bias)
+    if not bool((labels != -100).any()):
+        # F.cross_entropy gives NaN here; keep the graph so every parameter still gets a (zero) grad.
+        return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
+    return cross_entropy_reference(hidden, weight, labels, bias=bias)

@@ -1,0 +1,315 @@
+"""The streaming loader on real webdataset tars written here (see shard_factory.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from shard_factory import write_prepared
+
+from cprec.config import load_config
+from cprec.data.docstream import ShardError, epoch_units
+from cprec.data.loader import PackedLoader, build_loader, resolve_shards
+from cprec.data.packing import IGNORE_INDEX
+
+
+def make_loader(root: Path, **kw) -> PackedLoader:
+    urls, manifest = resolve_shards(str(root))
+    opts = dict(seq_len=32, batch_size=2, seed=7, shuffle_buffer=16, chunk_docs=8, log_every=0)
+    opts.update(kw)
+    return PackedLoader(urls, manifest=manifest, **opts)
+
+
+def one_epoch(loader: PackedLoader, epoch: int = 0) -> list[str]:
+    """Keys of ``epoch``'s documents, read until every worker of this rank has moved past it."""
+    keys = []
+    for d in loader.iter_documents():
+        if d.epoch == epoch:
+            keys.append(d.key)
+        if min(loader.epochs().values()) > epoch:
+            break
+    return keys
+
+
+# ---------------------------------------------------------------------------- exactly once
+@pytest.mark.parametrize("n_shards", [1, 3, 4, 5, 7, 8, 13])
+@pytest.mark.parametrize("n_global", [1, 2, 4, 6])
+def test_epoch_units_cover_every_sample_once(n_shards, n_global):
+    per = epoch_units(n_shards, n_global, seed=3, epoch=1)
+    assert len(per) == n_global
+    samples = 12
+    seen = Counter()
+    for units in per:
+        for shard, part, parts in units:
+            seen.update((shard, j) for j in range(samples) if j % parts == part)
+    assert seen == Counter({(s, j): 1 for s in range(n_shards) for j in range(samples)})
+    # Balanced: shares differ by at most one unit of the smallest size.
+    loads = [sum(1 / p for _, _, p in u) for u in per]
+    assert max(loads) - min(loads) <= 1 + 1e-9
+    assert epoch_units(n_shards, n_global, 3, 1) == per  # deterministic
+
+
+@pytest.mark.parametrize("n_shards", [7, 3])
+def test_two_ranks_two_workers_see_every_sample_exactly_once(tmp_path, n_shards):
+    info = write_prepared(tmp_path, n_shards=n_shards)
+    keys = []
+    for rank in range(2):
+        loader = make_loader(tmp_path, rank=rank, world_size=2, num_workers=2)
+        got = one_epoch(loader)
+        assert got, f"rank {rank} got no document"
+        keys += got
+    dup = [k for k, c in Counter(keys).items() if c > 1]
+    assert not dup, f"seen twice: {dup[:5]}"
+    assert sorted(keys) == sorted(info["docs"])
+
+
+def test_documents_carry_the_tokens_written(tmp_path):
+    info = write_prepared(tmp_path, n_shards=2)
+    loader = make_loader(tmp_path)
+    for d in list(zip(range(50), loader.iter_documents())):
+        doc = d[1]
+        assert doc.tokens.tolist() == info["docs"][doc.key].tolist()
+        assert doc.stream == info["streams"][doc.key]
+
+
+def test_epochs_are_shuffled_differently(tmp_path):
+    write_prepared(tmp_path, n_shards=3)
+    loader = make_loader(tmp_path)
+    it = loader.iter_documents()
+    n = 120  # documents written by default
+    first = [next(it).key for _ in range(n)]
+    second = [next(it).key for _ in range(n)]
+    assert sorted(first) == sorted(second) and first != second
+
+
+# ---------------------------------------------------------------------------- batches
+def test_build_loader_from_config_yields_contract_batches(tmp_path):
+    write_prepared(tmp_path, n_shards=2)
+    cfg = load_config(
+        None, [f"data.output_dir={tmp_path}", "train.seq_len=64", "train.micro_batch_size=3", "train.seed=1"]
+    )
+    loader = build_loader(cfg, rank=0, world_size=1)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (3, 64) and batch["input_ids"].dtype == torch.int64
+    assert batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"][-1] == 3 * 64
+    assert isinstance(batch["max_seqlen"], int) and batch["n_tokens"] == 3 * 64  # greedy: no padding
+    assert sum(batch["stream_tokens"].values()) == batch["n_tokens"]
+    # Labels are the next token inside a segment and -100 at every segment end.
+    cu = batch["cu_seqlens"].tolist()
+    flat_ids, flat_lab = batch["input_ids"].flatten(), batch["labels"].flatten()
+    for a, e in zip(cu, cu[1:]):
+        assert flat_lab[a : e - 1].tolist() == flat_ids[a + 1 : e].tolist()
+        assert flat_lab[e - 1] == IGNORE_INDEX
+        assert batch["position_ids"].flatten()[a:e].tolist() == list(range(e - a))
+    loader.close()
+
+
+def test_pipe_and_brace_urls(tmp_path):
+    info = write_prepared(tmp_path, n_shards=4)
+    spec = f"pipe:cat {tmp_path}/shards/shard-{{000000..000003}}.tar"
+    urls, manifest = resolve_shards(spec)
+    assert len(urls) == 4 and all(u.startswith("pipe:cat ") for u in urls) and manifest is None
+    loader = PackedLoader(urls, seq_len=32, batch_size=2, shuffle_buffer=8, chunk_docs=8, log_every=0)
+    assert sorted(one_epoch(loader)) == sorted(info["docs"])
+    # A local brace spec finds the manifest one folder up.
+    urls, manifest = resolve_shards(f"{tmp_path}/shards/shard-{{000000..000003}}.tar")
+    assert len(urls) == 4 and manifest is not None
+
+
+# ---------------------------------------------------------------------------- exact resume
+@pytest.mark.parametrize(
+    "num_workers,packing,mixing",
+    [
+        (0, "greedy", None),
+        (0, "bestfit", {"A/domain": 0.5, "B/domain": 0.3, "all/mixed": 0.2}),
+        (2, "greedy", None),
+        (2, "bestfit", {"A/domain": 0.5, "B/domain": 0.3, "all/mixed": 0.2}),
+    ],
+)
+def test_resume_gives_exactly_the_next_batches(tmp_path, num_workers, packing, mixing):
+    write_prepared(tmp_path, n_shards=5)
+    kw = dict(num_workers=num_workers, packing=packing, mixing=mixing, bestfit_buffer=6)
+    N = 37  # ~2 epochs in 2N batches: the resume crosses chunk, shard and epoch boundaries
+
+    full = make_loader(tmp_path, **kw)
+    it = iter(full)
+    expected = [next(it) for _ in range(2 * N)]
+    full.close()
+    assert full.stats()["epochs"] and max(full.stats()["epochs"].values()) >= 1
+
+    first = make_loader(tmp_path, **kw)
+    it = iter(first)
+    head = [next(it) for _ in range(N)]
+    state = json.loads(json.dumps(first.state_dict()))  # goes into trainer_state.json
+    # Keep going after the state was taken: must not change what the state says.
+    next(it)
+    first.close()
+
+    resumed = make_loader(tmp_path, **kw)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    tail = [next(it) for _ in range(N)]
+    resumed.close()
+
+    for i, (a, b) in enumerate(zip(expected, head + tail)):
+        for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+            assert torch.equal(a[k], b[k]), f"batch {i}: {k} differs"
+        assert a["stream_tokens"] == b["stream_tokens"] and a["max_seqlen"] == b["max_seqlen"]
+    assert resumed.stats()["batches"] == 2 * N
+
+
+def test_iterating_again_continues_where_it_stopped(tmp_path):
+    write_prepared(tmp_path, n_shards=3)
+    a = make_loader(tmp_path)
+    it = iter(a)
+    expected = [next(it) for _ in range(10)]
+    b = make_loader(tmp_path)
+    it = iter(b)
+    got = [next(it) for _ in range(4)]
+    it = iter(b)  # a new iterator picks up after batch 4
+    got += [next(it) for _ in range(6)]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(expected, got))
+
+
+def test_resume_on_another_world_size_restarts_the_epoch_with_a_warning(tmp_path, caplog):
+    info = write_prepared(tmp_path, n_shards=5)
+    states = []
+    for rank in range(2):
+        loader = make_loader(tmp_path, rank=rank, world_size=2, num_workers=1)
+        it = iter(loader)
+        for _ in range(40):  # past the end of epoch 0 on this rank
+            next(it)
+        loader.close()
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    saved_epoch = min(min(r["epochs"].values()) for s in states for r in s["workers"])
+    assert saved_epoch >= 1
+
+    single = make_loader(tmp_path, rank=0, world_size=1, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+        single.load_state_dict(states)
+    msg = caplog.text
+    assert "world_size: 2 -> 1" in msg
+    assert "epoch granularity" in msg
+    # Counters carry over; documents restart at the first shard of the oldest saved epoch.
+    assert single.stats()["batches"] == 40
+    keys = one_epoch(single, epoch=saved_epoch)
+    assert sorted(keys) == sorted(info["docs"])
+    assert next(single.iter_documents()).epoch == saved_epoch + 1
+
+
+def test_state_of_the_same_layout_on_another_rank_is_refused_exactly(tmp_path, caplog):
+    write_prepared(tmp_path, n_shards=4)
+    a = make_loader(tmp_path, rank=0, world_size=2)
+    it = iter(a)
+    next(it)
+    b = make_loader(tmp_path, rank=1, world_size=2)
+    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+        b.load_state_dict(a.state_dict())
+    assert "rank: 0 -> 1" in caplog.text
+
+
+# ---------------------------------------------------------------------------- mixing
+def test_mixing_weights_are_realised(tmp_path):
+    write_prepared(tmp_path, n_shards=4, counts={"A/domain": 60, "B/domain": 40, "all/mixed": 80})
+    weights = {"A/domain": 0.2, "B/domain": 0.2, "all/mixed": 0.6}  # far from the natural mix
+    loader = make_loader(tmp_path, mixing=weights, num_workers=2, seq_len=64, batch_size=4)
+    natural = loader.targets()
+    assert natural == pytest.approx(weights)
+    it = iter(loader)
+    for _ in range(60):
+        next(it)
+    loader.close()
+    mix = loader.realised_mix()
+    for s, w in weights.items():
+        assert mix[s]["target"] == pytest.approx(w)
+        assert abs(mix[s]["share"] - w) < 0.02, mix
+
+
+def test_zero_weight_excludes_a_stream_and_natural_follows_tokens(tmp_path):
+    info = write_prepared(tmp_path, n_shards=3)
+    loader = make_loader(tmp_path, mixing={"A/domain": 1.0, "all/mixed": 0.0})
+    it = iter(loader)
+    batches = [next(it) for _ in range(20)]
+    assert all(set(b["stream_tokens"]) == {"A/domain"} for b in batches)
+
+    natural = make_loader(tmp_path, seq_len=16)
+    keys = one_epoch(natural)
+    tokens = Counter()
+    for k in keys:
+        tokens[info["streams"][k]] += len(info["docs"][k])
+    total = sum(tokens.values())
+    for s, t in natural.targets().items():
+        assert tokens[s] / total == pytest.approx(t)
+
+
+def test_unknown_mixing_stream_is_a_clear_error(tmp_path):
+    write_prepared(tmp_path, n_shards=2)
+    with pytest.raises(ValueError, match=r"train\.loader\.mixing\.C/domain.*A/domain"):
+        make_loader(tmp_path, mixing={"C/domain": 1.0})
+    with pytest.raises(ValueError, match=r"every weight is 0"):
+        make_loader(tmp_path, mixing={"A/domain": 0.0})
+    urls, _ = resolve_shards(f"{tmp_path}/shards/shard-{{000000..000001}}.tar")
+    with pytest.raises(ValueError, match="manifest"):
+        PackedLoader(urls, mixing={"A/domain": 1.0})
+
+
+# ---------------------------------------------------------------------------- corrupt shards
+def _damage(root: Path) -> tuple[str, str]:
+    truncated = root / "shards" / "shard-000001.tar"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2 + 100])
+    missing = root / "shards" / "shard-000002.tar"
+    os.remove(missing)
+    return str(truncated), str(missing)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_shard_fails_naming_it(tmp_path, num_workers):
+    write_prepared(tmp_path, n_shards=4)
+    _damage(tmp_path)
+    loader = make_loader(tmp_path, num_workers=num_workers)
+    with pytest.raises(Exception, match=r"shard-00000[12]\.tar") as exc:
+        it = iter(loader)
+        for _ in range(200):
+            next(it)
+    assert isinstance(exc.value, ShardError) or "ShardError" in str(exc.value)
+    loader.close()
+
+
+def test_corrupt_and_missing_shards_are_skipped_with_a_warning_and_a_count(tmp_path, caplog):
+    info = write_prepared(tmp_path, n_shards=4)
+    truncated, missing = _damage(tmp_path)
+    loader = make_loader(tmp_path, on_corrupt="skip")
+    with caplog.at_level(logging.WARNING):
+        keys = one_epoch(loader)
+    assert truncated in caplog.text and missing in caplog.text
+    assert loader.stats()["skipped_shards"] == 2
+    # Everything readable arrives once: the two intact shards and the front part of the truncated one.
+    manifest = info["manifest"]
+    intact = manifest["shards"][0]["samples"] + manifest["shards"][3]["samples"]
+    assert len(keys) == len(set(keys)) and intact < len(keys) < intact + manifest["shards"][1]["samples"]
+
+    # Through pipe: and worker processes the count still reaches the loader.
+    spec = f"pipe:cat {tmp_path}/shards/shard-{{000000..000003}}.tar"
+    urls, _ = resolve_shards(spec)
+    loader = PackedLoader(urls, num_workers=2, on_corrupt="skip", seq_len=32, batch_size=2, log_every=0)
+    it = iter(loader)
+    for _ in range(30):
+        next(it)
+    loader.close()
+    assert loader.stats()["skipped_shards"] >= 2
+
+
+def test_all_shards_missing_is_an_error_not_a_hang(tmp_path):
+    write_prepared(tmp_path, n_shards=2)
+    for p in (tmp_path / "shards").iterdir():
+        os.remove(p)
+    loader = make_loader(tmp_path, on_corrupt="skip")
+    with pytest.raises(RuntimeError, match="ran out of documents"):
+        next(iter(loader))

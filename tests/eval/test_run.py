@@ -1,0 +1,101 @@
+"""The whole eval job on a tiny prepared folder with an HF model folder as checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cprec.config import load_config
+from cprec.eval.run import find_checkpoint, run
+
+
+def _cfg(prepared, model_dir, out, *extra):
+    return load_config(
+        None,
+        [
+            f"data.output_dir={prepared}",
+            f"eval.checkpoint={model_dir}",
+            f"eval.output_dir={out}",
+            "eval.ks=[1,5,10]",
+            "eval.batch_size=8",
+            "eval.finetune_epochs=0.5",
+            "eval.finetune_batch_size=8",
+            "eval.finetune_negatives=3",
+            "eval.sasrec_epochs=3",
+            "eval.sasrec_hidden=16",
+            "eval.sasrec_max_len=10",
+            "tracking.experiment=test-eval",
+            *extra,
+        ],
+    )
+
+
+def test_eval_job_end_to_end(tiny_prepared, tiny_model_dir, tmp_path):
+    out = tmp_path / "eval"
+    report = run(_cfg(tiny_prepared, tiny_model_dir, out))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert saved["protocol"]["name"] == "full" and saved["protocol"]["label"] == "full ranking"
+    assert saved["split"] == "test" and saved["checkpoint"]["path"] == str(tiny_model_dir)
+    assert saved["n_users"]["A"] + saved["n_users"]["B"] == saved["n_users"]["overall"] == 16
+    assert set(saved["results"]) == {"llm-pretrained", "llm-finetuned", "popularity", "sasrec"}
+    for per_domain in saved["results"].values():
+        assert set(per_domain) == {"A", "B", "overall"}
+        for vals in per_domain.values():
+            assert set(vals) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in (1, 5, 10)}
+            assert all(0.0 <= v <= 1.0 for v in vals.values())
+    assert (out / "report.md").read_text().startswith("# Evaluation: full ranking, split `test`")
+    assert (out / "metrics.png").is_file() and (out / "mlflow.db").is_file()
+    assert (out / "finetuned" / "all" / "config.json").is_file()
+    assert saved["models"]["item_cache"] == {"hits": 0, "misses": 4}  # 2 domains x 2 models
+
+    # Second run: same checkpoint, same settings -> item cache hits, fine-tuned model reused.
+    state_before = (out / "finetuned" / "all" / "finetune_state.json").read_text()
+    again = run(_cfg(tiny_prepared, tiny_model_dir, out, "eval.baselines=[popularity]"))
+    assert again["models"]["item_cache"] == {"hits": 4, "misses": 0}
+    assert (out / "finetuned" / "all" / "finetune_state.json").read_text() == state_before
+    for name in ("llm-pretrained", "llm-finetuned", "popularity"):
+        for domain, vals in report["results"][name].items():
+            assert again["results"][name][domain] == pytest.approx(vals)
+
+
+def test_sampled_protocol_per_domain_finetune_valid_split(tiny_prepared, tiny_model_dir, tmp_path):
+    cfg = _cfg(
+        tiny_prepared,
+        tiny_model_dir,
+        tmp_path,
+        "eval.protocol=sampled",
+        "eval.n_negatives=5",
+        "eval.split=valid",
+        "eval.finetune_scope=per_domain",
+        "eval.pooling=mean",
+        "eval.baselines=[]",
+        "eval.max_users=5",
+        "tracking.backend=none",
+    )
+    report = run(cfg)
+    assert report["protocol"] == {**report["protocol"], "name": "sampled", "n_negatives": 5}
+    assert report["n_users"] == {"A": 5, "B": 5, "overall": 10}
+    assert set(report["results"]) == {"llm-pretrained", "llm-finetuned"}
+    assert set(report["models"]["llm-finetuned"]["runs"]) == {"A", "B"}
+    # 6 candidates: the worst rank is 6, so recall@10 is 1 for everyone
+    assert report["results"]["llm-pretrained"]["overall"]["recall@10"] == 1.0
+    assert "sampled (N=5 negatives)" in (tmp_path / "report.md").read_text()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_find_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_0000010").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_0000010\n")
+    cfg = load_config(None, [f"train.output_dir={run_dir}"])
+    assert find_checkpoint(cfg) == run_dir / "checkpoints" / "step_0000010"
+    (run_dir / "final").mkdir()
+    assert find_checkpoint(cfg) == run_dir / "final"
+    explicit = load_config(None, [f"eval.checkpoint={run_dir / 'checkpoints'}"])
+    assert find_checkpoint(explicit) == run_dir / "checkpoints" / "step_0000010"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_checkpoint(load_config(None, [f"train.output_dir={tmp_path / 'nothing'}"]))
+    with pytest.raises(FileNotFoundError, match="eval.checkpoint"):
+        find_checkpoint(load_config(None, [f"eval.checkpoint={tmp_path / 'nope'}"]))

@@ -1,0 +1,91 @@
+"""Chunked cross-entropy against F.cross_entropy on full logits: loss and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cprec_kernels import chunked_cross_entropy, cross_entropy_reference, lm_cross_entropy
+
+
+def make(n=37, h=16, v=50, dtype=torch.float32, ignore_every=5, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return hidden, weight, b, labels
+
+
+def loss_and_grads(fn, hidden, weight, bias, labels):
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    b = bias.clone().requires_grad_() if bias is not None else None
+    loss = fn(leaves[0], leaves[1], labels, b)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in leaves] + ([b.grad] if b is not None else [])
+
+
+def full_logits(h, w, labels, b):
+    return F.cross_entropy(F.linear(h, w, b).float(), labels, ignore_index=-100)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 10, 37, 1000])
+@pytest.mark.parametrize("bias", [False, True])
+def test_chunked_equals_full_logits_fp32(chunk, bias):
+    hidden, weight, b, labels = make(bias=bias)
+    got = loss_and_grads(lambda h, w, y, bb: chunked_cross_entropy(h, w, y, chunk, bias=bb), hidden, weight, b, labels)
+    want = loss_and_grads(full_logits, hidden, weight, b, labels)
+    assert got[0].dtype == torch.float32
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_chunked_bf16_close_to_full_logits():
+    hidden, weight, _, labels = make(n=64, h=32, v=300, dtype=torch.bfloat16)
+    got = loss_and_grads(lambda h, w, y, b: chunked_cross_entropy(h, w, y, 16), hidden, weight, None, labels)
+    want = loss_and_grads(full_logits, hidden, weight, None, labels)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.bfloat16
+    torch.testing.assert_close(got[0], want[0], atol=1e-3, rtol=1e-3)
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-3, rtol=2e-2)
+
+
+def test_scaled_upstream_gradient():
+    hidden, weight, _, labels = make()
+    h1 = hidden.clone().requires_grad_()
+    (3.0 * chunked_cross_entropy(h1, weight, labels, 7)).backward()
+    h2 = hidden.clone().requires_grad_()
+    (3.0 * full_logits(h2, weight, labels, None)).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_all_labels_ignored_gives_zero_loss_and_zero_grads():
+    hidden, weight, _, labels = make()
+    labels[:] = -100
+    for backend in ("chunked", "reference"):
+        h = hidden.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        loss = lm_cross_entropy(h, w, labels, backend=backend)
+        loss.backward()
+        assert loss.item() == 0.0
+        assert torch.count_nonzero(h.grad) == 0 and torch.count_nonzero(w.grad) == 0
+
+
+def test_dispatcher_backends_agree():
+    hidden, weight, _, labels = make(n=80, v=200)
+    ref = cross_entropy_reference(hidden, weight, labels)
+    for backend in ("auto", "reference", "chunked"):
+        torch.testing.assert_close(lm_cross_entropy(hidden, weight, labels, backend=backend, chunk_size=9), ref)
+
+
+def test_shape_and_dtype_errors():
+    hidden, weight, _, labels = make()
+    with pytest.raises(ValueError, match="shape mismatch"):
+        chunked_cross_entropy(hidden, weight, labels[:-1])
+    with pytest.raises(ValueError, match="share a dtype"):
+        chunked_cross_entropy(hidden.bfloat16(), weight, labels)
+    with pytest.raises(ValueError, match="hidden \\[N, H\\]"):
+        chunked_cross_entropy(hidden[None], weight, labels)

@@ -1,0 +1,85 @@
+"""DeepSpeed config built from our typed config; batch geometry errors; compatibility checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from torch import nn
+
+from cprec.config import load_config
+from cprec.train.engine import batch_geometry, deepspeed_config, param_groups
+from cprec.train.trainer import StartPlan, check_compatible, check_tokenizer
+
+
+def test_geometry_from_accum_and_global_batch():
+    cfg = load_config(None, ["train.micro_batch_size=4", "train.grad_accum=3", "train.seq_len=128"])
+    geo = batch_geometry(cfg.train, 2)
+    assert (geo.global_batch_size, geo.tokens_per_step) == (24, 24 * 128)
+
+    fixed = load_config(None, ["train.micro_batch_size=2", "train.global_batch_size=8"])
+    assert batch_geometry(fixed.train, 2).grad_accum == 2
+    assert batch_geometry(fixed.train, 1).grad_accum == 4  # same optimizer step on fewer ranks
+    with pytest.raises(ValueError, match=r"train.global_batch_size.*world size \(3\)"):
+        batch_geometry(fixed.train, 3)
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        load_config(None, ["train.micro_batch_size=3", "train.global_batch_size=8"])
+
+
+def test_deepspeed_config_fields():
+    cfg = load_config(
+        None,
+        ["train.micro_batch_size=2", "train.grad_accum=4", "train.grad_clip=0.5", "train.offload_optimizer=true"],
+    )
+    ds = deepspeed_config(cfg.train, cfg.model, batch_geometry(cfg.train, 2), gpu=False)
+    assert ds["train_batch_size"] == 16
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 0.5
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert "scheduler" not in ds  # the LR comes from the WSA function
+
+    fp32 = load_config(None, ["model.dtype=fp32", "train.zero_stage=0"])
+    ds = deepspeed_config(fp32.train, fp32.model, batch_geometry(fp32.train, 1), gpu=True)
+    assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is False
+    bad = load_config(None, ["train.zero_stage=0", "train.offload_optimizer=true"])
+    with pytest.raises(ValueError, match="train.offload_optimizer"):
+        deepspeed_config(bad.train, bad.model, batch_geometry(bad.train, 1), gpu=False)
+
+
+def test_param_groups_skip_decay_on_vectors():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    groups = param_groups(model, 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 3]  # weight | bias, norm weight, norm bias
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+
+
+def _state(**over):
+    cfg = load_config(None, [])
+    state = {"config": {"model": vars(cfg.model).copy(), "train": {"zero_stage": 3}}, "vocab_size": 100}
+    state["tokenizer_hash"] = "abc"
+    state.update(over)
+    return state
+
+
+def test_incompatible_checkpoint_names_fields():
+    cfg = load_config(None, ["model.hidden_size=64"])
+    plan = StartPlan("resume", Path("/ck/step_0000004"), _state())
+    with pytest.raises(ValueError, match=r"incompatible checkpoint /ck/step_0000004: model.hidden_size: 128"):
+        check_compatible(cfg, plan, 100)
+    with pytest.raises(ValueError, match="vocab size: 100 there, 120 here"):
+        check_compatible(load_config(None, []), plan, 120)
+    check_compatible(load_config(None, ["model.attn_backend=sdpa"]), plan, 100)  # kernels may change
+
+
+def test_tokenizer_mismatch_with_checkpoint():
+    cfg = load_config(None, [])
+    manifest = {"tokenizer": {"hash": "xyz", "vocab_size": 100}}
+    plan = StartPlan("init", Path("/ck/step_0000006"), _state())
+    with pytest.raises(ValueError, match="tokenizer mismatch: checkpoint /ck/step_0000006.*abc.*xyz"):
+        check_tokenizer(cfg, manifest, plan, Path("/data/manifest.json"))
+    check_tokenizer(cfg, {"tokenizer": {"hash": "abc"}}, plan, Path("/data/manifest.json"))
