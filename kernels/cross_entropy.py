@@ -25,7 +25,7 @@ def cross_entropy_reference(
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """Mean token loss from full logits: ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]`` -> fp32 scalar."""
+    """Mean token loss from full logits: ``hidden [N, H]``, ``weight [V, H]``, ``labels [N]`` -> fp32."""
     logits = F.linear(hidden, weight, bias).float()
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="mean")
 
@@ -42,9 +42,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             logits = F.linear(hidden[s:e], weight, bias).float()
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
+            # In-place log-sum-exp: no second [chunk, V] buffer.
+            top = logits.amax(dim=-1, keepdim=True)
+            lse[s:e] = logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(1)
             total += ((lse[s:e] - target) * valid[s:e]).sum()
+            del logits  # free this chunk before the next one is allocated
         ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
         ctx.chunk_size = chunk_size
         ctx.n_valid = n_valid
@@ -66,18 +69,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             for s in range(0, n, ctx.chunk_size):
                 e = min(s + ctx.chunk_size, n)
                 h = hidden[s:e]
-                logits = F.linear(h, weight, bias).float()
-                # d loss / d logits = (softmax - onehot(label)) / n_valid on valid rows, 0 elsewhere.
-                g = torch.exp(logits - lse[s:e, None])
+                # d loss / d logits = (softmax - onehot(label)) / n_valid on valid rows, 0 elsewhere,
+                # built in place in the recomputed logits buffer.
+                g = F.linear(h, weight, bias).float()
+                g.sub_(lse[s:e, None]).exp_()
                 g.scatter_add_(1, labels[s:e, None], torch.full_like(g[:, :1], -1.0))
-                g *= (valid[s:e] * coef)[:, None]
+                g.mul_((valid[s:e] * coef)[:, None])
+                if need_b:
+                    grad_b += g.sum(0)
                 g_low = g.to(hidden.dtype)
+                del g
                 if need_h:
                     grad_h[s:e] = g_low @ weight
                 if need_w:
                     grad_w += (g_low.t() @ h).float()
-                if need_b:
-                    grad_b += g.sum(0)
+                del g_low
         if need_w:
             grad_w = grad_w.to(weight.dtype)
         if need_b:

@@ -33,15 +33,16 @@ log = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash")
 CE_BACKENDS = ("auto", "reference", "chunked")
 
-# Cost model for auto on CPU (measured on 2 cores, 8 heads of 64, fwd+bwd, fp32 and bf16): the
-# per-document loop costs ~70 ns per score entry plus ~0.7-1 ms per segment (Python and two small
-# kernels, forward and backward), i.e. about LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries; the masked
-# SDPA costs ~45-50 ns per entry of the whole L x L block of every row. Pick the loop when its
-# estimated work is smaller. Examples: 2048-token rows of 100-300-token documents -> loop (4-5x
-# faster); 256-token rows of 20-60-token documents, or 8-24-token documents -> sdpa.
+# Cost model for auto on CPU (benchmarks/kernels.py, 8 heads of 64, fwd+bwd): the masked SDPA
+# costs ~45-50 ns per entry of the whole L x L block of every row; the per-document loop ~70 ns per
+# entry of its documents' blocks plus a fixed cost per segment (Python and two small kernels) of
+# ~0.5-1 ms on an idle machine but several ms when the cores are shared (small OpenMP regions stall).
+# The overhead is therefore set high, LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries per segment, so the loop
+# is only chosen when it clearly wins: 2048-token rows of 100-300-token documents -> loop (1.4-2x
+# faster than sdpa, 3-5x faster than the reference); 512-token rows of 20-60-token documents -> sdpa.
 # On CUDA without flash-attn the masked SDPA (memory-efficient kernel) always wins: kernel launches
 # dominate the loop there.
-LOOP_SEGMENT_OVERHEAD_TOKENS = 128
+LOOP_SEGMENT_OVERHEAD_TOKENS = 256
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26
 
@@ -62,7 +63,7 @@ def choose_attention_backend(
     seq_len: int,
     flash_ok: bool | None = None,
 ) -> tuple[str, str]:
-    """Return ``(backend, reason)`` for one call. Pure apart from probing flash-attn when ``flash_ok`` is None.
+    """Return ``(backend, reason)`` for one call; pure, except probing flash-attn when ``flash_ok`` is None.
 
     Raises ValueError for an unknown name and RuntimeError when ``flash`` is forced but unusable.
     """

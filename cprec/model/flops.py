@@ -44,7 +44,7 @@ def flops_per_token(model_config, n_params: int, seq_len: float, *, causal: bool
     attention never crosses a document, so pass the mean document length as ``seq_len`` for the
     work actually done, or the row length for numbers comparable with unpacked training.
     """
-    layers = getattr(model_config, "num_layers", None) or getattr(model_config, "num_hidden_layers")
+    layers = getattr(model_config, "num_layers", None) or model_config.num_hidden_layers
     hidden = model_config.hidden_size
     attn = 12.0 * layers * hidden * float(seq_len)
     if causal:

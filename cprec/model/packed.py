@@ -144,7 +144,8 @@ class PackedLMHead(nn.Linear):
 
 
 class PackedCausalLM(nn.Module):
-    """Causal LM over packed rows: ``forward(input_ids, labels, position_ids, cu_seqlens, max_seqlen) -> loss``.
+    """Causal LM over packed rows; ``forward(input_ids, labels, position_ids, cu_seqlens, max_seqlen)``
+    returns the loss.
 
     ``input_ids``, ``labels`` (already shifted, -100 = no target), ``position_ids``: int64 ``[B, L]``;
     ``cu_seqlens``: int32 boundaries over the flattened ``B * L`` tokens, no segment crossing a row;

@@ -296,3 +296,15 @@ def load(engine, ckpt: Path, *, universal: bool) -> None:
     )
     if path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {ckpt} (tag {tag}); see the log above")
+    if universal:
+        _unshare_adam_steps(engine)
+
+
+def _unshare_adam_steps(engine) -> None:
+    """DeepSpeed's ZeRO-3 universal load puts *one* step tensor into every param group's Adam state;
+    torch's Adam increments it in place once per group, so the count would run ahead (x groups).
+    Give each group its own copy."""
+    inner = getattr(getattr(engine, "optimizer", None), "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

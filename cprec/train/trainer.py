@@ -160,18 +160,25 @@ class StepMeter:
         self._window_tokens += tokens
         return t[0].item() / world
 
-    def log_window(self) -> dict[str, float]:
-        """Throughput since the last call and cumulative per-stream tokens (collective call)."""
+    def sync_streams(self) -> None:
+        """Fold every rank's per-stream counts since the last sync into the totals (collective)."""
         t = torch.tensor([self._local_streams[s] for s in self.streams], dtype=torch.float64)
         if tdist.is_initialized():
             tdist.all_reduce(t)
         for s, n in zip(self.streams, t.tolist()):
             self.stream_tokens[s] += int(n)
         self._local_streams = dict.fromkeys(self.streams, 0)
+
+    def start_window(self) -> None:
+        self._window_tokens, self._window_start = 0, time.perf_counter()
+
+    def log_window(self) -> dict[str, float]:
+        """Throughput since the last call and cumulative per-stream tokens (collective call)."""
+        self.sync_streams()
         elapsed = time.perf_counter() - self._window_start
         out = {"tokens_per_s": self._window_tokens / max(elapsed, 1e-9)}
         out.update({f"tokens/{s}": float(n) for s, n in self.stream_tokens.items()})
-        self._window_tokens, self._window_start = 0, time.perf_counter()
+        self.start_window()
         return out
 
 
@@ -210,6 +217,7 @@ def train_loop(r: Run) -> Path | None:
     rank0 = dist.is_main()
     bar = tqdm(total=r.end_step, initial=r.step, desc=f"{r.cfg.train.phase}", disable=not rank0)
     kill_at = int(os.environ.get("CPREC_KILL_AT_STEP", "-1"))  # crash injection for resume tests
+    r.meter.start_window()
     while r.step < r.end_step:
         lr = r.schedule(r.step)
         eng.set_lr(r.engine, lr)
@@ -266,6 +274,7 @@ def log_step(r: Run, loss: float, lr: float) -> None:
 
 
 def save(r: Run, permanent: bool) -> None:
+    r.meter.sync_streams()
     state = dict(
         r.base_state,
         phase_start_step=r.phase_start,
@@ -350,23 +359,20 @@ def setup(cfg: Config) -> Run | None:
         if universal:
             log.warning(
                 "checkpoint %s was written by %d ranks, this run has %d: loading weights and optimizer "
-                "through a universal checkpoint; loader position and RNG streams restart",
+                "through a universal checkpoint; the loader restarts at epoch granularity, RNG reseeded",
                 plan.checkpoint,
                 plan.state["world_size"],
                 info.world_size,
             )
             ckpt_io.ensure_universal(plan.checkpoint)
         ckpt_io.load(engine, plan.checkpoint, universal=universal)
-    # A fresh data stream (anneal branch, world-size change) gets its own seed so it does not replay
-    # the first batches of the stream the checkpoint was trained on.
-    carry_loader = plan.kind == "resume" and not universal
-    seed = cfg.train.seed + (0 if carry_loader or plan.kind == "fresh" else step)
+    # An anneal branch reads its own mixture from the start; a seed of its own keeps it from
+    # replaying the exact first batches the stable run saw.
+    seed = cfg.train.seed + (step if plan.kind == "init" else 0)
     loader_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
     loader = build_loader(loader_cfg, info.rank, info.world_size)
-    if carry_loader:
-        rank_state = ckpt_io.read_rank_state(plan.checkpoint, info.rank)
-        loader.load_state_dict(rank_state["loader"])
-        ckpt_io.set_rng_state(rank_state["rng"])
+    if plan.kind == "resume":
+        restore_rank_state(plan, loader, info.rank, universal)
         truncate_metrics(out, step)
     else:
         ckpt_io.seed_everything(seed + 7919 * info.rank)
@@ -422,6 +428,20 @@ def setup(cfg: Config) -> Run | None:
     )
 
 
+def restore_rank_state(plan: StartPlan, loader, rank: int, universal: bool) -> None:
+    """Loader position and RNG streams of this rank, exactly; after a world-size change, the loader
+    gets every saved rank's state (it restarts each stream at the epoch they had reached) and the
+    RNG is reseeded."""
+    if not universal:
+        state = ckpt_io.read_rank_state(plan.checkpoint, rank)
+        loader.load_state_dict(state["loader"])
+        ckpt_io.set_rng_state(state["rng"])
+        return
+    saved = [ckpt_io.read_rank_state(plan.checkpoint, r)["loader"] for r in range(plan.state["world_size"])]
+    loader.load_state_dict(saved)
+    ckpt_io.seed_everything(plan.state["config"]["train"]["seed"] + plan.state["step"] + 7919 * rank)
+
+
 def _parent_summary(parent: dict | None) -> dict | None:
     if not parent:
         return None
@@ -431,7 +451,9 @@ def _parent_summary(parent: dict | None) -> dict | None:
 
 def run(cfg: Config) -> Path:
     """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun."""
-    eng.start_distributed()
+    info = eng.start_distributed()
+    if not info.is_main:  # one copy of the progress log, from rank 0
+        logging.getLogger("cprec").setLevel(logging.WARNING)
     out = Path(cfg.train.output_dir)
     r = None
     try:

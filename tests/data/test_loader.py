@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import re
+import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 from shard_factory import write_prepared
 
 from cprec.config import load_config
-from cprec.data.docstream import ShardError, epoch_units
+from cprec.data.docstream import ShardError, epoch_units, iter_tar_samples
 from cprec.data.loader import PackedLoader, build_loader, resolve_shards
 from cprec.data.packing import IGNORE_INDEX
 
@@ -34,6 +38,66 @@ def one_epoch(loader: PackedLoader, epoch: int = 0) -> list[str]:
         if min(loader.epochs().values()) > epoch:
             break
     return keys
+
+
+# ---------------------------------------------------------------------------- tar reading
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_groups_samples_like_webdataset(tmp_path, fmt):
+    path = tmp_path / "x.tar"
+    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "sub"
+    members = [
+        ("a1.ids.npy", b"x" * 700),
+        ("a1.json", b"{}"),
+        ("__meta__.json", b"skip me"),
+        (f"{long_dir}/b2.ids.npy", b"y" * 512),
+        (f"{long_dir}/b2.json", b"[1]"),
+        ("c3.ids.npy", b""),
+        ("c3.JSON", b"{}"),
+    ]
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(_dir("somedir"))
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            ti.mtime = 1.5  # a float mtime makes PAX write extended headers
+            tar.addfile(ti, io.BytesIO(data))
+    ours = {k: v for k, v in iter_tar_samples(str(path))}
+    theirs = {
+        s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
+        for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    }
+    assert ours == theirs
+    assert set(ours) == {"a1", "__meta__", f"{long_dir}/b2", "c3"} and ours["c3"] == {
+        "ids.npy": b"",
+        "json": b"{}",
+    }
+
+
+def _dir(name: str) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type = tarfile.DIRTYPE
+    return ti
+
+
+def test_tar_reader_rejects_damaged_headers_and_truncation(tmp_path):
+    info = write_prepared(tmp_path, n_shards=1)
+    path = tmp_path / "shards" / "shard-000000.tar"
+    data = bytearray(path.read_bytes())
+    assert len(list(iter_tar_samples(str(path)))) == len(info["docs"])
+    damaged = tmp_path / "damaged.tar"
+    bad = bytearray(data)
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    header = members[3].offset_data - 512
+    after_last = members[-1].offset_data + -(-members[-1].size // 512) * 512
+    bad[header + 130] ^= 0x01  # a size digit of a later member's header
+    damaged.write_bytes(bytes(bad))
+    with pytest.raises(ShardError, match="damaged.tar"):
+        list(iter_tar_samples(str(damaged)))
+    for cut in (after_last, 700, 100, 0):  # no end marker / inside a member / inside a header
+        damaged.write_bytes(bytes(data[:cut]))
+        with pytest.raises(ShardError, match="truncated"):
+            list(iter_tar_samples(str(damaged)))
 
 
 # ---------------------------------------------------------------------------- exactly once
@@ -135,33 +199,37 @@ def test_pipe_and_brace_urls(tmp_path):
 def test_resume_gives_exactly_the_next_batches(tmp_path, num_workers, packing, mixing):
     write_prepared(tmp_path, n_shards=5)
     kw = dict(num_workers=num_workers, packing=packing, mixing=mixing, bestfit_buffer=6)
-    N = 37  # ~2 epochs in 2N batches: the resume crosses chunk, shard and epoch boundaries
+    N = 37  # ~2 epochs in 2N batches: the resumes cross chunk, shard and epoch boundaries
+    cuts = (N - 2, N)  # two interruption points, so that some resume is due from worker 1
 
     full = make_loader(tmp_path, **kw)
     it = iter(full)
     expected = [next(it) for _ in range(2 * N)]
     full.close()
-    assert full.stats()["epochs"] and max(full.stats()["epochs"].values()) >= 1
+    assert max(full.stats()["epochs"].values()) >= 1
 
     first = make_loader(tmp_path, **kw)
     it = iter(first)
-    head = [next(it) for _ in range(N)]
-    state = json.loads(json.dumps(first.state_dict()))  # goes into trainer_state.json
-    # Keep going after the state was taken: must not change what the state says.
-    next(it)
+    head, states = [], {}
+    for n in range(1, N + 2):  # keeps going after the last state was taken: must not change it
+        head.append(next(it))
+        if n in cuts:
+            states[n] = json.loads(json.dumps(first.state_dict()))  # goes into trainer_state.json
     first.close()
+    if num_workers:
+        assert {states[n]["rotation"] for n in cuts} == {0, 1}
 
-    resumed = make_loader(tmp_path, **kw)
-    resumed.load_state_dict(state)
-    it = iter(resumed)
-    tail = [next(it) for _ in range(N)]
-    resumed.close()
-
-    for i, (a, b) in enumerate(zip(expected, head + tail)):
-        for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
-            assert torch.equal(a[k], b[k]), f"batch {i}: {k} differs"
-        assert a["stream_tokens"] == b["stream_tokens"] and a["max_seqlen"] == b["max_seqlen"]
-    assert resumed.stats()["batches"] == 2 * N
+    for n in cuts:
+        resumed = make_loader(tmp_path, **kw)
+        resumed.load_state_dict(states[n])
+        it = iter(resumed)
+        tail = [next(it) for _ in range(2 * N - n)]
+        resumed.close()
+        for i, (a, b) in enumerate(zip(expected, head[:n] + tail, strict=True)):
+            for k in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+                assert torch.equal(a[k], b[k]), f"resumed after {n}: batch {i}: {k} differs"
+            assert a["stream_tokens"] == b["stream_tokens"] and a["max_seqlen"] == b["max_seqlen"]
+        assert resumed.stats()["batches"] == 2 * N
 
 
 def test_iterating_again_continues_where_it_stopped(tmp_path):
@@ -215,16 +283,17 @@ def test_state_of_the_same_layout_on_another_rank_is_refused_exactly(tmp_path, c
 
 
 # ---------------------------------------------------------------------------- mixing
-def test_mixing_weights_are_realised(tmp_path):
+def test_mixing_weights_are_realised_and_logged(tmp_path, caplog):
     write_prepared(tmp_path, n_shards=4, counts={"A/domain": 60, "B/domain": 40, "all/mixed": 80})
     weights = {"A/domain": 0.2, "B/domain": 0.2, "all/mixed": 0.6}  # far from the natural mix
-    loader = make_loader(tmp_path, mixing=weights, num_workers=2, seq_len=64, batch_size=4)
-    natural = loader.targets()
-    assert natural == pytest.approx(weights)
+    loader = make_loader(tmp_path, mixing=weights, num_workers=2, seq_len=64, batch_size=4, log_every=20)
+    assert loader.targets() == pytest.approx(weights)
     it = iter(loader)
-    for _ in range(60):
-        next(it)
+    with caplog.at_level(logging.INFO, logger="cprec.data.loader"):
+        for _ in range(60):
+            next(it)
     loader.close()
+    assert re.search(r"after 60 batches: mix A/domain 0\.\d+ \(target 0\.200\)", caplog.text)
     mix = loader.realised_mix()
     for s, w in weights.items():
         assert mix[s]["target"] == pytest.approx(w)
@@ -246,6 +315,25 @@ def test_zero_weight_excludes_a_stream_and_natural_follows_tokens(tmp_path):
     total = sum(tokens.values())
     for s, t in natural.targets().items():
         assert tokens[s] / total == pytest.approx(t)
+
+
+def test_new_weights_on_resume_keep_positions_and_apply(tmp_path, caplog):
+    write_prepared(tmp_path, n_shards=3, counts={"A/domain": 60, "B/domain": 60})
+    old = make_loader(tmp_path, mixing={"A/domain": 0.5, "B/domain": 0.5})
+    it = iter(old)
+    for _ in range(10):
+        next(it)
+    state = old.state_dict()
+    new = make_loader(tmp_path, mixing={"A/domain": 0.9, "B/domain": 0.1})
+    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+        new.load_state_dict(state)
+    assert "mixing weights changed" in caplog.text and "epoch granularity" not in caplog.text
+    it = iter(new)
+    before = dict(new._stream_tokens)
+    for _ in range(40):
+        next(it)
+    added = {s: new._stream_tokens[s] - before.get(s, 0) for s in new._stream_tokens}
+    assert added["A/domain"] / sum(added.values()) == pytest.approx(0.9, abs=0.03)
 
 
 def test_unknown_mixing_stream_is_a_clear_error(tmp_path):

@@ -36,7 +36,9 @@ def full_logits(h, w, labels, b):
 @pytest.mark.parametrize("bias", [False, True])
 def test_chunked_equals_full_logits_fp32(chunk, bias):
     hidden, weight, b, labels = make(bias=bias)
-    got = loss_and_grads(lambda h, w, y, bb: chunked_cross_entropy(h, w, y, chunk, bias=bb), hidden, weight, b, labels)
+    got = loss_and_grads(
+        lambda h, w, y, bb: chunked_cross_entropy(h, w, y, chunk, bias=bb), hidden, weight, b, labels
+    )
     want = loss_and_grads(full_logits, hidden, weight, b, labels)
     assert got[0].dtype == torch.float32
     for g, w in zip(got, want):
@@ -78,7 +80,9 @@ def test_dispatcher_backends_agree():
     hidden, weight, _, labels = make(n=80, v=200)
     ref = cross_entropy_reference(hidden, weight, labels)
     for backend in ("auto", "reference", "chunked"):
-        torch.testing.assert_close(lm_cross_entropy(hidden, weight, labels, backend=backend, chunk_size=9), ref)
+        torch.testing.assert_close(
+            lm_cross_entropy(hidden, weight, labels, backend=backend, chunk_size=9), ref
+        )
 
 
 def test_shape_and_dtype_errors():

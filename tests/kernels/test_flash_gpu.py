@@ -62,4 +62,6 @@ def test_auto_picks_flash_on_cuda():
 def test_flash_rejects_fp32():
     q = torch.randn(1, 2, 16, 32, device="cuda")
     with pytest.raises(RuntimeError, match="fp16/bf16"):
-        packed_attention(q, q, q, torch.tensor([0, 16], dtype=torch.int32, device="cuda"), 16, backend="flash")
+        packed_attention(
+            q, q, q, torch.tensor([0, 16], dtype=torch.int32, device="cuda"), 16, backend="flash"
+        )

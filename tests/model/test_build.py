@@ -51,7 +51,11 @@ def test_tied_embeddings():
 def test_gradient_checkpointing_toggle():
     off = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2), 40)
     on = build_model(ModelConfig(hidden_size=32, num_layers=1, num_heads=2, gradient_checkpointing=True), 40)
-    flag = "is_activation_checkpointing" if hasattr(off, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(off, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
     assert not getattr(off, flag) and getattr(on, flag)
 
 

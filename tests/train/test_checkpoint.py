@@ -111,7 +111,11 @@ def test_plan_start_resume_init_fresh(tmp_path, caplog):
     anneal_dir = tmp_path / "anneal"
     anneal = load_config(
         None,
-        ["train.phase=anneal", f"train.output_dir={anneal_dir}", f"train.init_from={stable}/checkpoints/latest"],
+        [
+            "train.phase=anneal",
+            f"train.output_dir={anneal_dir}",
+            f"train.init_from={stable}/checkpoints/latest",
+        ],
     )
     plan = plan_start(anneal)
     assert (plan.kind, plan.checkpoint.name, plan.state["step"]) == ("init", "step_0000006", 6)

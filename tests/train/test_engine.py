@@ -29,7 +29,12 @@ def test_geometry_from_accum_and_global_batch():
 def test_deepspeed_config_fields():
     cfg = load_config(
         None,
-        ["train.micro_batch_size=2", "train.grad_accum=4", "train.grad_clip=0.5", "train.offload_optimizer=true"],
+        [
+            "train.micro_batch_size=2",
+            "train.grad_accum=4",
+            "train.grad_clip=0.5",
+            "train.offload_optimizer=true",
+        ],
     )
     ds = deepspeed_config(cfg.train, cfg.model, batch_geometry(cfg.train, 2), gpu=False)
     assert ds["train_batch_size"] == 16

@@ -120,7 +120,9 @@ def test_build_schedule_from_config():
     assert sched(300) == pytest.approx(ann.train.lr * (1 - 1 / 40))
     assert sched(339) == pytest.approx(0.0)
 
-    by_tokens = load_config(None, ["train.phase=anneal", "train.seq_len=64", "train.schedule.decay_tokens=640"])
+    by_tokens = load_config(
+        None, ["train.phase=anneal", "train.seq_len=64", "train.schedule.decay_tokens=640"]
+    )
     assert build_schedule(by_tokens.train, 64, phase_start=0).decay_steps == 10
     warm = load_config(None, ["train.schedule.warmup_tokens=6400"])
     assert build_schedule(warm.train, 640, phase_start=0).warmup_steps == 10

@@ -1,0 +1,387 @@
+"""`cprec prepare`: raw logs -> tokenized WebDataset shards + manifest + eval inputs.
+
+Pipeline: read (``readers``) -> clean (``clean``) -> hold out targets (``split``) -> tokenizer
+(trained on the rendered corpus, or a local HF folder) -> item texts cut to the token budget ->
+eval inputs -> document specs -> render + tokenize in workers (``documents``) -> shards
+(``shards``) -> manifest. Everything is written into a temporary sibling folder that replaces
+``data.output_dir`` only when complete, so a killed run leaves the old output (or none).
+
+A content hash of the source files, the data config and the pipeline version is stored in the
+manifest; a re-run with the same hash and intact shards returns at once ("cache hit").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from cprec.config import Config, DataConfig, save_config
+from cprec.data import readers
+from cprec.data.clean import clean
+from cprec.data.documents import EncoderState, build_specs, encode_all
+from cprec.data.prompts import PromptRenderer, truncate_to_budget
+from cprec.data.schema import Dataset, IssueLog, Item
+from cprec.data.shards import (
+    FORMAT_VERSION,
+    ShardWriter,
+    file_sha256,
+    read_manifest,
+    shards_intact,
+    write_json_atomic,
+)
+from cprec.data.split import Split, split, train_sequences_table
+
+log = logging.getLogger(__name__)
+
+# Bump when the same inputs + config would give different output bytes (invalidates caches).
+PIPELINE_VERSION = 1
+# Fields that do not change the output, so they stay out of the content hash.
+_HASH_EXCLUDED = ("output_dir", "num_workers", "cache_dir", "strict")
+_TOKENIZER_FILES = (".json", ".model", ".txt", ".tiktoken")
+_CORPUS_SEQUENCES = 20000  # sequence lines (besides item lines) offered to tokenizer training
+_CORPUS_ITEMS_PER_SEQ = 32
+
+
+# ------------------------------------------------------------------------------ content hash
+def content_hash(cfg: DataConfig, sources: list[dict]) -> str:
+    """Hash of what determines the output: source bytes, data config, tokenizer files, versions."""
+    import sentencepiece
+    import tokenizers
+
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _HASH_EXCLUDED}
+    blob = {
+        "pipeline": PIPELINE_VERSION,
+        "format": FORMAT_VERSION,
+        "config": conf,
+        "sources": [(Path(s["path"]).name, s["sha256"]) for s in sources],
+        "versions": [sentencepiece.__version__, tokenizers.__version__],
+    }
+    if cfg.tokenizer.path:
+        blob["tokenizer_files"] = _folder_hash(Path(cfg.tokenizer.path).expanduser())
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
+
+
+def _folder_hash(folder: Path) -> str:
+    """Hash of a tokenizer folder's vocabulary/config files (weights and the like are skipped)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.tokenizer.path: tokenizer folder not found: {folder}")
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name.endswith(_TOKENIZER_FILES):
+            h.update(f.name.encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def describe_sources(paths: list[Path]) -> list[dict]:
+    out = []
+    for p in tqdm(paths, desc="hash sources", disable=None, leave=False):
+        if not p.is_file():
+            raise FileNotFoundError(f"input file not found: {p}")
+        out.append({"path": str(p), "sha256": file_sha256(p), "bytes": p.stat().st_size})
+    return out
+
+
+def cached(out: Path, chash: str) -> dict | None:
+    """The manifest of ``out`` if it was made from the same content hash and is complete."""
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):
+        return None
+    if manifest.get("content_hash") != chash or not shards_intact(out, manifest):
+        return None
+    needed = ["eval/items.parquet", "eval/users.parquet", "eval/train_sequences.parquet", "config.yaml"]
+    if not all((out / p).is_file() for p in needed) or not (out / "tokenizer").is_dir():
+        return None
+    return manifest
+
+
+# --------------------------------------------------------------------------------- pipeline
+def run(cfg: Config) -> Path:
+    """Prepare ``cfg.data`` into ``cfg.data.output_dir`` (or reuse it); returns the folder."""
+    t0 = time.perf_counter()
+    dcfg = cfg.data
+    out = Path(dcfg.output_dir).expanduser()
+    sources = describe_sources(readers.source_files(dcfg))
+    chash = content_hash(dcfg, sources)
+    if cached(out, chash) is not None:
+        log.info("cache hit: %s already holds this content (hash %s…); reusing it", out, chash[:12])
+        return out
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ValueError(
+            f"data.output_dir {out} exists, is not empty and holds no manifest.json: refusing to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _prepare_into(tmp, cfg, sources, chash)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log_summary(manifest, out, time.perf_counter() - t0)
+    return out
+
+
+def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> dict:
+    dcfg = cfg.data
+    clock = _Clock()
+    issues = IssueLog(dcfg.strict)
+    ds = readers.read_source(dcfg, issues)
+    clock.lap("read")
+    inter = clean(ds, dcfg, issues)
+    held = split(inter, ds.presplit)
+    clock.lap("clean+split")
+    counts = {
+        "interactions_in": ds.interactions_in,
+        **held.counts,
+        "dropped": dict(sorted(issues.dropped.items())),
+    }
+    accounted = counts["train"] + counts["valid"] + counts["test"] + sum(counts["dropped"].values())
+    if accounted != counts["interactions_in"]:  # a bug, never bad input: every record is counted once
+        raise RuntimeError(f"interaction counts do not reconcile: {counts}")
+    issues.log_summary()
+    if len(held.train) == 0:
+        raise ValueError(
+            f"no pre-training interactions left after cleaning ({counts}); check data.* settings"
+        )
+
+    catalogue = _catalogue(ds, inter)
+    renderer = PromptRenderer(dcfg.prompt, dcfg.prompt.domain_names)
+    item_ids = list(catalogue)
+    item_index = np.array([-1] * len(inter.items), dtype=np.int64)
+    pos = {item: i for i, item in enumerate(item_ids)}
+    for code, item in enumerate(inter.items):
+        item_index[code] = pos.get(item, -1)
+    specs = build_specs(held.train, item_index, dcfg.kinds, dcfg.mixed_min_domains, dcfg.seed)
+    clock.lap("specs")
+
+    raw = {
+        "domain": [renderer.item(catalogue[i]) for i in item_ids],
+        "mixed": [renderer.item(catalogue[i], mixed=True) for i in item_ids],
+    }
+    tok, tok_info = _tokenizer(tmp / "tokenizer", dcfg, raw, specs, renderer)
+    clock.lap("tokenizer")
+    state = _encoder_state(tmp / "tokenizer", tok, tok_info, raw, specs, renderer, dcfg)
+    clock.lap("item texts")
+
+    (tmp / "eval").mkdir()
+    _write_eval(tmp / "eval", catalogue, item_ids, state.texts["domain"], held)
+    clock.lap("eval files")
+    shards, streams, n_cut = _write_shards(tmp, specs, state, dcfg)
+    clock.lap("tokenize+shards")
+    save_config(cfg, tmp / "config.yaml")
+    items_info = {"catalogue": len(item_ids), **dict(sorted(issues.item_issues.items()))}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "pipeline_version": PIPELINE_VERSION,
+        "content_hash": chash,
+        "config": dataclasses.asdict(dcfg),
+        "sources": sources,
+        "tokenizer": tok_info,
+        "domains": sorted({it.domain for it in catalogue.values()}),
+        "streams": streams,
+        "shards": [s.manifest_entry() for s in shards],
+        "counts": counts,
+        "items": items_info,
+        "documents": {"specs": len(specs), "samples": sum(s.samples for s in shards), "cut_to_fit": n_cut},
+    }
+    write_json_atomic(tmp / "manifest.json", manifest)
+    log.info("stage times: %s", clock)
+    return manifest
+
+
+class _Clock:
+    """Wall time per pipeline stage, for the log."""
+
+    def __init__(self):
+        self.t = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self.t
+        self.t = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v:.1f}s" for k, v in self.laps.items())
+
+
+def _catalogue(ds: Dataset, inter) -> dict[str, Item]:
+    """Rankable items: the whole catalogue of closed sources, else the items of kept events."""
+    if ds.closed_catalogue:
+        return dict(ds.items)
+    used = {inter.items[c] for c in np.unique(inter.item).tolist()}
+    return {k: v for k, v in ds.items.items() if k in used}
+
+
+def _tokenizer(folder: Path, dcfg: DataConfig, raw: dict, specs: list, renderer: PromptRenderer):
+    """Install the configured HF tokenizer, or train sentencepiece on the rendered corpus."""
+    from cprec.data.tokenize import (
+        install_tokenizer,
+        load_tokenizer,
+        special_ids,
+        tokenizer_hash,
+        train_sentencepiece,
+    )
+
+    if dcfg.tokenizer.path:
+        tok = install_tokenizer(dcfg.tokenizer.path, folder)
+    else:
+        t = time.perf_counter()
+        train_sentencepiece(_corpus_lines(raw, specs, renderer, dcfg), folder, dcfg.tokenizer, dcfg.seed)
+        tok = load_tokenizer(folder)
+        log.info(
+            "trained a %s sentencepiece tokenizer (%d pieces) in %.1fs",
+            dcfg.tokenizer.model_type,
+            len(tok),
+            time.perf_counter() - t,
+        )
+    info = {"path": "tokenizer", "hash": tokenizer_hash(tok), "vocab_size": len(tok), **special_ids(tok)}
+    return tok, info
+
+
+def _corpus_lines(raw: dict, specs: list, renderer: PromptRenderer, dcfg: DataConfig) -> list[str]:
+    """Tokenizer training text: every item text (both templates) and a sample of sequences."""
+    lines = raw["domain"] + raw["mixed"]
+    for _user, domain, kind, idx in specs[:_CORPUS_SEQUENCES]:  # specs are already shuffled
+        texts = raw[kind]
+        lines.append(
+            renderer.sequence(kind, domain, [texts[i] for i in idx[:_CORPUS_ITEMS_PER_SEQ].tolist()])
+        )
+    return lines
+
+
+def _encoder_state(tok_dir, tok, tok_info, raw, specs, renderer, dcfg: DataConfig) -> EncoderState:
+    """Item texts cut to the budget (tokenized once here), template frames and their costs."""
+    from cprec.data.tokenize import text_codec
+
+    encode, dec = text_codec(tok_dir, tok)
+    enc1 = lambda s: encode([s])[0]  # noqa: E731
+    budget = dcfg.prompt.item_token_budget
+    texts, counts, n_trunc = {}, {}, 0
+    for kind, values in raw.items():
+        ids = encode(values)
+        out_t, out_n = [], np.zeros(len(values), dtype=np.int64)
+        for i, (text, tid) in enumerate(
+            tqdm(list(zip(values, ids)), desc=f"items ({kind})", disable=None, leave=False)
+        ):
+            if len(tid) > budget:
+                text, n = truncate_to_budget(text, enc1, dec, budget)
+                n_trunc += 1
+            else:
+                n = len(tid)
+            out_t.append(text)
+            out_n[i] = n
+        texts[kind], counts[kind] = out_t, out_n
+    log.info("item texts: %d renderings cut to %d tokens", n_trunc, budget)
+    frames = {}
+    for kind, domain in sorted({(s[2], s[1]) for s in specs}):
+        prefix, suffix = renderer.frame(kind, domain)
+        overhead = len(enc1(prefix + suffix)) + 2
+        if overhead + budget > dcfg.max_doc_tokens:
+            raise ValueError(
+                f"config field 'data.max_doc_tokens': {dcfg.max_doc_tokens} cannot hold the {kind} "
+                f"template ({overhead} tokens with BOS/EOS) plus one item ({budget} tokens, "
+                "data.prompt.item_token_budget)"
+            )
+        frames[(kind, domain)] = (prefix, suffix, overhead)
+    return EncoderState(
+        tokenizer_dir=str(tok_dir),
+        texts=texts,
+        counts=counts,
+        frames=frames,
+        sep=dcfg.prompt.item_sep,
+        sep_tokens=len(enc1(dcfg.prompt.item_sep)),
+        max_tokens=dcfg.max_doc_tokens,
+        overlap=dcfg.window_overlap_items,
+        bos_id=tok_info["bos_id"],
+        eos_id=tok_info["eos_id"],
+    )
+
+
+def _write_eval(
+    folder: Path, catalogue: dict[str, Item], item_ids: list[str], texts: list[str], held: Split
+) -> None:
+    """items.parquet (catalogue with rendered text), users.parquet (targets), train_sequences.parquet."""
+    items = pa.table(
+        {
+            "item": pa.array(item_ids, pa.string()),
+            "domain": pa.array([catalogue[i].domain for i in item_ids], pa.string()),
+            "title": pa.array([catalogue[i].title for i in item_ids], pa.string()),
+            "text": pa.array(texts, pa.string()),
+        }
+    )
+    pq.write_table(items, folder / "items.parquet")
+    pq.write_table(held.eval_table(), folder / "users.parquet")
+    pq.write_table(train_sequences_table(held.train), folder / "train_sequences.parquet")
+
+
+def _write_shards(root: Path, specs: list, state: EncoderState, dcfg: DataConfig):
+    """Encode the specs (workers) and stream the samples into shards, in spec order."""
+    writer = ShardWriter(root, dcfg.shard_max_bytes)
+    streams: dict[str, dict[str, int]] = {}
+    n_cut, key = 0, 0
+    bar = tqdm(total=len(specs), desc="tokenize + write", unit=" seq", disable=None, leave=False)
+    chunks = encode_all(specs, state, dcfg.num_workers)
+    for samples, cut in chunks:
+        n_cut += cut
+        for meta, ids in samples:
+            writer.write(f"{key:09d}", ids, meta)
+            key += 1
+            s = streams.setdefault(f"{meta['domain']}/{meta['kind']}", {"sequences": 0, "tokens": 0})
+            s["sequences"] += 1
+            s["tokens"] += int(len(ids))
+        bar.update(sum(1 for m, _ in samples if m["window"] == 0))
+    bar.close()
+    if n_cut:
+        log.warning("%d documents were longer than data.max_doc_tokens even with one item: cut", n_cut)
+    return writer.close(), dict(sorted(streams.items())), n_cut
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by the finished ``tmp`` folder (old output removed only after the swap)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _log_summary(manifest: dict, out: Path, seconds: float) -> None:
+    c = manifest["counts"]
+    log.info(
+        "prepared %s in %.1fs: %d interactions in -> train %d, valid %d, test %d, dropped %s",
+        out,
+        seconds,
+        c["interactions_in"],
+        c["train"],
+        c["valid"],
+        c["test"],
+        c["dropped"] or "none",
+    )
+    log.info("%-16s %12s %14s", "stream", "sequences", "tokens")
+    for name, s in manifest["streams"].items():
+        log.info("%-16s %12d %14d", name, s["sequences"], s["tokens"])
+    shards = manifest["shards"]
+    log.info(
+        "%d shards, %d samples, tokenizer %s (vocab %d)",
+        len(shards),
+        sum(s["samples"] for s in shards),
+        manifest["tokenizer"]["hash"],
+        manifest["tokenizer"]["vocab_size"],
+    )
