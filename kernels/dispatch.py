@@ -40,8 +40,8 @@ CE_BACKENDS = ("auto", "reference", "chunked")
 # The overhead is therefore set high, LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries per segment, so the loop
 # is only chosen when it clearly wins: 2048-token rows of 100-300-token documents -> loop (1.4-2x
 # faster than sdpa, 3-5x faster than the reference); 512-token rows of 20-60-token documents -> sdpa.
-# On CUDA without flash-attn the masked SDPA (memory-efficient kernel) always wins: kernel launches
-# dominate the loop there.
+# On CUDA without flash-attn auto takes the masked SDPA (memory-efficient kernel): kernel launches
+# would dominate the loop there (not measured here: no GPU on the development machine).
 LOOP_SEGMENT_OVERHEAD_TOKENS = 256
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26

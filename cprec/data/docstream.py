@@ -17,11 +17,8 @@ Layers, bottom up:
   the buffered documents from their shards.
 - ``WorkerSource``: the worker's document stream; with mixing weights, one reader per stream and a
   token-deficit scheduler (next stream = the one furthest below its weight in tokens delivered).
-- ``DocumentDataset``: the ``IterableDataset`` run in each DataLoader worker. It yields chunks of
-  documents aligned to multiples of ``chunk_docs`` in the worker's own sequence, each aligned chunk
-  carrying the worker's ``state_dict`` from just before its first document. The main process keeps
-  (last snapshot, documents consumed since) per worker, which is all it needs to restart a worker at
-  the exact next document; see ``cprec.data.loader``.
+
+The worker processes and the resume protocol around ``WorkerSource`` are in ``cprec.data.loader``.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import webdataset
-from torch.utils.data import IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
@@ -548,72 +544,3 @@ class WorkerSource:
         self.inactive = list(state["inactive"])
         for s, r in self.readers.items():
             r.load_state_dict(state["readers"][s])
-
-
-class DocumentDataset(IterableDataset):
-    """Runs in each DataLoader worker (or in the main process when ``num_workers == 0``).
-
-    Torch worker ``i`` plays logical worker ``(i + rotation) % num_workers``, so a resumed loader whose
-    next document was due from logical worker ``r`` gets it first (the DataLoader polls its workers
-    round-robin from worker 0).
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        *,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        seed: int,
-        weights: dict[str, float] | None,
-        buffer_size: int,
-        on_corrupt: str,
-        chunk_docs: int,
-        restore: list[tuple[dict | None, int]],
-        start_epochs: dict[str, int] | None,
-        rotation: int,
-    ):
-        super().__init__()
-        self.urls, self.rank, self.world_size = urls, rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.seed, self.weights, self.buffer_size = seed, weights, buffer_size
-        self.on_corrupt, self.chunk_docs = on_corrupt, chunk_docs
-        self.restore, self.start_epochs, self.rotation = restore, start_epochs, rotation
-
-    def __iter__(self) -> Iterator[Chunk]:
-        info = get_worker_info()
-        w = ((info.id if info else 0) + self.rotation) % self.num_workers
-        source = WorkerSource(
-            self.urls,
-            self.rank * self.num_workers + w,
-            self.world_size * self.num_workers,
-            self.seed,
-            self.weights,
-            self.buffer_size,
-            self.on_corrupt,
-            self.start_epochs,
-        )
-        snapshot, skip = self.restore[w]
-        if snapshot is not None:
-            source.load_state_dict(snapshot)
-        for _ in range(skip):  # documents already consumed since the snapshot
-            if source.next() is None:
-                return
-        K = self.chunk_docs
-        while True:
-            start = source.seq
-            snap = source.state_dict() if start % K == 0 else None
-            docs: list[Doc] = []
-            doc = None
-            while True:
-                doc = source.next()
-                if doc is None:
-                    break
-                docs.append(doc)
-                if source.seq % K == 0:
-                    break
-            if docs:
-                yield Chunk(w, start, snap, docs, *source.skipped())
-            if doc is None:
-                return

@@ -19,6 +19,14 @@ How the work is split (details in ``cprec.data.docstream``):
   so the restarted loader relabels its workers to poll the one that was due next first.
 - A state saved with another world size, worker count, seed, stream set or shard set restarts at
   epoch granularity (each stream at the oldest epoch any saved worker was in), with a warning.
+  New weights over the same streams keep the positions and restart the mixing counters.
+
+Costs and limits worth knowing: with mixing weights each worker reads its shards once per stream
+(every stream's reader filters its own documents, which is what lets streams run through epochs
+independently); the state is a few hundred KB of JSON per rank (shuffle-buffer positions and RNG
+states, re-read from the shards on resume); take ``state_dict()`` right after the last batch the
+step used. A worker whose shards hold no document at all stops (with a warning), after which the
+exact-resume order is only guaranteed if that happens identically on resume (it does: same shards).
 """
 
 from __future__ import annotations
@@ -32,10 +40,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from cprec.data.docstream import Chunk, Doc, DocumentDataset
+from cprec.data.docstream import Chunk, Doc, WorkerSource
 from cprec.data.packing import collate_rows, make_packer
 
 log = logging.getLogger(__name__)
@@ -117,6 +125,79 @@ def resolve_mixing(mixing: dict[str, float] | None, manifest: dict | None) -> di
         log.info("loader mixing leaves out streams %s (weight 0 or not listed)", left_out)
     total = sum(weights.values())
     return {k: weights[k] / total for k in sorted(weights)}
+
+
+# ------------------------------------------------------------------------- worker side
+class DocumentDataset(IterableDataset):
+    """Runs in each DataLoader worker (or in the main process when ``num_workers == 0``).
+
+    Yields chunks of documents aligned to multiples of ``chunk_docs`` in the worker's own sequence;
+    each aligned chunk carries the worker's ``state_dict`` from just before its first document.
+
+    Torch worker ``i`` plays logical worker ``(i + rotation) % num_workers``, so a resumed loader whose
+    next document was due from logical worker ``r`` gets it first (the DataLoader polls its workers
+    round-robin from worker 0).
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        weights: dict[str, float] | None,
+        buffer_size: int,
+        on_corrupt: str,
+        chunk_docs: int,
+        restore: list[tuple[dict | None, int]],
+        start_epochs: dict[str, int] | None,
+        rotation: int,
+    ):
+        super().__init__()
+        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.seed, self.weights, self.buffer_size = seed, weights, buffer_size
+        self.on_corrupt, self.chunk_docs = on_corrupt, chunk_docs
+        self.restore, self.start_epochs, self.rotation = restore, start_epochs, rotation
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        w = ((info.id if info else 0) + self.rotation) % self.num_workers
+        source = WorkerSource(
+            self.urls,
+            self.rank * self.num_workers + w,
+            self.world_size * self.num_workers,
+            self.seed,
+            self.weights,
+            self.buffer_size,
+            self.on_corrupt,
+            self.start_epochs,
+        )
+        snapshot, skip = self.restore[w]
+        if snapshot is not None:
+            source.load_state_dict(snapshot)
+        for _ in range(skip):  # documents already consumed since the snapshot
+            if source.next() is None:
+                return
+        K = self.chunk_docs
+        while True:
+            start = source.seq
+            snap = source.state_dict() if start % K == 0 else None
+            docs: list[Doc] = []
+            doc = None
+            while True:
+                doc = source.next()
+                if doc is None:
+                    break
+                docs.append(doc)
+                if source.seq % K == 0:
+                    break
+            if docs:
+                yield Chunk(w, start, snap, docs, *source.skipped())
+            if doc is None:
+                return
 
 
 # ------------------------------------------------------------------------------------ loader

@@ -13,6 +13,7 @@ windows of whole items (``plan_windows``), each rendered with the full template.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
 
 from cprec.config import PromptConfig
@@ -48,10 +49,13 @@ class PromptRenderer:
     def __init__(self, cfg: PromptConfig, domain_names: dict[str, str] | None = None):
         self.cfg = cfg
         self.domain_names = dict(domain_names or {})
-        # Fail at start-up, not on the millionth item, when a template names an unknown field.
-        probe = Item("item-id", "domain", "title", {})
-        self.item(probe)
-        self.item(probe, mixed=True)
+        # Fail at start-up on malformed templates; item fields depend on the data, so an unknown
+        # item field is reported when the first item renders (prepare renders all items early).
+        for name in ("item", "item_in_mixed"):
+            try:
+                list(string.Formatter().parse(getattr(cfg, name)))
+            except ValueError as e:
+                raise ValueError(f"config field 'data.prompt.{name}': bad template ({e})") from None
         self.frame("domain", "domain")
         self.frame("mixed", "all")
 

@@ -1,10 +1,10 @@
 """One rank of the ZeRO-3 check (run by test_packed_zero3.py under torchrun, DS_ACCELERATOR=cpu).
 
-For each variant (untied head; tied embeddings + activation checkpointing) it builds the same tiny model on every rank, keeps
-an un-wrapped copy as the reference, wraps PackedCausalLM in a DeepSpeed ZeRO-3 engine with every
-parameter partitioned, and checks on this rank's batch: the loss equals the reference loss, the
-global gradient norm equals the norm of the rank-averaged reference gradients, and one optimizer
-step runs and changes the loss. Rank 0 writes the numbers as JSON.
+For each variant (untied head; tied embeddings + activation checkpointing) it builds the same
+tiny model on every rank, keeps an un-wrapped copy as the reference, wraps PackedCausalLM in a
+DeepSpeed ZeRO-3 engine with every parameter partitioned, and checks on this rank's batch: the loss
+equals the reference loss, the global gradient norm equals the norm of the rank-averaged reference
+gradients, and one optimizer step runs and changes the loss. Rank 0 writes the numbers as JSON.
 """
 
 from __future__ import annotations

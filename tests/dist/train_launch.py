@@ -1,0 +1,68 @@
+"""Launch `cprec train` (or a worker script) under torchrun with CPU ranks, for the dist tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(
+    args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300, log: Path | None = None
+):
+    """Run ``torchrun --nproc_per_node N <args>`` on CPU; returns the CompletedProcess (output in .stdout)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        *args,
+    ]
+    full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if log is not None:
+        log.write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
+    proc.stdout = proc.stdout + proc.stderr
+    return proc
+
+
+def train(
+    config: Path, overrides: list[str], nproc: int = 2, env: dict | None = None, expect_ok: bool = True
+):
+    """``cprec train CONFIG overrides`` on ``nproc`` CPU ranks; fails the test with the log tail on error."""
+    out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir="))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    proc = torchrun(
+        ["-m", "cprec.cli", "train", str(config), *overrides],
+        nproc=nproc,
+        env=env,
+        log=Path(out_dir).parent / f"{Path(out_dir).name}.{nproc}ranks.log",
+    )
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"cprec train failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}")
+    return proc
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> loss from a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
