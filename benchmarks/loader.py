@@ -10,6 +10,8 @@ result says so):
 - the loader (read + shuffle + pack + collate into packed batches) for greedy and best-fit packing
   and each ``--num-workers``: samples/s, tokens/s (non-pad), batches/s, packing efficiency
   (non-pad fraction) and the fraction of documents cut;
+- one best-fit run with mixing weights (``--mixing``): its speed (each worker reads its shards once
+  per mixed stream) and the realised token shares against the weights;
 - naive one-document-per-row batching of the same documents (the packing baseline): padding every
   document to ``seq_len``, and padding each batch to its longest document.
 
@@ -40,11 +42,11 @@ log = logging.getLogger("benchmarks.loader")
 
 
 def write_synthetic(folder: Path, n_docs: int, seed: int = 0, shard_docs: int = 8000) -> Path:
-    """Shards + manifest like `cprec prepare` writes, with lognormal lengths (median ~180 tokens)."""
+    """Shards + manifest like `cprec prepare` writes; lognormal lengths like food-kitchen's (median ~100)."""
     rng = np.random.default_rng(seed)
     streams = ["A/domain", "B/domain", "all/mixed"]
     p = np.array([0.15, 0.6, 0.25])
-    lengths = np.clip(rng.lognormal(np.log(180), 0.7, n_docs).astype(int), 8, 1024)
+    lengths = np.clip(rng.lognormal(np.log(100), 0.6, n_docs).astype(int), 15, 512)
     which = rng.choice(len(streams), n_docs, p=p)
     (folder / "shards").mkdir(parents=True, exist_ok=True)
     shards, totals = [], {s: [0, 0] for s in streams}
@@ -113,7 +115,7 @@ def bench_webdataset(urls: list[str], max_docs: int) -> dict:
     return {"docs": n_docs, "seconds": dt, "docs_per_s": n_docs / dt, "tokens_per_s": n_tok / dt}
 
 
-def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int) -> dict:
+def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int, mixing=None) -> dict:
     """Full pipeline for ``n_docs`` documents: batches out, timed from the first call."""
     loader = PackedLoader(
         urls,
@@ -125,6 +127,7 @@ def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int) 
         bestfit_buffer=args.bestfit_buffer,
         shuffle_buffer=1000,
         num_workers=workers,
+        mixing=mixing,
         log_every=0,
     )
     t0 = time.perf_counter()
@@ -142,6 +145,7 @@ def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int) 
     return {
         "packing": packing,
         "num_workers": workers,
+        "mixing": loader.weights or "natural",
         "batches": st["batches"],
         "docs": st["docs"],
         "first_batch_s": t_first,
@@ -151,7 +155,10 @@ def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int) 
         "batches_per_s": (st["batches"] - 1) / steady,
         "efficiency": st["efficiency"],
         "docs_split_fraction": st["splits"] / max(1, st["docs"]),
-        "realised_mix": {s: round(v["share"], 4) for s, v in loader.realised_mix().items()},
+        "realised_mix": {
+            s: {"share": round(v["share"], 4), "target": round(v["target"], 4)}
+            for s, v in loader.realised_mix().items()
+        },
     }
 
 
@@ -168,6 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bestfit-buffer", type=int, default=64)
     ap.add_argument("--num-workers", default="0,2", help="comma-separated worker counts to time")
     ap.add_argument("--max-docs", type=int, default=0, help="documents per measurement (0 = one epoch)")
+    ap.add_argument(
+        "--mixing",
+        default="A/domain=0.3,B/domain=0.4,all/mixed=0.3",
+        help="weights for one extra best-fit run with mixing (stream=weight,...; empty = skip)",
+    )
     ap.add_argument("--out", default="benchmarks/results/loader.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -202,13 +214,27 @@ def main(argv: list[str] | None = None) -> dict:
                 100 * r["efficiency"],
             )
             runs.append(r)
+    if args.mixing:
+        weights = {k: float(v) for k, v in (kv.split("=") for kv in args.mixing.split(","))}
+        known = set((manifest or {}).get("streams", {}))
+        weights = {k: v for k, v in weights.items() if k in known}
+        if weights:
+            r = bench_loader(urls, manifest, "bestfit", 0, args, n_docs, mixing=weights)
+            log.info(
+                "bestfit with mixing %s: %.0f samples/s, mix %s",
+                weights,
+                r["samples_per_s"],
+                r["realised_mix"],
+            )
+            runs.append(r)
 
     L = args.seq_len
     naive = {
         "pad_each_to_seq_len": padding_efficiency(lengths, L),
         "pad_batch_to_longest": padding_efficiency(lengths, L, batch_size=args.batch_size),
     }
-    best = {p: max(r["efficiency"] for r in runs if r["packing"] == p) for p in ("greedy", "bestfit")}
+    natural = [r for r in runs if r["mixing"] == "natural"]
+    best = {p: max(r["efficiency"] for r in natural if r["packing"] == p) for p in ("greedy", "bestfit")}
     result = {
         "benchmark": "loader",
         "data": "synthetic" if synthetic else str(source),

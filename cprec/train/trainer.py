@@ -251,13 +251,13 @@ def train_loop(r: Run) -> Path | None:
 def log_step(r: Run, loss: float, lr: float) -> None:
     """metrics.jsonl every step (rank 0); tracker metrics every ``log_every`` steps and at the end."""
     grad_norm = r.engine.get_global_grad_norm()
-    row = {"step": r.step, "loss": loss, "lr": lr, "tokens": r.meter.tokens_seen}
+    row = {"step": r.step, "loss": loss, "lr": lr, "tokens": r.meter.tokens_seen, "time": time.time()}
     row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     if r.step % r.cfg.train.log_every == 0 or r.step == r.end_step:
         window = r.meter.log_window()  # collective: every rank calls it
         row.update(window)
         row["mfu"] = mfu_mod.mfu(window["tokens_per_s"], r.flops_per_token, r.peak_flops, r.geo.world_size)
-        metrics = {k: v for k, v in row.items() if k != "step" and v is not None}
+        metrics = {k: v for k, v in row.items() if k not in ("step", "time") and v is not None}
         metrics["phase_tokens"] = r.meter.phase_tokens
         r.tracker.log_metrics(metrics, r.step)
         log.info(

@@ -89,7 +89,9 @@ def write_recbole(tmp: Path) -> Path:
     lines = ["user_id:token\titem_id:token\tdomain:token\ttimestamp:float"]
     lines += [f"{u}\t{i}\t{d}\t{t}" for u, i, d, t in EVENTS]
     (folder / "toy.inter").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    items = ["item_id:token\ttitle:token_seq\tauthor:token"] + [f"{i}\t{t}\t{a}" for i, (t, a) in TITLES.items()]
+    items = ["item_id:token\ttitle:token_seq\tauthor:token"] + [
+        f"{i}\t{t}\t{a}" for i, (t, a) in TITLES.items()
+    ]
     (folder / "toy.item").write_text("\n".join(items) + "\n", encoding="utf-8")
     return folder
 
@@ -121,7 +123,7 @@ def write_food_kitchen(tmp: Path, n_a: int = 6, n_b: int = 6) -> Path:
     root = tmp / "fk"
     root.mkdir()
     (root / "num.txt").write_text(f"{n_a}\n{n_b}\n")
-    for dom, n, off in (("A", n_a, 0), ("B", n_b, n_a)):
+    for dom, n in (("A", n_a), ("B", n_b)):
         index = {f"ASIN{dom}{k}": k for k in range(n)}
         titles = {f"ASIN{dom}{k}": f"{'Food' if dom == 'A' else 'Kitchen'} item {k} deluxe" for k in range(n)}
         with open(root / f"item_set_{dom}.pkl", "wb") as f:
@@ -132,7 +134,7 @@ def write_food_kitchen(tmp: Path, n_a: int = 6, n_b: int = 6) -> Path:
     b = [n_a + k for k in range(n_b)]
     files = {
         "train_A.txt": [(1, a[:4]), (2, a[1:5])],
-        "train_B.txt": [(1, b[:3]), (2, b[2:6])],
+        "train_B.txt": [(1, b[:3]), (2, b[2:5])],
         "train_overlap.txt": [(1, [a[0], b[0], a[1], b[1]]), (2, [b[3], a[2], b[4], a[3], a[4]])],
         "valid.txt": [(1, [a[0], b[1], a[2], b[5]]), (2, [b[0], b[2], a[1], a[5]])],
         "test.txt": [(1, [a[3], b[3], b[4], a[4]]), (2, [a[0], a[1], b[0], b[2]])],

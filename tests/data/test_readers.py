@@ -21,7 +21,8 @@ from raw_fixtures import (
 )
 
 from cprec.config import ColumnsConfig, DataConfig
-from cprec.data.readers import load_plain_dict, open_text, parse_time, read_source
+from cprec.data.food_kitchen import load_plain_dict
+from cprec.data.readers import open_text, parse_time, read_source
 from cprec.data.schema import TEST_TARGET, VALID_TARGET, IssueLog
 
 
@@ -59,7 +60,9 @@ def test_generic_round_trip(tmp_path, fmt):
 def test_generic_without_domain_or_time_uses_defaults(tmp_path):
     rows = [{"u": "a", "i": str(k)} for k in range(3)]
     path = write_jsonl(tmp_path / "e.jsonl", rows)
-    cfg = DataConfig(source="jsonl", path=str(path), columns=ColumnsConfig(user="u", item="i"), default_domain="d0")
+    cfg = DataConfig(
+        source="jsonl", path=str(path), columns=ColumnsConfig(user="u", item="i"), default_domain="d0"
+    )
     ds = read_source(cfg, IssueLog())
     assert events_of(ds) == [("a", "0", "d0", None), ("a", "1", "d0", None), ("a", "2", "d0", None)]
     assert all(it.title == it.item for it in ds.items.values())  # no item file: ids as text
@@ -105,7 +108,7 @@ def test_food_kitchen_round_trip(tmp_path):
     assert [x.domains[x.domain[r]] for r in rows] == ["A", "B", "A", "B"]
     assert [int(x.target[r]) for r in rows] == [0, 0, 0, VALID_TARGET]
     assert int(x.target[[r for r in range(len(x)) if x.users[x.user[r]] == "test-2"][-1]]) == TEST_TARGET
-    assert ds.interactions_in == len(x) == 4 + 4 + 3 + 4 + 4 + 5 + 4 + 4 + 4 + 4
+    assert ds.interactions_in == len(x) == 4 + 4 + 3 + 3 + 4 + 5 + 4 + 4 + 4 + 4
 
 
 def test_ml1m_from_cache_with_genre_domains(tmp_path):
@@ -189,7 +192,10 @@ def test_recbole_bad_lines(tmp_path):
 
 
 def test_item_in_two_domains_is_a_conflict(tmp_path):
-    rows = [{"user_id": "a", "item_id": "x", "domain": "d1"}, {"user_id": "b", "item_id": "x", "domain": "d2"}]
+    rows = [
+        {"user_id": "a", "item_id": "x", "domain": "d1"},
+        {"user_id": "b", "item_id": "x", "domain": "d2"},
+    ]
     path = write_jsonl(tmp_path / "e.jsonl", rows)
     issues = IssueLog()
     ds = read_source(DataConfig(source="jsonl", path=str(path)), issues)

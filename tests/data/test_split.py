@@ -115,7 +115,13 @@ def test_cleaning_policies_are_counted(tmp_path):
     ],
 )
 def test_cleaning_strict_names_file_and_line(tmp_path, kw, match):
-    rows = [ev("u", "a", 1), ev("u", "a", 1), ev("u", "b", 2), ev("u", "c", 3), ev("u", "z", 4, domain="other")]
+    rows = [
+        ev("u", "a", 1),
+        ev("u", "a", 1),
+        ev("u", "b", 2),
+        ev("u", "c", 3),
+        ev("u", "z", 4, domain="other"),
+    ]
     with pytest.raises(ValueError, match=match):
         prepare_split(jsonl_cfg(tmp_path, rows, **kw), strict=True)
 
@@ -128,8 +134,15 @@ def test_too_few_interactions_strict(tmp_path):
 
 def test_items_without_text(tmp_path):
     rows = [ev("u", k, t) for t, k in enumerate("abcd")]
-    items = write_jsonl(tmp_path / "items.jsonl", [{"item_id": "a", "title": "A"}, {"item_id": "b", "title": "B"},
-                                                   {"item_id": "c", "title": "C"}, {"item_id": "d", "title": ""}])
+    items = write_jsonl(
+        tmp_path / "items.jsonl",
+        [
+            {"item_id": "a", "title": "A"},
+            {"item_id": "b", "title": "B"},
+            {"item_id": "c", "title": "C"},
+            {"item_id": "d", "title": ""},
+        ],
+    )
     cfg = jsonl_cfg(tmp_path, rows, item_path=str(items))
     ds, issues, held = prepare_split(cfg)
     assert ds.items["d"].title == "d" and issues.item_issues["placeholder_text"] == 1
@@ -146,13 +159,18 @@ def test_presplit_food_kitchen_targets(tmp_path):
     ds, issues, held = prepare_split(DataConfig(source="food_kitchen", path=str(root)))
     table = {r["user"]: r for r in held.eval_table().to_pylist()}
     assert set(table) == {"valid-1", "valid-2", "test-1", "test-2"}
-    assert table["valid-1"] == {"user": "valid-1", "split": "valid", "domain": "B", "history": ["0", "7", "2"],
-                                "target": "11"}
+    assert table["valid-1"] == {
+        "user": "valid-1",
+        "split": "valid",
+        "domain": "B",
+        "history": ["0", "7", "2"],
+        "target": "11",
+    }
     assert table["test-1"]["domain"] == "A" and table["test-1"]["target"] == "4"
     # training-only users give no targets; valid/test histories stay in pre-training
     train = {r["user"]: r["items"] for r in train_sequences_table(held.train).to_pylist()}
     assert train["valid-1"] == ["0", "7", "2"] and train["trainA-1"] == ["0", "1", "2", "3"]
-    assert held.counts == {"train": 36, "valid": 2, "test": 2} and reconciles(ds, issues, held)
+    assert held.counts == {"train": 35, "valid": 2, "test": 2} and reconciles(ds, issues, held)
 
 
 def assert_no_leakage(ds, held, renderer: PromptRenderer, kinds=("domain", "mixed")):
@@ -189,7 +207,9 @@ def assert_no_leakage(ds, held, renderer: PromptRenderer, kinds=("domain", "mixe
 
 
 def test_no_leakage_on_fixture(tmp_path):
-    rows = [ev(f"u{u}", f"item{(u * 7 + k) % 23}", k, "A" if k % 3 else "B") for u in range(10) for k in range(9)]
+    rows = [
+        ev(f"u{u}", f"item{(u * 7 + k) % 23}", k, "A" if k % 3 else "B") for u in range(10) for k in range(9)
+    ]
     ds, _, held = prepare_split(jsonl_cfg(tmp_path, rows))
     assert assert_no_leakage(ds, held, PromptRenderer(PromptConfig())) > 0
 

@@ -37,7 +37,9 @@ def corpus(n: int = 600, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
-        words = [rng.choice(WORDS).capitalize() if rng.random() < 0.3 else rng.choice(WORDS) for _ in range(8)]
+        words = [
+            rng.choice(WORDS).capitalize() if rng.random() < 0.3 else rng.choice(WORDS) for _ in range(8)
+        ]
         lines.append(" ".join(words) + f", {rng.randint(1, 64)} oz (Pack of {rng.randint(1, 12)})")
     return lines
 
@@ -53,7 +55,9 @@ def test_folder_loads_with_autotokenizer(bpe_folder):
     tok = AutoTokenizer.from_pretrained(str(bpe_folder))
     assert special_ids(tok) == {"bos_id": 2, "eos_id": 3, "pad_id": 0}
     assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<unk>", "<s>", "</s>"]
-    assert tok("coffee mug", add_special_tokens=True)["input_ids"] == tok.encode("coffee mug", add_special_tokens=False)
+    assert tok("coffee mug", add_special_tokens=True)["input_ids"] == tok.encode(
+        "coffee mug", add_special_tokens=False
+    )
     assert json.loads((bpe_folder / MARKER).read_text())["ids_match_sentencepiece"] is True
 
 
@@ -72,7 +76,9 @@ def test_text_codec_matches_hf(bpe_folder):
     encode, decode = text_codec(bpe_folder)
     tok = load_tokenizer(bpe_folder)
     texts = corpus(50, seed=2) + TRICKY
-    assert encode(texts) == batch_encoder(tok)(texts) == [tok.encode(t, add_special_tokens=False) for t in texts]
+    assert (
+        encode(texts) == batch_encoder(tok)(texts) == [tok.encode(t, add_special_tokens=False) for t in texts]
+    )
     assert [decode(ids) for ids in encode(texts)] == texts
 
 
@@ -92,7 +98,9 @@ def test_hash_stable_across_save_and_sensitive_to_vocab(tmp_path, bpe_folder):
 
 
 def test_unigram_round_trip(tmp_path):
-    folder = train_sentencepiece(corpus(), tmp_path / "uni", TokenizerConfig(vocab_size=400, model_type="unigram"))
+    folder = train_sentencepiece(
+        corpus(), tmp_path / "uni", TokenizerConfig(vocab_size=400, model_type="unigram")
+    )
     tok = load_tokenizer(folder)
     encode, decode = text_codec(folder)  # unigram: the HF tokenizer (ties may break differently)
     for text in corpus(50, seed=3) + TRICKY:

@@ -151,6 +151,7 @@ def test_export_matches_engine_logits(stable_run, runs_root):
     assert json.loads((out / "cprec_export.json").read_text())["step"] == 6
 
 
+@pytest.mark.slow
 def test_resume_on_one_rank_via_universal_checkpoint(train_yaml, killed_run, stable_run, runs_root):
     run = copy_run(killed_run, runs_root / "one_rank")
     train(train_yaml, [f"train.output_dir={run}"], nproc=1)
@@ -163,6 +164,7 @@ def test_resume_on_one_rank_via_universal_checkpoint(train_yaml, killed_run, sta
     assert abs(rows[5]["loss"] - losses(stable_run)[5]) < 0.05
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(train_yaml, killed_run, runs_root):
     run = copy_run(killed_run, runs_root / "nan")
     ckpt = run / "checkpoints" / "step_0000004"
