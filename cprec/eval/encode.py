@@ -1,17 +1,16 @@
 """Turn items and users into embeddings with a causal LM.
 
 Prompts (token ids, built by ``PromptBuilder`` from the prepared folder's tokenizer and the
-``data.prompt`` templates the pre-training text used):
-- item:  BOS + tokens of items.parquet ``text`` (the item rendered by ``prompt.item``), cut to
-  ``prompt.item_token_budget`` tokens;
+``data.prompt`` templates the pre-training text used, rendered by the same ``PromptRenderer``):
+- item:  BOS + tokens of items.parquet ``text`` (the item rendered by ``prompt.item`` and already
+  cut to ``prompt.item_token_budget`` tokens by `cprec prepare`);
 - user:  BOS + tokens of ``prompt.mixed_seq`` over the user's last ``eval.max_history_items`` history
-  items (all domains, time order), each rendered by ``prompt.item_in_mixed`` (``{domain}``,
-  ``{title}``; ``{fields}`` is empty because items.parquet keeps only title and text) and cut to
-  the item token budget, joined by ``prompt.item_sep``. This is exactly the all-domain mixed text
-  the model was pre-trained on, so the last position summarises the user's whole history.
-Token cuts are made on token ids and decoded back to text, so the prompt is then tokenized in one
-piece like the pre-training documents. Prompts longer than the model's positions keep BOS and the
-most recent tokens.
+  items (all domains, time order), each rendered by ``prompt.item_in_mixed`` (``{domain}`` through
+  ``prompt.domain_names``, ``{title}``, ``{item}``; ``{fields}`` is empty and other item fields are
+  unavailable because items.parquet keeps only title and text) and cut to the item token budget
+  like pre-training items, joined by ``prompt.item_sep``. This is the all-domain mixed text the
+  model was pre-trained on (without the EOS), so the last position summarises the whole history.
+Prompts longer than the model's positions keep BOS and the most recent tokens.
 
 Pooling (``eval.pooling``): ``last`` = final hidden state at the last non-pad token, ``mean`` = mean
 of final hidden states over non-pad tokens. Embeddings are L2-normalised, so the dot product used
@@ -45,28 +44,31 @@ log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------ prompts
 class PromptBuilder:
-    """Token ids of item and user prompts (see the module docstring for the exact format)."""
+    """Token ids of item and user prompts (see the module docstring for the exact format).
+
+    Rendering, cutting and encoding go through the same code as the pre-training documents
+    (``cprec.data.prompts.PromptRenderer``, ``truncate_to_budget``, ``cprec.data.tokenize.text_codec``),
+    so a user prompt has the ids a pre-training document with that history would have had.
+    """
 
     def __init__(self, tokenizer, prompt: PromptConfig, max_history_items: int, max_len: int = 0):
-        self.tok = tokenizer
+        from cprec.data.prompts import PromptRenderer
+        from cprec.data.tokenize import special_ids, text_codec
+
         self.prompt = prompt
         self.max_history_items = max_history_items
         self.max_len = max_len
-        self.bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        self.renderer = PromptRenderer(prompt, prompt.domain_names)
+        self._encode, self._decode = text_codec(tokenizer.name_or_path, tokenizer)
+        ids = special_ids(tokenizer)
+        self.bos = [ids["bos_id"]]
+        self.pad_id = ids["pad_id"]
         self._mixed_cache: dict[int, str] = {}
         self.unknown_history_items = 0
         """History item ids missing from the catalogue (left out of the prompt, counted)."""
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        if not texts:
-            return []
-        return self.tok(list(texts), add_special_tokens=False)["input_ids"]
-
-    def _cut(self, texts: list[str]) -> list[str]:
-        """Cut each text to the item token budget (decoded back to text)."""
-        budget = self.prompt.item_token_budget
-        ids = self._ids(texts)
-        return [t if len(i) <= budget else self.tok.decode(i[:budget]) for t, i in zip(texts, ids)]
+        return [list(i) for i in self._encode(list(texts))] if texts else []
 
     def _finish(self, ids: list[int]) -> list[int]:
         ids = self.bos + list(ids)
@@ -75,25 +77,27 @@ class PromptBuilder:
         return ids
 
     def item_ids(self, texts: list[str]) -> list[list[int]]:
-        """BOS + item text tokens, cut to the budget."""
+        """BOS + item text tokens, cut to the budget (items.parquet text is already cut)."""
         budget = self.prompt.item_token_budget
         return [self._finish(i[:budget]) for i in self._ids(texts)]
 
     def _mixed_items(self, catalogue: Catalogue, rows: list[int]) -> list[str]:
+        from cprec.data.prompts import truncate_to_budget
+        from cprec.data.schema import Item
+
         todo = sorted({r for r in rows if r not in self._mixed_cache})
         if todo:
+            budget = self.prompt.item_token_budget
             rendered = [
-                self.prompt.item_in_mixed.format_map(
-                    {
-                        "domain": catalogue.domains[r],
-                        "title": catalogue.titles[r],
-                        "fields": "",
-                        "text": catalogue.texts[r],
-                    }
+                self.renderer.item(
+                    Item(catalogue.items[r], catalogue.domains[r], catalogue.titles[r]), mixed=True
                 )
                 for r in todo
             ]
-            self._mixed_cache.update(zip(todo, self._cut(rendered)))
+            for r, text, ids in zip(todo, rendered, self._ids(rendered)):
+                if len(ids) > budget:
+                    text, _ = truncate_to_budget(text, lambda t: self._ids([t])[0], self._decode, budget)
+                self._mixed_cache[r] = text
         return [self._mixed_cache[r] for r in rows]
 
     def user_texts(self, catalogue: Catalogue, histories: list[list[str]]) -> list[str]:
@@ -103,8 +107,7 @@ class PromptBuilder:
             rows = [catalogue.index.get(i) for i in hist]
             self.unknown_history_items += sum(r is None for r in rows)
             rows = [r for r in rows if r is not None][-self.max_history_items :]
-            items = self.prompt.item_sep.join(self._mixed_items(catalogue, rows))
-            out.append(self.prompt.mixed_seq.format_map({"items": items, "domain": "all"}))
+            out.append(self.renderer.sequence("mixed", "all", self._mixed_items(catalogue, rows)))
         return out
 
     def user_ids(self, catalogue: Catalogue, histories: list[list[str]]) -> list[list[int]]:
@@ -114,12 +117,12 @@ class PromptBuilder:
 
 def load_tokenizer(prepared_dir: str | Path):
     """The prepared folder's ``tokenizer/`` (an HF tokenizer folder)."""
-    from transformers import AutoTokenizer
+    from cprec.data.tokenize import load_tokenizer as load
 
     folder = Path(prepared_dir) / "tokenizer"
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder} (run `cprec prepare` first)")
-    return AutoTokenizer.from_pretrained(str(folder))
+    return load(folder)
 
 
 def default_device() -> torch.device:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from cprec.config import Config
+from cprec.data.tokenize import special_ids
 from cprec.dist import barrier, destroy_distributed, dist_info, init_distributed
 from cprec.eval import baselines, finetune
 from cprec.eval.encode import (
@@ -112,9 +113,7 @@ class LLMSide:
         self.inputs = inputs
         self.tokenizer = load_tokenizer(prepared)
         self.cache = ItemEmbeddingCache(Path(cfg.eval.output_dir) / "cache")
-        self.pad_id = next(
-            (t for t in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id) if t is not None), 0
-        )
+        self.pad_id = special_ids(self.tokenizer)["pad_id"]
 
     def builder(self, model) -> PromptBuilder:
         vocab = int(model.config.vocab_size)

@@ -277,6 +277,8 @@ def ensure_universal(ckpt: Path) -> Path:
             )
         )
         os.replace(tmp, out)
+        # The converter also leaves a 'latest_universal' pointer naming its temp folder; we load by tag.
+        (ckpt / "latest_universal").unlink(missing_ok=True)
     dist.barrier()
     return out
 

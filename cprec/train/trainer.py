@@ -226,16 +226,15 @@ def train_loop(r: Run) -> Path | None:
             batch = next(batches)
             loss = r.engine(**model_inputs(batch, r.engine.device))
             r.engine.backward(loss)
-            r.engine.step()
-            loss_sum += loss.item()
+            r.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            loss_sum = loss_sum + loss.detach().float()  # stays on the device: no sync per micro-step
             local_tokens += r.meter.add_batch(batch)
         r.step += 1
-        loss = r.meter.end_step(loss_sum, r.geo.grad_accum, local_tokens)
+        loss = r.meter.end_step(float(loss_sum), r.geo.grad_accum, local_tokens)
         if not math.isfinite(loss):
-            raise NonFiniteLoss(
-                f"loss is {loss} at step {r.step}; last good checkpoint: {r.last_checkpoint or 'none'} "
-                f"(lower train.lr or raise train.schedule.warmup_steps, then resume from it)"
-            )
+            msg = f"loss is {loss} at step {r.step}; last good checkpoint: {r.last_checkpoint or 'none'}"
+            log.error("%s", msg)
+            raise NonFiniteLoss(f"{msg} (lower train.lr or raise train.schedule.warmup_steps, then rerun)")
         log_step(r, loss, lr)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -245,6 +244,7 @@ def train_loop(r: Run) -> Path | None:
         if r.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    r.loader.close()  # stop loader worker processes
     return r.last_checkpoint
 
 
@@ -458,14 +458,14 @@ def run(cfg: Config) -> Path:
     r = None
     try:
         r = setup(cfg)
-        if r is None:
-            return out
-        final = train_loop(r)
-        if dist.is_main() and final is not None:
+        final = ckpt_io.latest_checkpoint(out) if r is None else train_loop(r)
+        if dist.is_main() and final is not None and (r is not None or not (out / "final").is_dir()):
             from cprec.train.export import export_checkpoint
 
             export_checkpoint(final, out / "final")
         dist.barrier()
+        if r is None:
+            return out
         r.tracker.finish("FINISHED")
         log.info("phase %s done at step %d: %s", cfg.train.phase, r.step, final)
         return out

@@ -178,3 +178,16 @@ def test_nan_loss_stops_with_step_and_last_good_checkpoint(train_yaml, killed_ru
     assert f"loss is nan at step {KILL_AT}" in proc.stdout
     assert "last good checkpoint" in proc.stdout and str(ckpt) in proc.stdout
     assert ck.latest_checkpoint(run) == ckpt  # nothing was saved after the divergence
+
+
+@pytest.mark.gpu
+def test_short_run_on_one_gpu(train_yaml, runs_root):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    out = runs_root / "gpu"
+    train(train_yaml, [f"train.output_dir={out}", "train.max_steps=4"], nproc=1, gpu=True)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert ck.read_state(out / "checkpoints" / "step_0000004")["permanent"]
+    assert (out / "final" / "model.safetensors").is_file()

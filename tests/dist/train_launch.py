@@ -19,9 +19,14 @@ def free_port() -> int:
 
 
 def torchrun(
-    args: list[str], nproc: int = 2, env: dict | None = None, timeout: int = 300, log: Path | None = None
+    args: list[str],
+    nproc: int = 2,
+    env: dict | None = None,
+    timeout: int = 300,
+    log: Path | None = None,
+    gpu: bool = False,
 ):
-    """Run ``torchrun --nproc_per_node N <args>`` on CPU; returns the CompletedProcess (output in .stdout)."""
+    """Run ``torchrun --nproc_per_node N <args>`` (CPU ranks unless ``gpu``); output in ``.stdout``."""
     cmd = [
         sys.executable,
         "-m",
@@ -31,6 +36,8 @@ def torchrun(
         *args,
     ]
     full_env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if gpu:
+        full_env.pop("DS_ACCELERATOR")
     full_env.update(env or {})
     proc = subprocess.run(
         cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
@@ -42,7 +49,12 @@ def torchrun(
 
 
 def train(
-    config: Path, overrides: list[str], nproc: int = 2, env: dict | None = None, expect_ok: bool = True
+    config: Path,
+    overrides: list[str],
+    nproc: int = 2,
+    env: dict | None = None,
+    expect_ok: bool = True,
+    gpu: bool = False,
 ):
     """``cprec train CONFIG overrides`` on ``nproc`` CPU ranks; fails the test with the log tail on error."""
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir="))
@@ -52,6 +64,7 @@ def train(
         nproc=nproc,
         env=env,
         log=Path(out_dir).parent / f"{Path(out_dir).name}.{nproc}ranks.log",
+        gpu=gpu,
     )
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"cprec train failed (rc {proc.returncode}):\n{proc.stdout[-6000:]}")
