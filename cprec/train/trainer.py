@@ -147,9 +147,10 @@ class StepMeter:
             self._local_streams[key] += int(n)
         return int(batch["n_tokens"])
 
-    def end_step(self, loss_sum: float, micro_steps: int, local_tokens: int) -> float:
-        """Mean loss over micro-steps and ranks; global token count (one all-reduce)."""
-        t = torch.tensor([loss_sum / micro_steps, float(local_tokens)], dtype=torch.float64)
+    def end_step(self, loss_sum: float, micro_steps: int, local_tokens: int, stop: bool) -> tuple[float, bool]:
+        """Mean loss over micro-steps and ranks, global token count, and whether any rank was asked
+        to stop (one all-reduce for all three)."""
+        t = torch.tensor([loss_sum / micro_steps, float(local_tokens), float(stop)], dtype=torch.float64)
         world = 1
         if tdist.is_initialized():
             tdist.all_reduce(t)
@@ -158,7 +159,7 @@ class StepMeter:
         self.tokens_seen += tokens
         self.phase_tokens += tokens
         self._window_tokens += tokens
-        return t[0].item() / world
+        return t[0].item() / world, t[2].item() > 0
 
     def sync_streams(self) -> None:
         """Fold every rank's per-stream counts since the last sync into the totals (collective)."""
@@ -180,6 +181,20 @@ class StepMeter:
         out.update({f"tokens/{s}": float(n) for s, n in self.stream_tokens.items()})
         self.start_window()
         return out
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGUSR1 instead of dying mid-step. Ranks agree on stopping through the
+    per-step all-reduce, so with ZeRO-3 all of them save the same step before exiting."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received signal %d: will checkpoint at the end of this step", signum)
+        self.received = True
 
 
 # ------------------------------------------------------------------------------- the run
@@ -217,11 +232,14 @@ def train_loop(r: Run) -> Path | None:
     rank0 = dist.is_main()
     bar = tqdm(total=r.end_step, initial=r.step, desc=f"{r.cfg.train.phase}", disable=not rank0)
     kill_at = int(os.environ.get("CPREC_KILL_AT_STEP", "-1"))  # crash injection for resume tests
+    stop_signal = StopSignal()  # a SLURM time limit / preemption: save at the step's end, then exit
+    step_sleep = float(os.environ.get("CPREC_STEP_SLEEP", "0"))  # slows steps down for the signal test
     r.meter.start_window()
     while r.step < r.end_step:
         lr = r.schedule(r.step)
         eng.set_lr(r.engine, lr)
         loss_sum, local_tokens = 0.0, 0
+        time.sleep(step_sleep)
         for _ in range(r.geo.grad_accum):
             batch = next(batches)
             loss = r.engine(**model_inputs(batch, r.engine.device))
@@ -230,7 +248,7 @@ def train_loop(r: Run) -> Path | None:
             loss_sum = loss_sum + loss.detach().float()  # stays on the device: no sync per micro-step
             local_tokens += r.meter.add_batch(batch)
         r.step += 1
-        loss = r.meter.end_step(float(loss_sum), r.geo.grad_accum, local_tokens)
+        loss, stop = r.meter.end_step(float(loss_sum), r.geo.grad_accum, local_tokens, stop_signal.received)
         if not math.isfinite(loss):
             msg = f"loss is {loss} at step {r.step}; last good checkpoint: {r.last_checkpoint or 'none'}"
             log.error("%s", msg)
@@ -239,10 +257,13 @@ def train_loop(r: Run) -> Path | None:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         every = r.cfg.train.checkpoint.every_steps
-        if r.step == r.end_step or (every and r.step % every == 0):
+        if r.step == r.end_step or (every and r.step % every == 0) or stop:
             save(r, permanent=r.step == r.end_step)
         if r.step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if stop:
+            log.warning("stop requested (SIGTERM/SIGUSR1): saved step %d, exiting; rerun to resume", r.step)
+            break
     bar.close()
     r.loader.close()  # stop loader worker processes
     return r.last_checkpoint
@@ -459,6 +480,9 @@ def run(cfg: Config) -> Path:
     try:
         r = setup(cfg)
         final = ckpt_io.latest_checkpoint(out) if r is None else train_loop(r)
+        if r is not None and r.step < r.end_step:  # stopped by a signal: resumable, not finished
+            r.tracker.finish("KILLED")
+            return out
         if dist.is_main() and final is not None and (r is not None or not (out / "final").is_dir()):
             from cprec.train.export import export_checkpoint
 

@@ -191,3 +191,36 @@ def test_short_run_on_one_gpu(train_yaml, runs_root):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert ck.read_state(out / "checkpoints" / "step_0000004")["permanent"]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(train_yaml, stable_run, runs_root):
+    """A SLURM time limit / preemption: SIGTERM -> every rank saves the same step and exits cleanly;
+    rerunning continues with the uninterrupted loss curve."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from train_launch import free_port
+
+    out = runs_root / "sigterm"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CPREC_STEP_SLEEP="0.5")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd += ["-m", "cprec.cli", "train", str(train_yaml), f"train.output_dir={out}", "tracking.backend=none"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and losses(out)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks
+    log_text = proc.communicate(timeout=120)[0]
+    steps = losses(out)
+    assert steps, log_text[-3000:]
+    stopped = max(steps)
+    assert stopped < 6, "the run finished before the signal; make steps slower"
+    assert "stop requested" in log_text, log_text[-3000:]
+    assert ck.latest_checkpoint(out).name == f"step_{stopped:07d}"
+    assert not (out / "final").exists()
+
+    train(train_yaml, [f"train.output_dir={out}", "tracking.backend=none"])
+    assert losses(out) == losses(stable_run)
