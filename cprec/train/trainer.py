@@ -147,7 +147,9 @@ class StepMeter:
             self._local_streams[key] += int(n)
         return int(batch["n_tokens"])
 
-    def end_step(self, loss_sum: float, micro_steps: int, local_tokens: int, stop: bool) -> tuple[float, bool]:
+    def end_step(
+        self, loss_sum: float, micro_steps: int, local_tokens: int, stop: bool
+    ) -> tuple[float, bool]:
         """Mean loss over micro-steps and ranks, global token count, and whether any rank was asked
         to stop (one all-reduce for all three)."""
         t = torch.tensor([loss_sum / micro_steps, float(local_tokens), float(stop)], dtype=torch.float64)
