@@ -73,7 +73,7 @@ def _train(config: Path, overrides: list[str]) -> None:
 def run(out: str, size: str, overrides: list[str]) -> dict:
     """Run the demo into `out`; returns the eval report."""
     from cprec.data.prepare import run as prepare
-    from cprec.eval.report import render_markdown
+    from cprec.eval.report import to_markdown
     from cprec.eval.run import run as evaluate
 
     out_dir = Path(out).resolve()
@@ -120,7 +120,7 @@ def run(out: str, size: str, overrides: list[str]) -> dict:
     report = evaluate(eval_cfg)
     log.info("eval took %.0fs", time.time() - t)
 
-    table = render_markdown(report)
+    table = to_markdown(report)
     # The final table is the demo's product: print it to stdout, not only to the log.
     sys.stdout.write("\n" + table + "\n")
     sys.stdout.write(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -70,6 +71,15 @@ def default_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
+_MLFLOW_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def mlflow_key(key: str) -> str:
+    """MLflow names allow alphanumerics, ``_-. :/`` only; config keys come from user data
+    (e.g. the genre "Children's" in data.domain_map), so other characters become ``_``."""
+    return _MLFLOW_KEY_BAD.sub("_", key)
+
+
 def _param_value(value: Any, limit: int) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -107,7 +117,9 @@ class MLflowTracker:
         from mlflow.entities import Param
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-        items = [Param(k, _param_value(v, MAX_PARAM_VAL_LENGTH)) for k, v in sorted(params.items())]
+        items = [
+            Param(mlflow_key(k), _param_value(v, MAX_PARAM_VAL_LENGTH)) for k, v in sorted(params.items())
+        ]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=items[i : i + MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -116,7 +128,9 @@ class MLflowTracker:
 
         now = int(time.time() * 1000)
         items = [
-            Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)
+            Metric(mlflow_key(k), float(v), now, step)
+            for k, v in metrics.items()
+            if v is not None and math.isfinite(v)
         ]
         if items:
             self.client.log_batch(self.run_id, metrics=items)

@@ -71,3 +71,15 @@ def test_long_param_values_are_truncated(tmp_path):
     tracker.log_params({"long": long})
     value = _client(default_uri(tmp_path)).get_run(tracker.run_id).data.params["long"]
     assert len(value) <= 6000 and value.endswith("...")
+
+
+def test_keys_from_user_data_are_sanitised(tmp_path):
+    """Config keys can hold user data (ML-1M genre "Children's" in data.domain_map); MLflow refuses
+    such names, so they are mapped rather than crashing the run."""
+    cfg = load_config(None, [f"train.output_dir={tmp_path}", 'data.domain_map={"Children\'s": kids}'])
+    tracker = make_tracker(cfg, tmp_path, rank=0)
+    tracker.log_params({"data.domain_map.Children's": "kids"})
+    tracker.log_metrics({"tokens/Children's/domain": 3.0}, step=1)
+    run = _client(default_uri(tmp_path)).get_run(tracker.run_id)
+    assert run.data.params["data.domain_map.Children_s"] == "kids"
+    assert run.data.metrics["tokens/Children_s/domain"] == 3.0
