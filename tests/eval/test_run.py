@@ -48,14 +48,16 @@ def test_eval_job_end_to_end(tiny_prepared, tiny_model_dir, tmp_path):
     assert (out / "report.md").read_text().startswith("# Evaluation: full ranking, split `test`")
     assert (out / "metrics.png").is_file() and (out / "mlflow.db").is_file()
     assert (out / "finetuned" / "all" / "config.json").is_file()
-    assert saved["models"]["item_cache"] == {"hits": 0, "misses": 4}  # 2 domains x 2 models
+    assert saved["item_cache"] == {"hits": 0, "misses": 4}  # 2 domains x 2 models
 
     # Second run: same checkpoint, same settings -> item cache hits, fine-tuned model reused.
     state_before = (out / "finetuned" / "all" / "finetune_state.json").read_text()
-    again = run(_cfg(tiny_prepared, tiny_model_dir, out, "eval.baselines=[popularity]"))
-    assert again["models"]["item_cache"] == {"hits": 4, "misses": 0}
+    assert saved["models"]["sasrec"]["cached"] is False
+    again = run(_cfg(tiny_prepared, tiny_model_dir, out))
+    assert again["item_cache"] == {"hits": 4, "misses": 0}
     assert (out / "finetuned" / "all" / "finetune_state.json").read_text() == state_before
-    for name in ("llm-pretrained", "llm-finetuned", "popularity"):
+    assert again["models"]["sasrec"]["cached"] is True
+    for name in ("llm-pretrained", "llm-finetuned", "popularity", "sasrec"):
         for domain, vals in report["results"][name].items():
             assert again["results"][name][domain] == pytest.approx(vals)
 
