@@ -44,7 +44,12 @@ SIZES: dict[str, list[str]] = {
         "eval.finetune_epochs=0.2",
     ],
 }
-ANNEAL_STEPS = {"full": 100, "small": 30, "tiny": 6}
+# The anneal's own length (full size: as in configs/demo_ml1m_anneal.yaml).
+ANNEAL_SIZES: dict[str, list[str]] = {
+    "full": [],
+    "small": ["train.max_steps=30", "train.schedule.decay_steps=30"],
+    "tiny": ["train.max_steps=6", "train.schedule.decay_steps=6"],
+}
 
 
 def _paths(out: Path) -> dict[str, Path]:
@@ -99,17 +104,8 @@ def run(out: str, size: str, overrides: list[str]) -> dict:
     log.info("stable phase took %.0fs", time.time() - t)
 
     t = _stage("3/4 anneal phase (branched from the stable checkpoint)")
-    steps = ANNEAL_STEPS[size]
-    _train(
-        anneal_cfg,
-        [
-            *common,
-            f"train.output_dir={p['anneal']}",
-            f"train.init_from={p['stable']}",
-            f"train.max_steps={steps}",
-            f"train.schedule.decay_steps={steps}",
-        ],
-    )
+    anneal = [f"train.output_dir={p['anneal']}", f"train.init_from={p['stable']}", *ANNEAL_SIZES[size]]
+    _train(anneal_cfg, [*common, *anneal])
     log.info("anneal phase took %.0fs", time.time() - t)
 
     t = _stage("4/4 fine-tune + evaluate with baselines")

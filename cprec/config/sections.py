@@ -396,6 +396,12 @@ class EvalConfig:
     """Softmax temperature of the contrastive loss."""
     lora_rank: int = 0
     """LoRA rank for fine-tuning (0 = full fine-tuning)."""
+    finetune_checkpoint_every: int = 0
+    """Save a resumable fine-tuning checkpoint every N steps under <output_dir>/finetuned/<scope>/checkpoints/
+    (0 = only the final one); train.checkpoint.keep_last of them are kept. A rerun resumes from the latest."""
+    finetune_deepspeed: bool = False
+    """Fine-tune through a DeepSpeed engine built like training's (train.zero_stage, train.offload_optimizer,
+    model.dtype), for models too large for plain PyTorch on one device; checkpoints are DeepSpeed's."""
     baselines: list[str] = field(default_factory=lambda: ["popularity", "sasrec"])
     """Baselines computed on the same split: popularity, sasrec."""
     sasrec_epochs: int = 20
@@ -433,6 +439,7 @@ class EvalConfig:
         _check(self.finetune_pairs_per_user > 0, "eval.finetune_pairs_per_user", "must be > 0")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(self.lora_rank >= 0, "eval.lora_rank", "must be >= 0")
+        _check(self.finetune_checkpoint_every >= 0, "eval.finetune_checkpoint_every", "must be >= 0")
         for b in self.baselines:
             _one_of(b, "eval.baselines", ("popularity", "sasrec"))
 

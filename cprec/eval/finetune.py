@@ -11,26 +11,42 @@ target is ever seen). Per batch of B pairs:
     loss = mean_b CE(logits_b / temperature, target = b)
 
 An in-batch column equal to the row's own positive item is masked out (not a true negative); with
-``eval.in_batch_negatives=false`` every off-diagonal column is masked. AdamW on all weights or, with
-``eval.lora_rank > 0``, on LoRA adapters of the q/v projections only (merged back before saving).
+``eval.in_batch_negatives=false`` every off-diagonal column is masked. AdamW (lr
+``eval.finetune_lr``, betas 0.9/0.999, no weight decay, gradient norm clipped at 1) on all weights
+or, with ``eval.lora_rank > 0``, on LoRA adapters of the q/v projections only (merged back before
+saving). An untied output head is frozen: embeddings never reach it, and its AdamW state would be
+the largest of the model.
 
-Distributed: when torch.distributed is initialised each rank trains on every world-th pair and
-gradients are averaged with an all-reduce before each step (what DDP does; the embedding function
-calls the decoder directly, which a DDP wrapper would not see). To train a model too large for one
-device, wrap it with ``deepspeed.initialize(model=model, optimizer=opt, config=...)`` and replace
-``loss.backward(); opt.step()`` by ``engine.backward(loss); engine.step()`` — ``embed`` takes
-``engine.module``.
+The whole loss is one ``nn.Module`` forward (`ContrastiveModel`, taking the user and item token
+batches), so a DeepSpeed engine can run it: under ZeRO-3 each decoder layer gathers its
+partitioned weights around its own forward, for the user and the item pass alike.
 
-The result is saved like a training export: an HF folder ``<eval.output_dir>/finetuned/<scope>/``
-(``save_pretrained``) plus ``finetune_state.json`` (steps, losses, pairs, settings). A later eval with
-the same base checkpoint and settings finds ``"completed": true`` there and reuses the model.
+Data order (the data position is the step index): the pairs of one epoch are a permutation seeded
+by (seed, rank, epoch); step s reads batch ``s mod batches_per_epoch`` of epoch
+``s // batches_per_epoch`` (an incomplete tail batch is dropped); the negatives of step s are drawn
+from a generator seeded by (seed, rank, s). Resuming at step s therefore needs no replay.
+
+Engines: plain PyTorch (default; under torch.distributed each rank trains on every world-th pair
+and gradients are all-reduced before each step, which is what DDP does), or a DeepSpeed engine
+built by `cprec.train.engine` from ``train.zero_stage``, ``train.offload_optimizer`` and
+``model.dtype`` (``eval.finetune_deepspeed``) for models too large for one device.
+
+Checkpoints (`cprec.eval.finetune_state`): every ``eval.finetune_checkpoint_every`` steps and at the
+end, under ``<eval.output_dir>/finetuned/<scope>/checkpoints/``; a rerun resumes the latest one and
+ends with the same weights and losses as an uninterrupted run. The finished model is saved like a
+training export: an HF folder ``<eval.output_dir>/finetuned/<scope>/`` plus ``finetune_state.json``
+(steps, losses, pairs, settings). A later eval with the same base checkpoint and settings finds
+``"completed": true`` there and reuses the model. Test hook: ``CPREC_FINETUNE_KILL_AT_STEP=N`` kills
+the process (SIGKILL) right after step N.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import math
+import os
+import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -40,16 +56,29 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from cprec.config import EvalConfig
+from cprec import dist
+from cprec.config import Config, EvalConfig
+from cprec.eval import finetune_state as fs
 from cprec.eval.encode import PromptBuilder, embed, pad_batch
+from cprec.eval.finetune_state import (  # noqa: F401 (re-exported for callers of this module)
+    STATE_FILE,
+    CheckpointPolicy,
+    load_state,
+    save_finetuned,
+)
 from cprec.eval.inputs import Catalogue
 from cprec.eval.lora import apply_lora, merge_lora
+from cprec.train import checkpoint as ckpt_io
+from cprec.train.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "finetune_state.json"
+KILL_ENV = "CPREC_FINETUNE_KILL_AT_STEP"
+BETAS = (0.9, 0.999)
+GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -84,6 +113,10 @@ def build_pairs(
     return pairs, dict(skipped)
 
 
+def _seed(*parts: int) -> list[int]:
+    return [p & 0xFFFFFFFF for p in parts]  # numpy seed sequences take non-negative words
+
+
 class NegativeSampler:
     """Uniform in-domain negatives that avoid the positive and the user's history."""
 
@@ -92,7 +125,11 @@ class NegativeSampler:
         self.by_domain: dict[str, np.ndarray] = {}
         for d in sorted(set(catalogue.domains)):
             self.by_domain[d] = np.asarray(catalogue.domain_rows(d), dtype=np.int64)
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(_seed(seed))
+
+    def reseed(self, *parts: int) -> None:
+        """Restart the draws from a generator seeded by ``parts`` (e.g. seed, rank, step)."""
+        self.rng = np.random.default_rng(_seed(*parts))
 
     def sample(self, pair: Pair, n: int) -> list[int]:
         pool = self.by_domain[pair.domain]
@@ -109,6 +146,73 @@ class NegativeSampler:
         return out + [int(r) for r in self.rng.choice(rest, size=n - len(out))]
 
 
+def batch_rows(step: int, n: int, batch_size: int, seed: int, rank: int) -> np.ndarray:
+    """Indices (into this rank's pairs) of the batch of ``step``: a pure function of its arguments."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng(_seed(seed, rank, epoch)).permutation(n)
+    return order[k * batch_size : (k + 1) * batch_size]
+
+
+# ------------------------------------------------------------------------------------ the loss
+class ContrastiveModel(nn.Module):
+    """The InfoNCE loss of one batch as one forward (see the module docstring)."""
+
+    def __init__(self, hf_model: nn.Module, cfg: EvalConfig):
+        super().__init__()
+        self.hf_model = hf_model
+        self.pooling = cfg.pooling
+        self.temperature = cfg.temperature
+        self.in_batch_negatives = cfg.in_batch_negatives
+
+    def forward(
+        self,
+        user_ids: torch.Tensor,
+        user_mask: torch.Tensor,
+        item_ids: torch.Tensor,
+        item_mask: torch.Tensor,
+        pos_index: torch.Tensor,
+        neg_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """``pos_index`` [B]: row of each positive among the items; ``neg_index`` [B, N] (N may be 0)."""
+        u = embed(self.hf_model, user_ids, user_mask, self.pooling)
+        v = embed(self.hf_model, item_ids, item_mask, self.pooling)
+        b = u.shape[0]
+        batch_logits = u @ v[pos_index].t()  # [B, B]; the diagonal holds the positives
+        same_item = pos_index.unsqueeze(0) == pos_index.unsqueeze(1)
+        off_diag = ~torch.eye(b, dtype=torch.bool, device=u.device)
+        drop = off_diag & (same_item if self.in_batch_negatives else torch.ones_like(same_item))
+        parts = [batch_logits.masked_fill(drop, float("-inf"))]
+        if neg_index.shape[1]:
+            parts.append(torch.einsum("bd,bnd->bn", u, v[neg_index]))
+        logits = torch.cat(parts, dim=1) / self.temperature
+        return F.cross_entropy(logits, torch.arange(b, device=u.device))
+
+
+def make_batch(
+    builder: PromptBuilder, catalogue: Catalogue, pairs: list[Pair], negatives: list[list[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The `ContrastiveModel` inputs of some pairs and their negatives (CPU tensors)."""
+    users = builder.user_ids(catalogue, [p.history for p in pairs])
+    uniq = sorted({p.positive for p in pairs} | {r for neg in negatives for r in neg})
+    where = {r: i for i, r in enumerate(uniq)}
+    items = builder.item_ids([catalogue.texts[r] for r in uniq])
+    user_ids, user_mask = pad_batch(users, pad_id)
+    item_ids, item_mask = pad_batch(items, pad_id)
+    n_neg = len(negatives[0]) if negatives else 0
+    neg = torch.tensor([[where[r] for r in ns] for ns in negatives], dtype=torch.long).reshape(
+        len(pairs), n_neg
+    )
+    return {
+        "user_ids": user_ids,
+        "user_mask": user_mask,
+        "item_ids": item_ids,
+        "item_mask": item_mask,
+        "pos_index": torch.tensor([where[p.positive] for p in pairs], dtype=torch.long),
+        "neg_index": neg,
+    }
+
+
 def contrastive_loss(
     model,
     builder: PromptBuilder,
@@ -120,25 +224,244 @@ def contrastive_loss(
 ) -> torch.Tensor:
     """The InfoNCE loss of one batch (see the module docstring)."""
     device = next(model.parameters()).device
-    users = builder.user_ids(catalogue, [p.history for p in pairs])
-    uniq = sorted({p.positive for p in pairs} | {r for neg in negatives for r in neg})
-    where = {r: i for i, r in enumerate(uniq)}
-    items = builder.item_ids([catalogue.texts[r] for r in uniq])
-    u = embed(model, *(t.to(device) for t in pad_batch(users, pad_id)), cfg.pooling)
-    v = embed(model, *(t.to(device) for t in pad_batch(items, pad_id)), cfg.pooling)
-    pos_rows = torch.tensor([p.positive for p in pairs], device=device)
-    pos = v[torch.tensor([where[p.positive] for p in pairs], device=device)]
-    batch_logits = u @ pos.t()  # [B, B]; the diagonal holds the positives
-    same_item = pos_rows.unsqueeze(0) == pos_rows.unsqueeze(1)
-    off_diag = ~torch.eye(len(pairs), dtype=torch.bool, device=device)
-    drop = off_diag & (same_item if cfg.in_batch_negatives else torch.ones_like(same_item))
-    batch_logits = batch_logits.masked_fill(drop, float("-inf"))
-    parts = [batch_logits]
-    if negatives and negatives[0]:
-        neg_idx = torch.tensor([[where[r] for r in neg] for neg in negatives], device=device)
-        parts.append(torch.einsum("bd,bnd->bn", u, v[neg_idx]))
-    logits = torch.cat(parts, dim=1) / cfg.temperature
-    return F.cross_entropy(logits, torch.arange(len(pairs), device=device))
+    batch = make_batch(builder, catalogue, pairs, negatives, pad_id)
+    return ContrastiveModel(model, cfg)(**{k: t.to(device) for k, t in batch.items()})
+
+
+# ------------------------------------------------------------------------------------ training
+def _freeze_output_head(model: nn.Module) -> None:
+    head, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and inp is not None and head.weight is not inp.weight:
+        head.weight.requires_grad_(False)
+
+
+def deepspeed_engine(module: nn.Module, cfg: Config, world_size: int):
+    """A DeepSpeed engine for fine-tuning: training's ZeRO stage, offload and dtype; the fine-tuning
+    LR, batch size, betas, clipping, and no weight decay (so it matches the plain path). Call
+    `cprec.train.engine.start_distributed` first."""
+    from cprec.train import engine as eng
+
+    ecfg = cfg.eval
+    train = dataclasses.replace(
+        cfg.train,
+        lr=ecfg.finetune_lr,
+        weight_decay=0.0,
+        betas=list(BETAS),
+        grad_clip=GRAD_CLIP,
+        micro_batch_size=ecfg.finetune_batch_size,
+        grad_accum=1,
+        global_batch_size=0,
+    )
+    geo = eng.BatchGeometry(world_size, ecfg.finetune_batch_size, 1, train.seq_len)
+    return eng.init_engine(module, dataclasses.replace(cfg, train=train), geo)
+
+
+class FineTuner:
+    """One fine-tuning run: model (+LoRA), optimizer or DeepSpeed engine, step, losses.
+
+    ``engine_cfg`` (the job's `Config`) selects the DeepSpeed path; its trained weights then live
+    in the final checkpoint (see `finetune_to_folder`), not in ``model``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        builder: PromptBuilder,
+        catalogue: Catalogue,
+        pairs: list[Pair],
+        cfg: EvalConfig,
+        pad_id: int,
+        *,
+        engine_cfg: Config | None = None,
+        tracker: Tracker | None = None,
+        metric: str = "finetune/loss",
+        desc: str = "finetune",
+    ):
+        if not pairs:
+            raise ValueError("fine-tuning has no training pairs (eval/train_sequences.parquet gives none)")
+        if engine_cfg is not None:  # DeepSpeed needs a process group, even for one process
+            from cprec.train.engine import start_distributed
+
+            start_distributed()
+        self.distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
+        self.rank, self.world = (tdist.get_rank(), tdist.get_world_size()) if self.distributed else (0, 1)
+        self.model, self.builder, self.catalogue, self.cfg, self.pad_id = (
+            model,
+            builder,
+            catalogue,
+            cfg,
+            pad_id,
+        )
+        self.n_pairs = len(pairs)
+        self.mine = pairs[self.rank :: self.world] or pairs[:1]
+        self.steps = max(
+            1, math.ceil(cfg.finetune_epochs * len(pairs) / (cfg.finetune_batch_size * self.world))
+        )
+        self.tracker = tracker or NullTracker()
+        self.metric, self.desc = metric, desc
+        self.step, self.losses, self.resumed_from = 0, [], 0
+        self.last_checkpoint: Path | None = None
+        torch.manual_seed(cfg.seed)
+        if cfg.lora_rank > 0:
+            log.info("LoRA rank %d on %d projections", cfg.lora_rank, apply_lora(model, cfg.lora_rank))
+        _freeze_output_head(model)
+        self.module = ContrastiveModel(model, cfg)
+        self.sampler = NegativeSampler(catalogue, cfg.seed)
+        self.engine = self.optimizer = None
+        if engine_cfg is not None:
+            self.engine = deepspeed_engine(self.module, engine_cfg, self.world)
+            self.checkpointer = self.engine
+            self.engine_info = {"deepspeed": True, "zero_stage": engine_cfg.train.zero_stage}
+        else:
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.finetune_lr, betas=BETAS, weight_decay=0.0)
+            self.checkpointer = fs.TorchCheckpointer(model, self.optimizer)
+            self.engine_info = {"deepspeed": False}
+
+    # ---------------------------------------------------------------- state
+    def position(self, step: int) -> dict:
+        per_epoch = max(1, len(self.mine) // self.cfg.finetune_batch_size)
+        return {
+            "epoch": step // per_epoch,
+            "batch_in_epoch": step % per_epoch,
+            "batches_per_epoch": per_epoch,
+        }
+
+    def state_dict(self) -> dict:
+        """Step, losses so far, RNG streams and data position (weights/optimizer: the checkpointer)."""
+        return {
+            "step": self.step,
+            "losses": list(self.losses),
+            "data": self.position(self.step),
+            "rng": ckpt_io.rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+        ckpt_io.set_rng_state(state["rng"])
+
+    def _compat(self, policy: CheckpointPolicy) -> dict:
+        return fs.compatibility(policy.key, self.world, self.engine_info)
+
+    def save(self, policy: CheckpointPolicy) -> Path:
+        final = self.step == self.steps
+        state = {
+            **self._compat(policy),
+            "step": self.step,
+            "steps": self.steps,
+            "losses": self.losses,
+            "pairs": self.n_pairs,
+            "data": self.position(self.step),
+            "run_id": self.tracker.run_id,
+        }
+        self.last_checkpoint = fs.save_checkpoint(
+            self.checkpointer,
+            policy.folder,
+            self.step,
+            state,
+            self.state_dict(),
+            final=final,
+            keep_last=policy.keep_last,
+        )
+        return self.last_checkpoint
+
+    def resume(self, policy: CheckpointPolicy) -> bool:
+        """Load the latest compatible checkpoint of ``policy.folder``; False when there is none."""
+        ckpt, state = fs.find_resumable(policy.folder, self._compat(policy))
+        if ckpt is None:
+            return False
+        if state["steps"] != self.steps:
+            raise ValueError(f"{ckpt}: written for {state['steps']} steps, this fine-tune has {self.steps}")
+        self.load_state_dict(fs.load_checkpoint(self.checkpointer, ckpt, self.rank))
+        self.resumed_from, self.last_checkpoint = self.step, ckpt
+        log.info("fine-tuning resumes from %s (step %d of %d)", ckpt, self.step, self.steps)
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        rows = batch_rows(step, len(self.mine), self.cfg.finetune_batch_size, self.cfg.seed, self.rank)
+        pairs = [self.mine[i] for i in rows]
+        self.sampler.reseed(self.cfg.seed, self.rank, step)
+        n = self.cfg.finetune_negatives
+        negs = [self.sampler.sample(p, n) if n else [] for p in pairs]
+        return make_batch(self.builder, self.catalogue, pairs, negs, self.pad_id)
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        if self.engine is not None:
+            loss = self.engine(**{k: t.to(self.engine.device) for k, t in batch.items()})
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            device = next(self.model.parameters()).device
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = self.module(**{k: t.to(device) for k, t in batch.items()})
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.distributed:
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    tdist.all_reduce(p.grad)
+                    p.grad /= self.world
+            torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
+            self.optimizer.step()
+        value = loss.detach().float().reshape(1)
+        if self.distributed:  # the logged loss is the mean over ranks
+            tdist.all_reduce(value)
+            value /= self.world
+        return float(value)
+
+    def train(self, policy: CheckpointPolicy | None = None, stop_after: int | None = None) -> dict:
+        """Train to the end (or stop after step ``stop_after``, as if interrupted); returns stats."""
+        if policy is not None:
+            self.resume(policy)
+        kill_at = int(os.environ.get(KILL_ENV, "-1"))
+        t0 = time.perf_counter()
+        self._trainable().train()
+        bar = tqdm(
+            total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0 or None
+        )
+        while self.step < self.steps and (stop_after is None or self.step < stop_after):
+            loss = self._train_step(self._batch(self.step))
+            self.step += 1
+            self.losses.append(loss)
+            self.tracker.log_metrics({self.metric: loss}, self.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if policy is not None and (
+                self.step == self.steps or (policy.every and self.step % policy.every == 0)
+            ):
+                self.save(policy)
+            if self.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+        self._trainable().eval()
+        return self.stats(time.perf_counter() - t0)
+
+    def _trainable(self) -> nn.Module:
+        return self.engine if self.engine is not None else self.module
+
+    def stats(self, seconds: float) -> dict:
+        losses = self.losses or [float("nan")]
+        return {
+            "steps": self.steps,
+            "completed": self.step == self.steps,
+            "resumed_from_step": self.resumed_from,
+            "pairs": self.n_pairs,
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
+            "losses": list(self.losses),
+            "seconds": seconds,
+            "engine": self.engine_info,
+        }
+
+    def close(self) -> None:
+        """Release a DeepSpeed engine (its hooks hold the model)."""
+        if self.engine is not None and hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        self.engine = None
 
 
 def finetune(
@@ -149,59 +472,77 @@ def finetune(
     cfg: EvalConfig,
     pad_id: int,
     desc: str = "finetune",
+    *,
+    checkpoints: CheckpointPolicy | None = None,
+    tracker: Tracker | None = None,
+    stop_after: int | None = None,
 ) -> dict:
-    """Train ``model`` in place on the pairs; returns stats (steps, losses, seconds)."""
-    if not pairs:
-        raise ValueError("fine-tuning has no training pairs (eval/train_sequences.parquet gives none)")
-    distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-    rank, world = (tdist.get_rank(), tdist.get_world_size()) if distributed else (0, 1)
-    mine = pairs[rank::world] or pairs[:1]
-    steps = max(1, math.ceil(cfg.finetune_epochs * len(pairs) / (cfg.finetune_batch_size * world)))
-    torch.manual_seed(cfg.seed)
-    if cfg.lora_rank > 0:
-        n = apply_lora(model, cfg.lora_rank)
-        log.info("LoRA rank %d on %d projections", cfg.lora_rank, n)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.finetune_lr, weight_decay=0.0)
-    sampler = NegativeSampler(catalogue, cfg.seed + rank)
-    rng = np.random.default_rng(cfg.seed + rank)
-    use_bf16 = next(model.parameters()).device.type == "cuda"
-    order, pos, losses = rng.permutation(len(mine)), 0, []
-    t0 = time.perf_counter()
-    model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step", disable=rank != 0 or None)
-    for _ in bar:
-        if pos + cfg.finetune_batch_size > len(order) and pos > 0:
-            order, pos = rng.permutation(len(mine)), 0
-        batch = [mine[i] for i in order[pos : pos + cfg.finetune_batch_size]]
-        pos += cfg.finetune_batch_size
-        negs = [sampler.sample(p, cfg.finetune_negatives) if cfg.finetune_negatives else [] for p in batch]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss = contrastive_loss(model, builder, catalogue, batch, negs, cfg, pad_id)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if distributed:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                tdist.all_reduce(p.grad)
-                p.grad /= world
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    model.eval()
-    if cfg.lora_rank > 0:
+    """Train ``model`` in place (plain PyTorch) on the pairs; returns stats (steps, losses, seconds).
+
+    With ``checkpoints`` it resumes the latest compatible checkpoint and saves new ones. LoRA
+    adapters are merged into ``model`` once the run is complete.
+    """
+    tuner = FineTuner(model, builder, catalogue, pairs, cfg, pad_id, tracker=tracker, desc=desc)
+    stats = tuner.train(checkpoints, stop_after)
+    if stats["completed"] and cfg.lora_rank > 0:
         merge_lora(model)
-    return {
-        "steps": steps,
-        "pairs": len(pairs),
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
-        "loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
-        "losses": losses,
-        "seconds": time.perf_counter() - t0,
-    }
+    return stats
+
+
+def finetune_to_folder(
+    model,
+    builder: PromptBuilder,
+    catalogue: Catalogue,
+    pairs: list[Pair],
+    cfg: Config,
+    pad_id: int,
+    *,
+    base_dir: Path,
+    folder: Path,
+    key: dict,
+    skipped: dict,
+    tracker: Tracker | None = None,
+    metric: str = "finetune/loss",
+    desc: str = "finetune",
+    stop_after: int | None = None,
+) -> dict | None:
+    """Fine-tune ``model`` (loaded from ``base_dir``), resuming and checkpointing under ``folder``,
+    and save the result there (HF folder + ``finetune_state.json``, rank 0). Returns the saved
+    state, or None when stopped early by ``stop_after``. Every rank calls this."""
+    ecfg = cfg.eval
+    fs.clear_state(folder)
+    tuner = FineTuner(
+        model,
+        builder,
+        catalogue,
+        pairs,
+        ecfg,
+        pad_id,
+        engine_cfg=cfg if ecfg.finetune_deepspeed else None,
+        tracker=tracker,
+        metric=metric,
+        desc=desc,
+    )
+    policy = CheckpointPolicy(
+        Path(folder), key, ecfg.finetune_checkpoint_every, cfg.train.checkpoint.keep_last
+    )
+    try:
+        stats = tuner.train(policy, stop_after)
+    finally:
+        deepspeed_path = tuner.engine is not None
+        tuner.close()
+    if not stats["completed"]:
+        return None
+    if dist.is_main():
+        if deepspeed_path:
+            fs.export_deepspeed(tuner.last_checkpoint, Path(base_dir), ecfg.lora_rank, Path(folder))
+            fs.mark_complete(Path(folder), key, stats, skipped)
+        else:
+            if ecfg.lora_rank > 0:
+                merge_lora(model)
+            fs.save_finetuned(model, Path(folder), key, stats, skipped)
+    dist.barrier()
+    return fs.load_state(folder)
 
 
 def settings_key(cfg: EvalConfig, base_id: str, scope: str) -> dict:
@@ -220,19 +561,3 @@ def settings_key(cfg: EvalConfig, base_id: str, scope: str) -> dict:
         "seed",
     )
     return {"base": base_id, "scope": scope, **{n: getattr(cfg, n) for n in names}}
-
-
-def load_state(folder: Path) -> dict | None:
-    p = folder / STATE_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
-
-
-def save_finetuned(model, folder: Path, key: dict, stats: dict, skipped: dict) -> Path:
-    """``save_pretrained`` + ``finetune_state.json`` (written last: it marks the folder complete)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    state = {"completed": True, "key": key, "skipped": skipped, **stats}
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    tmp.replace(folder / STATE_FILE)
-    return folder

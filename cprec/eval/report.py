@@ -1,4 +1,4 @@
-"""Evaluation reports: report.json (the contract), report.md, metrics.png, MLflow, and compare.
+"""Evaluation reports: report.json (the contract), report.md, metrics.png, tracking, and compare.
 
 report.json::
 
@@ -10,11 +10,17 @@ report.json::
      "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...},
      "item_cache": {"hits": n, "misses": n}}
 
-The dict `cprec.eval.run.run` returns also carries ``mlflow_run_id`` when MLflow logged it.
+``mlflow_run_id`` is there too when the job was tracked.
+
+Tracking goes through the trainer's tracker (`cprec.train.tracking`, rank 0): the config as params,
+every result as a metric named by `metric_key` (sanitised by the tracker), users per domain and
+seconds per stage, tags linking the run to the evaluated checkpoint and its training run, and the
+report files as artifacts. The fine-tuning loss of each step is logged into the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cprec.eval.metrics import METRICS
+from cprec.train.tracking import TRACKING_FILE, NullTracker, Tracker, default_uri, make_tracker, mlflow_key
 
 log = logging.getLogger(__name__)
 
@@ -147,44 +154,136 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
 
 
 def metric_key(model: str, domain: str, metric: str) -> str:
-    """MLflow metric name (MLflow forbids '@'): ``llm-finetuned/A/recall_at_10``."""
+    """Metric name of one result (MLflow forbids '@'): ``llm-finetuned/A/recall_at_10``.
+
+    Domain names come from user data; the tracker maps characters MLflow rejects to ``_``
+    (`cprec.train.tracking.mlflow_key`: ``Children's`` -> ``Children_s``)."""
     return f"{model}/{domain}/{metric.replace('@', '_at_')}"
 
 
-def log_report_to_mlflow(report: dict, cfg, files: dict[str, Path] | None = None) -> str | None:
-    """Log params, every metric and the report files to MLflow; returns the run id (None if off).
+def report_metrics(report: dict) -> dict[str, float]:
+    """Every number of a report as tracker metrics: results, users per domain, seconds per stage.
 
-    Uses ``cfg.tracking`` like training: URI (empty = ``sqlite:///<eval.output_dir>/mlflow.db``),
-    experiment, run name (empty = ``eval-<output folder name>``), tags.
+    NaN results (no users) are left out. Two names that the MLflow sanitising would merge are
+    reported as a warning naming both (the later one would overwrite the earlier)."""
+    metrics = {
+        metric_key(model, domain, m): float(v)
+        for model, per_domain in report["results"].items()
+        for domain, vals in per_domain.items()
+        for m, v in vals.items()
+        if v is not None and not math.isnan(v)
+    }
+    metrics.update({f"n_users/{d}": float(n) for d, n in report.get("n_users", {}).items()})
+    metrics.update({f"seconds/{k}": float(v) for k, v in report.get("seconds", {}).items()})
+    seen: dict[str, str] = {}
+    for k in metrics:
+        other = seen.setdefault(mlflow_key(k), k)
+        if other != k:
+            log.warning("metric names %r and %r are the same once sanitised for MLflow", other, k)
+    return metrics
+
+
+def checkpoint_tags(checkpoint: dict) -> dict[str, str]:
+    """Tags that link an eval run to what it evaluated: checkpoint path, id and kind, and the
+    training run (id, tracking URI, step, phase) from the checkpoint's ``trainer_state.json`` or
+    the ``cprec_export.json`` of an HF export made by the trainer."""
+    tags = {
+        "cprec.eval.checkpoint": str(checkpoint.get("path", "")),
+        "cprec.eval.checkpoint_id": str(checkpoint.get("id", "")),
+        "cprec.eval.checkpoint_kind": str(checkpoint.get("kind", "")),
+    }
+    folder = Path(checkpoint.get("path", "") or ".")
+    for name in ("trainer_state.json", "cprec_export.json"):
+        f = folder / name
+        if not f.is_file():
+            continue
+        try:
+            state = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            log.warning("cannot read %s (%s): the eval run is not linked to its training run", f, e)
+            continue
+        for field, tag in (
+            ("run_id", "cprec.train_run_id"),
+            ("tracking_uri", "cprec.train_tracking_uri"),
+            ("step", "cprec.train_step"),
+            ("phase", "cprec.train_phase"),
+        ):
+            if state.get(field) not in (None, ""):
+                tags[tag] = str(state[field])
+        break
+    return tags
+
+
+def open_tracker(cfg, rank: int = 0) -> Tracker:
+    """The eval job's tracker (`make_tracker` on ``eval.output_dir``; a no-op off rank 0 or when
+    ``tracking.backend`` is none).
+
+    Same settings as training: URI (empty = ``sqlite:///<eval.output_dir>/mlflow.db``, artifacts
+    then in ``<eval.output_dir>/mlartifacts/``), experiment, tags; run name ``tracking.run_name``
+    or ``eval-<output folder name>``; the whole config as params. A job that was interrupted
+    continues its MLflow run (``tracking.json``); a job after a finished one starts a new run.
     """
-    if cfg.tracking.backend != "mlflow":
-        return None
-    import mlflow
+    if rank != 0 or cfg.tracking.backend == "none":
+        return NullTracker()
+    out = Path(cfg.eval.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / TRACKING_FILE
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("completed"):
+        marker.unlink()
+    uri = cfg.tracking.uri or default_uri(out)
+    if not cfg.tracking.uri:  # keep artifacts next to the store instead of ./mlruns of the cwd
+        _ensure_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
+    name = cfg.tracking.run_name or f"eval-{out.resolve().name}"
+    named = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, run_name=name))
+    tracker = make_tracker(named, out, rank)
+    tracker.set_tags({"cprec.job": "eval"})
+    return tracker
 
-    from cprec.config import config_to_dict, flatten
 
-    out = Path(cfg.eval.output_dir).resolve()
-    uri = cfg.tracking.uri or f"sqlite:///{out / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.tracking.experiment)
-    name = cfg.tracking.run_name or f"eval-{out.name}"
-    tags = {"cprec.job": "eval", "cprec.protocol": report["protocol"]["label"], **cfg.tracking.tags}
-    with mlflow.start_run(run_name=name, tags=tags) as run:
-        params = flatten({"eval": config_to_dict(cfg.eval)})
-        params["checkpoint"] = report["checkpoint"].get("path", "")
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        metrics = {
-            metric_key(model, domain, m): v
-            for model, per_domain in report["results"].items()
-            for domain, vals in per_domain.items()
-            for m, v in vals.items()
-            if v is not None and not math.isnan(v)
+def _ensure_experiment(uri: str, name: str, artifacts: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+
+
+def close_tracker(tracker: Tracker, out_dir: str | Path, status: str = "FINISHED") -> None:
+    """End the run; a finished job is marked in ``tracking.json`` so the next job starts a new run."""
+    tracker.finish(status)
+    marker = Path(out_dir) / TRACKING_FILE
+    if status == "FINISHED" and tracker.run_id and marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        marker.write_text(json.dumps({**saved, "completed": True}), encoding="utf-8")
+
+
+def log_report(tracker: Tracker, report: dict, files: dict[str, Path] | None = None) -> int:
+    """Log a report's metrics (step 0), protocol tags and files (artifacts); returns the metric count."""
+    metrics = report_metrics(report)
+    tracker.log_metrics(metrics, step=0)
+    tracker.set_tags(
+        {
+            "cprec.protocol": report["protocol"]["label"],
+            "cprec.split": report["split"],
+            **checkpoint_tags(report.get("checkpoint") or {}),
         }
-        mlflow.log_metrics(metrics)
-        for p in (files or {}).values():
-            mlflow.log_artifact(str(p))
-        log.info("logged %d metrics to MLflow run %s (%s)", len(metrics), run.info.run_id, uri)
-        return run.info.run_id
+    )
+    tracker.log_artifacts([str(p) for p in (files or {}).values()])
+    if tracker.run_id:
+        log.info("logged %d metrics and %d files to run %s", len(metrics), len(files or {}), tracker.run_id)
+    return len(metrics)
+
+
+def log_report_to_mlflow(report: dict, cfg, files: dict[str, Path] | None = None) -> str | None:
+    """Log a finished report as its own run through the shared tracker; returns the run id (None if off)."""
+    tracker = open_tracker(cfg)
+    try:
+        log_report(tracker, report, files)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    close_tracker(tracker, cfg.eval.output_dir)
+    return tracker.run_id
 
 
 def compare_table(reports: list[dict], names: list[str], metrics: list[str] | None = None) -> str:

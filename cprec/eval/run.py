@@ -10,11 +10,14 @@
 3. ``llm-pretrained``: item and user embeddings (item cache under ``<eval.output_dir>/cache/``),
    scored by dot product, ranked under ``eval.protocol``.
 4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
-   per domain (``eval.finetune_scope``), saved under ``<eval.output_dir>/finetuned/<scope>/``, ranked
-   the same way.
+   per domain (``eval.finetune_scope``), plain PyTorch or DeepSpeed (``eval.finetune_deepspeed``),
+   checkpointed every ``eval.finetune_checkpoint_every`` steps and resumed by a rerun, saved under
+   ``<eval.output_dir>/finetuned/<scope>/``, ranked the same way.
 5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks
    (a trained SASRec is kept in ``<eval.output_dir>/cache/`` keyed by its data and settings).
-6. report.json / report.md / metrics.png in ``eval.output_dir``, logged to MLflow (``tracking``).
+6. report.json / report.md / metrics.png in ``eval.output_dir``, logged through the training
+   tracker (``tracking``; rank 0): config as params, every metric, per-step fine-tuning loss
+   (``finetune/loss``), the report files, tags naming the checkpoint and its training run.
 
 Under torchrun, encoding and fine-tuning are spread over the ranks; rank 0 trains the baselines and
 writes the report (other ranks return an empty dict).
@@ -44,9 +47,18 @@ from cprec.eval.encode import (
     load_model,
     load_tokenizer,
 )
+from cprec.eval.finetune_state import model_identity
 from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs
 from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, evaluate
-from cprec.eval.report import build_report, log_report_to_mlflow, write_report
+from cprec.eval.report import (
+    build_report,
+    checkpoint_tags,
+    close_tracker,
+    log_report,
+    open_tracker,
+    write_report,
+)
+from cprec.train.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +163,21 @@ def _by_domain(fns: dict[str, ScoreFn]) -> ScoreFn:
     return lambda task, batch: fns[task.domain](task, batch)
 
 
+def finetune_metric(scope: str) -> str:
+    """Tracker metric of a scope's per-step loss: ``finetune/loss``, or ``finetune/<domain>/loss``."""
+    return "finetune/loss" if scope == "all" else f"finetune/{scope}/loss"
+
+
 def finetuned_score_fn(
-    cfg: Config, side: LLMSide, base_dir: Path, base_id: str, tasks: dict[str, DomainTask]
+    cfg: Config,
+    side: LLMSide,
+    base_dir: Path,
+    base_id: str,
+    tasks: dict[str, DomainTask],
+    tracker: Tracker | None = None,
 ) -> tuple[ScoreFn, dict]:
-    """Fine-tune per ``eval.finetune_scope`` (or reuse a completed run) and encode with the result."""
+    """Fine-tune per ``eval.finetune_scope`` (resuming an interrupted run, or reusing a completed
+    one) and encode with the result."""
     ecfg = cfg.eval
     cat: Catalogue = side.inputs.catalogue
     scopes = {"all": None} if ecfg.finetune_scope == "all" else {d: {d} for d in tasks}
@@ -172,17 +195,27 @@ def finetuned_score_fn(
                 side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
             )
             log.info("fine-tuning scope %r on %d pairs (skipped %s)", scope, len(pairs), skipped)
-            stats = finetune.finetune(model, builder, cat, pairs, ecfg, side.pad_id, desc=f"finetune {scope}")
-            if dist_info().is_main:
-                finetune.save_finetuned(model, folder, key, stats, skipped)
-            barrier()
+            state = finetune.finetune_to_folder(
+                model,
+                builder,
+                cat,
+                pairs,
+                cfg,
+                side.pad_id,
+                base_dir=base_dir,
+                folder=folder,
+                key=key,
+                skipped=skipped,
+                tracker=tracker,
+                metric=finetune_metric(scope),
+                desc=f"finetune {scope}",
+            )
             del model
             gc.collect()
-            state = finetune.load_state(folder)
         details[scope] = {k: v for k, v in state.items() if k != "losses"} | {"folder": str(folder)}
         model = load_model(folder)
         scope_tasks = tasks if domains is None else {d: tasks[d] for d in domains}
-        fn = side.score_fn(model, checkpoint_identity(folder), scope_tasks)
+        fn = side.score_fn(model, model_identity(folder), scope_tasks)
         for d in scope_tasks:
             fns[d] = fn
         del model
@@ -193,17 +226,39 @@ def finetuned_score_fn(
 # ---------------------------------------------------------------------------------------- job
 def run(cfg: Config) -> dict:
     """Run the evaluation job; returns the report dict (empty on ranks other than 0)."""
-    started_dist = dist_info().world_size > 1 and not torch.distributed.is_initialized()
-    info = init_distributed()
+    deepspeed = cfg.eval.finetune and cfg.eval.finetune_deepspeed
+    started_dist = not torch.distributed.is_initialized() and (deepspeed or dist_info().world_size > 1)
+    if deepspeed:  # DeepSpeed wants a process group even for one process
+        from cprec.train.engine import start_distributed
+
+        info = start_distributed()
+    else:
+        info = init_distributed()
     try:
-        return _run(cfg, info.is_main)
+        tracker = _open_tracker(cfg, info.rank)
+        try:
+            report = _run(cfg, info.is_main, tracker)
+        except BaseException:
+            tracker.finish("FAILED")  # tracking.json stays unfinished: the rerun continues this run
+            raise
+        close_tracker(tracker, cfg.eval.output_dir)
+        return report
     finally:
         if started_dist:
             destroy_distributed()
 
 
-def _run(cfg: Config, is_main: bool) -> dict:
+def _open_tracker(cfg: Config, rank: int) -> Tracker:
+    try:
+        return open_tracker(cfg, rank)
+    except Exception as e:  # a tracking outage must not stop the evaluation
+        log.error("MLflow tracking unavailable (%s): evaluating without it", e)
+        return NullTracker()
+
+
+def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     ecfg = cfg.eval
+    tracker = tracker or NullTracker()
     out = Path(ecfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     prepared = Path(ecfg.prepared_dir or cfg.data.output_dir)
@@ -231,6 +286,7 @@ def _run(cfg: Config, is_main: bool) -> dict:
     results: dict[str, dict] = {}
     models: dict[str, dict] = {}
     hf_dir, ckpt = resolve_hf_folder(cfg)
+    tracker.set_tags(checkpoint_tags(ckpt))
     side = LLMSide(cfg, prepared, inputs)
 
     t = time.perf_counter()
@@ -245,7 +301,7 @@ def _run(cfg: Config, is_main: bool) -> dict:
 
     if ecfg.finetune:
         t = time.perf_counter()
-        fn, details = finetuned_score_fn(cfg, side, hf_dir, ckpt["id"], tasks)
+        fn, details = finetuned_score_fn(cfg, side, hf_dir, ckpt["id"], tasks, tracker)
         seconds["finetune+encode/llm-finetuned"] = time.perf_counter() - t
         if is_main:
             rank("llm-finetuned", fn)
@@ -285,14 +341,13 @@ def _run(cfg: Config, is_main: bool) -> dict:
         seconds=seconds,
     )
     report["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
+    if tracker.run_id:
+        report["mlflow_run_id"] = tracker.run_id
     files = write_report(report, out)
     log.info("report written to %s", files["md"])
     try:
-        run_id = log_report_to_mlflow(report, cfg, files)
+        log_report(tracker, report, files)
     except Exception as e:  # the report files are written; a tracking outage must not lose them
         log.error("MLflow logging failed (%s); the report files are in %s", e, out)
-        run_id = None
-    if run_id:
-        report["mlflow_run_id"] = run_id
     barrier()
     return report

@@ -35,6 +35,8 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
+    def log_artifacts(self, paths: list[str | Path]) -> None: ...
+
     def finish(self, status: str = "FINISHED") -> None: ...
 
     def state_dict(self) -> dict: ...
@@ -54,6 +56,9 @@ class NullTracker:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, paths: list[str | Path]) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -141,6 +146,11 @@ class MLflowTracker:
 
         if tags:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, paths: list[str | Path]) -> None:
+        """Upload files (e.g. a report) to the run's artifact store."""
+        for p in paths:
+            self.client.log_artifact(self.run_id, str(p))
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
