@@ -202,12 +202,9 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(train_yaml, stable_run
     import sys
     import time
 
-    from train_launch import free_port
-
     out = runs_root / "sigterm"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CPREC_STEP_SLEEP="0.5")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += [f"--master_port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
     cmd += ["-m", "cprec.cli", "train", str(train_yaml), f"train.output_dir={out}", "tracking.backend=none"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240

@@ -20,15 +20,14 @@ def test_two_rank_encoding_matches_one_process_and_finetune_stays_in_sync(
     tiny_prepared, tiny_model_dir, tiny_tokenizer, tmp_path
 ):
     out = tmp_path / "dist.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29531"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29531",
+        "--standalone",  # the OS picks a free rendezvous port: no clash with other jobs
         str(Path(__file__).with_name("dist_worker.py")),
         str(tiny_prepared),
         str(tiny_model_dir),
