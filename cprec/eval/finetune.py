@@ -43,6 +43,7 @@ the process (SIGKILL) right after step N.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -285,13 +286,8 @@ class FineTuner:
             start_distributed()
         self.distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
         self.rank, self.world = (tdist.get_rank(), tdist.get_world_size()) if self.distributed else (0, 1)
-        self.model, self.builder, self.catalogue, self.cfg, self.pad_id = (
-            model,
-            builder,
-            catalogue,
-            cfg,
-            pad_id,
-        )
+        self.model, self.builder, self.catalogue = model, builder, catalogue
+        self.cfg, self.pad_id = cfg, pad_id
         self.n_pairs = len(pairs)
         self.mine = pairs[self.rank :: self.world] or pairs[:1]
         self.steps = max(
@@ -311,7 +307,12 @@ class FineTuner:
         if engine_cfg is not None:
             self.engine = deepspeed_engine(self.module, engine_cfg, self.world)
             self.checkpointer = self.engine
-            self.engine_info = {"deepspeed": True, "zero_stage": engine_cfg.train.zero_stage}
+            self.engine_info = {
+                "deepspeed": True,
+                "zero_stage": engine_cfg.train.zero_stage,
+                "offload_optimizer": engine_cfg.train.offload_optimizer,
+                "dtype": engine_cfg.model.dtype,
+            }
         else:
             self.params = [p for p in model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.AdamW(self.params, lr=cfg.finetune_lr, betas=BETAS, weight_decay=0.0)
@@ -342,16 +343,14 @@ class FineTuner:
         ckpt_io.set_rng_state(state["rng"])
 
     def _compat(self, policy: CheckpointPolicy) -> dict:
-        return fs.compatibility(policy.key, self.world, self.engine_info)
+        return fs.compatibility(policy.key, self.world, self.engine_info, self.steps, self.n_pairs)
 
     def save(self, policy: CheckpointPolicy) -> Path:
         final = self.step == self.steps
         state = {
             **self._compat(policy),
             "step": self.step,
-            "steps": self.steps,
             "losses": self.losses,
-            "pairs": self.n_pairs,
             "data": self.position(self.step),
             "run_id": self.tracker.run_id,
         }
@@ -371,8 +370,6 @@ class FineTuner:
         ckpt, state = fs.find_resumable(policy.folder, self._compat(policy))
         if ckpt is None:
             return False
-        if state["steps"] != self.steps:
-            raise ValueError(f"{ckpt}: written for {state['steps']} steps, this fine-tune has {self.steps}")
         self.load_state_dict(fs.load_checkpoint(self.checkpointer, ckpt, self.rank))
         self.resumed_from, self.last_checkpoint = self.step, ckpt
         log.info("fine-tuning resumes from %s (step %d of %d)", ckpt, self.step, self.steps)
@@ -545,8 +542,19 @@ def finetune_to_folder(
     return fs.load_state(folder)
 
 
-def settings_key(cfg: EvalConfig, base_id: str, scope: str) -> dict:
-    """What decides a fine-tuned model: a saved one is reused only when all of this matches."""
+def pairs_identity(pairs: list[Pair], catalogue: Catalogue) -> str:
+    """Content hash of the training pairs and the catalogue their prompts are rendered from."""
+    h = hashlib.sha256(catalogue.subset_hash(list(range(len(catalogue.items)))).encode())
+    for p in pairs:
+        h.update("\x1f".join(p.history).encode("utf-8"))
+        h.update(f"\x1e{catalogue.items[p.positive]}\x1d".encode())
+    return h.hexdigest()[:16]
+
+
+def settings_key(cfg: EvalConfig, base_id: str, scope: str, data_id: str = "") -> dict:
+    """What decides a fine-tuned model: a saved one is reused only when all of this matches.
+
+    ``data_id`` (`pairs_identity`) ties it to the training pairs too (left out when empty)."""
     names = (
         "finetune_epochs",
         "finetune_lr",
@@ -560,4 +568,7 @@ def settings_key(cfg: EvalConfig, base_id: str, scope: str) -> dict:
         "max_history_items",
         "seed",
     )
-    return {"base": base_id, "scope": scope, **{n: getattr(cfg, n) for n in names}}
+    key = {"base": base_id, "scope": scope, **{n: getattr(cfg, n) for n in names}}
+    if data_id:
+        key["data"] = data_id
+    return key

@@ -16,8 +16,9 @@ The folder mechanics (temp folder then rename, the ``latest`` pointer, keep-last
 of leftovers of a crashed save) are `cprec.train.checkpoint`'s, shared with training. Plain PyTorch
 state goes through `TorchCheckpointer`, which offers the two engine calls those functions make.
 
-A checkpoint is resumed only when it was written with the same settings key (base checkpoint and
-every setting that decides the fine-tuned model), the same world size and the same engine kind;
+A checkpoint is resumed only when it was written with the same settings key (base checkpoint,
+training pairs and every setting that decides the fine-tuned model), the same world size, the same
+engine (plain, or DeepSpeed with the same ZeRO stage, offload and dtype) and the same step count;
 otherwise the stale checkpoints are deleted and the fine-tune starts over (a fine-tune is short
 next to pre-training, so no universal-checkpoint conversion is attempted).
 """
@@ -104,9 +105,9 @@ class TorchCheckpointer:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def compatibility(key: dict, world_size: int, engine: dict) -> dict:
+def compatibility(key: dict, world_size: int, engine: dict, steps: int, pairs: int) -> dict:
     """What a checkpoint must match to be resumed (stored in its trainer_state.json)."""
-    return {"key": key, "world_size": world_size, "engine": engine}
+    return {"key": key, "world_size": world_size, "engine": engine, "steps": steps, "pairs": pairs}
 
 
 def find_resumable(folder: Path, compat: dict) -> tuple[Path | None, dict]:

@@ -184,16 +184,16 @@ def finetuned_score_fn(
     fns, details = {}, {}
     for scope, domains in scopes.items():
         folder = Path(ecfg.output_dir) / "finetuned" / scope
-        key = finetune.settings_key(ecfg, base_id, scope)
+        pairs, skipped = finetune.build_pairs(
+            side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
+        )
+        key = finetune.settings_key(ecfg, base_id, scope, finetune.pairs_identity(pairs, cat))
         state = finetune.load_state(folder)
         if state and state.get("completed") and state.get("key") == key:
             log.info("fine-tuned model for scope %r found in %s: reusing it", scope, folder)
         else:
             model = load_model(base_dir, dtype=torch.float32)
             builder = side.builder(model)
-            pairs, skipped = finetune.build_pairs(
-                side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
-            )
             log.info("fine-tuning scope %r on %d pairs (skipped %s)", scope, len(pairs), skipped)
             state = finetune.finetune_to_folder(
                 model,

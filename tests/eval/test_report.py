@@ -1,4 +1,4 @@
-"""Report files, Markdown, compare, and MLflow logging (real sqlite store)."""
+"""Report files, Markdown, compare, and tracking through the shared tracker (real sqlite store)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import pytest
 from cprec.config import Config, EvalConfig, TrackingConfig
 from cprec.eval.report import (
     build_report,
+    checkpoint_tags,
+    close_tracker,
     compare,
     log_report_to_mlflow,
     metric_key,
+    open_tracker,
+    report_metrics,
     to_markdown,
     write_report,
 )
+from cprec.train.tracking import TRACKING_FILE, NullTracker, default_uri, mlflow_key
 
 
 def _report(protocol="full", recall_a=0.25) -> dict:
@@ -75,17 +80,90 @@ def test_write_report_and_compare(tmp_path, capsys, caplog):
         compare([str(tmp_path / "missing.json")])
 
 
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 def test_mlflow_logging_to_sqlite(tmp_path):
     cfg = Config(eval=EvalConfig(output_dir=str(tmp_path)), tracking=TrackingConfig(experiment="t-eval"))
     rep = _report()
     files = write_report(rep, tmp_path)
     run_id = log_report_to_mlflow(rep, cfg, files)
     assert run_id and (tmp_path / "mlflow.db").is_file()
-    import mlflow
-
-    run = mlflow.get_run(run_id)
+    client = _client(default_uri(tmp_path))
+    run = client.get_run(run_id)
     assert run.data.metrics[metric_key("llm-finetuned", "A", "recall@10")] == 0.25
     assert metric_key("llm-finetuned", "overall", "mrr@10") not in run.data.metrics  # NaN left out
+    assert run.data.metrics["n_users/overall"] == 10
     assert run.data.params["eval.split"] == "test"
+    assert run.data.tags["cprec.job"] == "eval" and run.data.tags["cprec.protocol"] == "full ranking"
+    assert run.data.tags["cprec.eval.checkpoint"] == "/x/final"
+    assert run.info.run_name == f"eval-{tmp_path.name}" and run.info.status == "FINISHED"
+    # the report files are artifacts, stored next to the default store (not in ./mlruns)
+    assert {a.path for a in client.list_artifacts(run_id)} == {"report.json", "report.md", "metrics.png"}
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").resolve().as_uri())
+    # a finished eval is not continued: the next one is a new run in the same store
+    again = log_report_to_mlflow(rep, cfg, files)
+    assert again != run_id and len(client.search_runs([run.info.experiment_id])) == 2
     off = Config(tracking=TrackingConfig(backend="none"))
     assert log_report_to_mlflow(rep, off) is None
+
+
+def test_domain_names_from_user_data_are_sanitised(tmp_path):
+    """A genre like "Children's" (ML-1M) is a domain name; MLflow refuses the quote in a metric name."""
+    rep = _report()
+    rep["results"]["llm-finetuned"]["Children's"] = {"recall@10": 0.125, "ndcg@10": 0.1, "mrr@10": 0.1}
+    rep["n_users"]["Children's"] = 3
+    cfg = Config(eval=EvalConfig(output_dir=str(tmp_path)))
+    run_id = log_report_to_mlflow(rep, cfg, write_report(rep, tmp_path))
+    metrics = _client(default_uri(tmp_path)).get_run(run_id).data.metrics
+    assert metrics[mlflow_key(metric_key("llm-finetuned", "Children's", "recall@10"))] == 0.125
+    assert metrics["llm-finetuned/Children_s/recall_at_10"] == 0.125 and metrics["n_users/Children_s"] == 3
+
+
+def test_report_metrics_and_name_collisions(caplog):
+    rep = _report()
+    rep["seconds"] = {"rank/popularity": 1.5}
+    m = report_metrics(rep)
+    assert m["popularity/A/ndcg_at_10"] == 0.05 and m["seconds/rank/popularity"] == 1.5
+    assert len([k for k in m if "_at_" in k]) == 11  # 12 results, one NaN
+    rep["results"]["popularity"]["A's"] = rep["results"]["popularity"]["A_s"] = {"recall@10": 0.1}
+    report_metrics(rep)
+    assert "same once sanitised" in caplog.text
+
+
+def test_checkpoint_tags_link_the_training_run(tmp_path):
+    ds = tmp_path / "step_0000012"
+    ds.mkdir()
+    state = {"run_id": "abc123", "tracking_uri": "sqlite:///r.db", "step": 12, "phase": "stable"}
+    (ds / "trainer_state.json").write_text(json.dumps(state))
+    tags = checkpoint_tags({"path": str(ds), "id": "i1", "kind": "deepspeed"})
+    assert tags == {
+        "cprec.eval.checkpoint": str(ds),
+        "cprec.eval.checkpoint_id": "i1",
+        "cprec.eval.checkpoint_kind": "deepspeed",
+        "cprec.train_run_id": "abc123",
+        "cprec.train_tracking_uri": "sqlite:///r.db",
+        "cprec.train_step": "12",
+        "cprec.train_phase": "stable",
+    }
+    export = tmp_path / "final"  # an HF export made by the trainer names its run in cprec_export.json
+    export.mkdir()
+    (export / "cprec_export.json").write_text(json.dumps({"run_id": "def456", "step": 20}))
+    assert checkpoint_tags({"path": str(export), "kind": "hf"})["cprec.train_run_id"] == "def456"
+    assert "cprec.train_run_id" not in checkpoint_tags({"path": str(tmp_path / "nothing")})
+
+
+def test_interrupted_eval_continues_its_run(tmp_path):
+    cfg = Config(eval=EvalConfig(output_dir=str(tmp_path)))
+    first = open_tracker(cfg)
+    first.log_metrics({"finetune/loss": 2.0}, step=1)
+    first.finish("FAILED")  # the job died; tracking.json is not marked completed
+    again = open_tracker(cfg)
+    assert again.run_id == first.run_id
+    close_tracker(again, tmp_path)
+    assert json.loads((tmp_path / TRACKING_FILE).read_text())["completed"] is True
+    assert open_tracker(cfg).run_id != first.run_id
+    assert isinstance(open_tracker(cfg, rank=1), NullTracker)
