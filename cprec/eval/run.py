@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from cprec.config import Config
+from cprec.config import Config, save_config
 from cprec.data.tokenize import special_ids
 from cprec.dist import barrier, destroy_distributed, dist_info, init_distributed
 from cprec.eval import baselines, finetune
@@ -261,6 +261,8 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     tracker = tracker or NullTracker()
     out = Path(ecfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        save_config(cfg, out / "config.yaml")  # the effective config beside the report
     prepared = Path(ecfg.prepared_dir or cfg.data.output_dir)
     seconds: dict[str, float] = {}
     t = time.perf_counter()

@@ -36,6 +36,7 @@ def test_eval_job_end_to_end(tiny_prepared, tiny_model_dir, tmp_path):
     report = run(_cfg(tiny_prepared, tiny_model_dir, out))
     saved = json.loads((out / "report.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert load_config(out / "config.yaml").eval.output_dir == str(out)  # effective config beside it
     assert saved["protocol"]["name"] == "full" and saved["protocol"]["label"] == "full ranking"
     assert saved["split"] == "test" and saved["checkpoint"]["path"] == str(tiny_model_dir)
     assert saved["n_users"]["A"] + saved["n_users"]["B"] == saved["n_users"]["overall"] == 16
