@@ -270,16 +270,28 @@ def read_item_texts(path: Path, fmt: str, cfg: DataConfig, issues: IssueLog) -> 
                     f"{f}: missing text column(s) {missing} (data.columns.text); columns: {header}"
                 )
         for line, row in progress(rows, f"read {f.name}"):
-            item = as_id(row.get(col.item))
-            if not item:
-                issues.item_issue("item_row_without_id", f, line)
-                continue
-            if item in out:
-                issues.item_issue("duplicate_item_row", f, line, f"item {item!r} listed again; first kept")
-                continue
             values = [as_text(row.get(c)) for c in col.text]
-            out[item] = (values[0] if values else "", dict(zip(col.text[1:], values[1:])))
+            add_item_text(out, as_id(row.get(col.item)), values, col.text, f, line, issues)
     return out
+
+
+def add_item_text(
+    out: dict[str, tuple[str, dict]],
+    item: str,
+    values: list[str],
+    text_cols: list[str],
+    path: Path,
+    line: int,
+    issues: IssueLog,
+) -> None:
+    """One item-file row into ``out`` (title = first text column); rows without an id, and repeated
+    items (the first row wins), are counted, never silently dropped."""
+    if not item:
+        issues.item_issue("item_row_without_id", path, line)
+    elif item in out:
+        issues.item_issue("duplicate_item_row", path, line, f"item {item!r} listed again; first kept")
+    else:
+        out[item] = (values[0] if values else "", dict(zip(text_cols[1:], values[1:])))
 
 
 def resolve_item_domains(inter: Interactions, issues: IssueLog) -> Interactions:
@@ -466,15 +478,7 @@ def read_recbole_items(path: Path, item_col: str, text_cols: list[str], issues: 
     ii, idx = names.index(item_col), [names.index(c) for c in text_cols]
     out: dict[str, tuple[str, dict]] = {}
     for line, parts in rows:
-        item = parts[ii].strip()
-        if not item:
-            issues.item_issue("item_row_without_id", path, line)
-            continue
-        if item in out:
-            issues.item_issue("duplicate_item_row", path, line, f"item {item!r} listed again; first kept")
-            continue
-        values = [parts[j].strip() for j in idx]
-        out[item] = (values[0] if values else "", dict(zip(text_cols[1:], values[1:])))
+        add_item_text(out, parts[ii].strip(), [parts[j].strip() for j in idx], text_cols, path, line, issues)
     return out
 
 
