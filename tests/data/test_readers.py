@@ -262,3 +262,25 @@ def test_real_food_kitchen_reader(food_kitchen_dir):
     assert test_domains.count("A") == 300 and test_domains.count("B") == 637  # as the README says
     assert ds.interactions_in == len(x) and not issues.dropped
     assert json.dumps(ds.items["0"].__dict__)  # plain data
+
+
+def test_item_rows_without_id_or_repeated_are_counted(tmp_path):
+    """Item files (tabular and RecBole): a row without an id and a repeated item are counted, the
+    first row of a repeated item wins, and strict mode names file and line."""
+    ev, it = write_generic(tmp_path, "csv")
+    it.write_text(it.read_text() + ",No id,Nobody\n" + "m1,Second title,Someone\n")
+    issues = IssueLog()
+    ds = read_source(cfg_for("csv", path=str(ev), item_path=str(it)), issues)
+    assert issues.item_issues == {"item_row_without_id": 1, "duplicate_item_row": 1}
+    assert ds.items["m1"].title == TITLES["m1"][0]
+    with pytest.raises(ValueError, match=rf"{it.name}:\d+: item_row_without_id"):
+        read_source(cfg_for("csv", path=str(ev), item_path=str(it)), IssueLog(strict=True))
+
+    (tmp_path / "rb").mkdir()
+    folder = write_recbole(tmp_path / "rb")
+    item_file = folder / "toy.item"
+    item_file.write_text(item_file.read_text() + "\tNo id\tNobody\n" + "m1\tSecond title\tSomeone\n")
+    issues = IssueLog()
+    ds = read_source(cfg_for("recbole", path=str(folder)), issues)
+    assert issues.item_issues == {"item_row_without_id": 1, "duplicate_item_row": 1}
+    assert ds.items["m1"].title == TITLES["m1"][0]
