@@ -417,7 +417,7 @@ class FineTuner:
         t0 = time.perf_counter()
         self._trainable().train()
         bar = tqdm(
-            total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0 or None
+            total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0
         )
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self._train_step(self._batch(self.step))
