@@ -416,9 +416,7 @@ class FineTuner:
         kill_at = int(os.environ.get(KILL_ENV, "-1"))
         t0 = time.perf_counter()
         self._trainable().train()
-        bar = tqdm(
-            total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0
-        )
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0)
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self._train_step(self._batch(self.step))
             self.step += 1
