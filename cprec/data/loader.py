@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -43,6 +42,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
+from cprec.data import shards
 from cprec.data.docstream import Chunk, Doc, WorkerSource
 from cprec.data.packing import collate_rows, make_packer
 
@@ -57,16 +57,11 @@ def _identity(x):
 
 # -------------------------------------------------------------------------------- shard source
 def read_manifest(folder: Path) -> dict:
-    """``manifest.json`` of a prepared folder, checked for the fields the loader needs."""
-    path = folder / "manifest.json"
-    if not path.is_file():
-        raise ValueError(f"{folder}: no manifest.json; is this a folder written by `cprec prepare`?")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != 1:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')!r}, this loader reads 1")
+    """``manifest.json`` of a prepared folder (read and version-checked by the writer's own
+    `shards.read_manifest`), which must list at least one shard."""
+    manifest = shards.read_manifest(folder)
     if not manifest.get("shards"):
-        raise ValueError(f"{path}: lists no shards")
+        raise ValueError(f"{folder / 'manifest.json'}: lists no shards")
     return manifest
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from cprec import dist
 from cprec.config import Config, config_hash, config_to_dict, save_config
+from cprec.data import shards
 from cprec.train import checkpoint as ckpt_io
 from cprec.train import engine as eng
 from cprec.train import mfu as mfu_mod
@@ -85,12 +86,12 @@ def plan_start(cfg: Config) -> StartPlan:
 
 def read_manifest(cfg: Config) -> tuple[Path, dict]:
     """The prepared folder the shards come from and its manifest.json."""
-    shards = cfg.train.loader.shards
-    folder = Path(shards if shards and Path(shards).is_dir() else cfg.data.output_dir)
+    spec = cfg.train.loader.shards
+    folder = Path(spec if spec and Path(spec).is_dir() else cfg.data.output_dir)
     path = folder / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `cprec prepare` first (or set train.loader.shards)")
-    return folder, json.loads(path.read_text(encoding="utf-8"))
+    return folder, shards.read_manifest(folder)
 
 
 def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path: Path) -> None:

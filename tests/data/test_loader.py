@@ -401,3 +401,15 @@ def test_all_shards_missing_is_an_error_not_a_hang(tmp_path):
     loader = make_loader(tmp_path, on_corrupt="skip")
     with pytest.raises(RuntimeError, match="ran out of documents"):
         next(iter(loader))
+
+
+def test_prepared_folder_manifest_errors(tmp_path):
+    """A folder without a manifest, of another format version, or listing no shard is refused."""
+    with pytest.raises(FileNotFoundError, match="run `cprec prepare` first"):
+        resolve_shards(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"format_version": 99, "shards": []}')
+    with pytest.raises(ValueError, match="format_version"):
+        resolve_shards(str(tmp_path))
+    (tmp_path / "manifest.json").write_text('{"format_version": 1, "shards": []}')
+    with pytest.raises(ValueError, match="lists no shards"):
+        resolve_shards(str(tmp_path))

@@ -38,7 +38,8 @@ def test_missing_prepared_data(config, tmp_path):
 
 def test_anneal_needs_init_from(config, tmp_path):
     (tmp_path / "prep").mkdir()
-    (tmp_path / "prep" / "manifest.json").write_text('{"tokenizer": {"hash": "h", "vocab_size": 100}}')
+    manifest = '{"format_version": 1, "tokenizer": {"hash": "h", "vocab_size": 100}}'
+    (tmp_path / "prep" / "manifest.json").write_text(manifest)
     r = cprec_train(str(config), "train.phase=anneal")
     assert r.returncode == 2 and "train.init_from" in r.stderr and "Traceback" not in r.stderr
     r = cprec_train(str(config), "train.phase=anneal", f"train.init_from={tmp_path / 'stable'}")
