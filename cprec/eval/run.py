@@ -226,6 +226,9 @@ def finetuned_score_fn(
 # ---------------------------------------------------------------------------------------- job
 def run(cfg: Config) -> dict:
     """Run the evaluation job; returns the report dict (empty on ranks other than 0)."""
+    from cprec.model.bases import resolve_config
+
+    cfg = resolve_config(cfg)  # eval.checkpoint may name a base: the model without CPT
     deepspeed = cfg.eval.finetune and cfg.eval.finetune_deepspeed
     started_dist = not torch.distributed.is_initialized() and (deepspeed or dist_info().world_size > 1)
     if deepspeed:  # DeepSpeed wants a process group even for one process

@@ -15,6 +15,7 @@ loading; build inside ``deepspeed.zero.Init`` for models that do not fit one hos
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -78,6 +79,18 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def folder_vocab_size(folder: str | Path) -> int:
+    """Embedding rows of the model in a local HF folder, read from its config.json (no weights)."""
+    path = Path(folder).expanduser() / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model.name_or_path: {path.parent} is not a local HF model folder (no config.json)")
+    conf = json.loads(path.read_text(encoding="utf-8"))
+    conf = conf.get("text_config", conf)  # multimodal configs nest the decoder's
+    if "vocab_size" not in conf:
+        raise ValueError(f"{path}: no vocab_size")
+    return int(conf["vocab_size"])
 
 
 def _from_folder(cfg: ModelConfig, vocab_size: int):

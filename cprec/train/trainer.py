@@ -99,7 +99,15 @@ def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path:
     want = manifest["tokenizer"]["hash"]
     if cfg.model.name_or_path:
         from cprec.data.tokenize import tokenizer_hash
+        from cprec.model.build import folder_vocab_size
 
+        rows, vocab = folder_vocab_size(cfg.model.name_or_path), int(manifest["tokenizer"]["vocab_size"])
+        if vocab > rows:
+            raise ValueError(
+                f"vocabulary mismatch: the shards in {manifest_path} use a tokenizer of {vocab} tokens, "
+                f"model.name_or_path {cfg.model.name_or_path} has {rows} embedding rows; prepare the data "
+                f"with the model's own tokenizer (data.tokenizer.path={cfg.model.name_or_path})"
+            )
         have = tokenizer_hash(cfg.model.name_or_path)
         if have != want:
             raise ValueError(
@@ -475,9 +483,12 @@ def _parent_summary(parent: dict | None) -> dict | None:
 
 def run(cfg: Config) -> Path:
     """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun."""
+    from cprec.model.bases import resolve_config
+
     info = eng.start_distributed()
     if not info.is_main:  # one copy of the progress log, from rank 0
         logging.getLogger("cprec").setLevel(logging.WARNING)
+    cfg = resolve_config(cfg)  # named bases -> their cached folders (every rank; converted once)
     out = Path(cfg.train.output_dir)
     r = None
     try:
