@@ -159,6 +159,27 @@ def test_tied_embeddings_and_gradient_checkpointing(pack, make_docs, tiny_cfg):
         torch.testing.assert_close(g1[name], g2[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_vocab_tied_embeddings_packed_chunked_equals_one_by_one(backend, pack, make_docs, tiny_cfg):
+    """SmolLM2's shape of head: 49,152 tokens, tied to the input embeddings, chunked loss."""
+    vocab = 49_152
+    docs = make_docs(LENGTHS, seed=21, vocab=vocab)
+    assert max(int(d.max()) for d in docs) > 32_767  # ids beyond int16 really occur
+    batch, _ = pack(docs, SEQ_LEN)
+    cfg = tiny_cfg(tie_word_embeddings=True, ce_backend="chunked", ce_chunk_size=50, attn_backend=backend)
+    model = build_model(cfg, vocab, seed=22)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    ref = eager_copy(model).train()
+    wrapper = PackedCausalLM(model, cfg).train()
+    loss = wrapper(**{k: batch[k] for k in MODEL_INPUT_KEYS})
+    loss.backward()
+    _, want = per_document(ref, docs)
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+    emb, ref_emb = model.get_input_embeddings().weight.grad, ref.get_input_embeddings().weight.grad
+    torch.testing.assert_close(emb, ref_emb, atol=1e-6, rtol=1e-4)  # head + input grads, summed once
+
+
 def test_plain_padded_batches_still_work_after_wrapping(make_docs, tiny_cfg):
     # Evaluation calls the HF model on ordinary left-/right-padded batches with an attention mask.
     cfg = tiny_cfg()

@@ -1,6 +1,7 @@
 """One rank of the ZeRO-3 check (run by test_packed_zero3.py under torchrun, DS_ACCELERATOR=cpu).
 
-For each variant (untied head; tied embeddings + activation checkpointing) it builds the same
+For each variant (untied head; tied embeddings + activation checkpointing; tied embeddings with a
+SmolLM2-sized 49,152-token vocabulary) it builds the same
 tiny model on every rank, keeps an un-wrapped copy as the reference, wraps PackedCausalLM in a
 DeepSpeed ZeRO-3 engine with every parameter partitioned, and checks on this rank's batch: the loss
 equals the reference loss, the global gradient norm equals the norm of the rank-averaged reference
@@ -26,6 +27,8 @@ from cprec.model.build import build_model  # noqa: E402
 from cprec.model.packed import MODEL_INPUT_KEYS, PackedCausalLM  # noqa: E402
 
 VOCAB = 101
+LARGE_VOCAB = 49_152  # SmolLM2's: the chunked loss and the partitioned tied head at real size
+VARIANTS = [(False, VOCAB), (True, VOCAB), (True, LARGE_VOCAB)]
 
 
 def ds_config() -> dict:
@@ -39,12 +42,12 @@ def ds_config() -> dict:
     }
 
 
-def batch_for(rank: int) -> dict:
-    docs = random_docs([9, 17, 3, 12, 1, 20, 6, 14][rank:] + [5, 7], seed=100 + rank)
+def batch_for(rank: int, vocab: int = VOCAB) -> dict:
+    docs = random_docs([9, 17, 3, 12, 1, 20, 6, 14][rank:] + [5, 7], seed=100 + rank, vocab=vocab)
     return {k: v for k, v in pack_documents(docs, 32)[0].items() if k in MODEL_INPUT_KEYS}
 
 
-def check(tied: bool, rank: int, world: int) -> dict:
+def check(tied: bool, vocab: int, rank: int, world: int) -> dict:
     import deepspeed
 
     # The tied variant also checkpoints activations (non-reentrant recompute under ZeRO-3 hooks).
@@ -55,12 +58,12 @@ def check(tied: bool, rank: int, world: int) -> dict:
         ce_chunk_size=16,
         attn_backend="loop",
     )
-    model = build_model(cfg, VOCAB, seed=0)
+    model = build_model(cfg, vocab, seed=0)
     reference = PackedCausalLM(copy.deepcopy(model), cfg).train()
     # Reference: the loss on this rank's batch and gradients averaged over all ranks' batches.
     ref_loss = None
     for r in range(world):
-        loss = reference(**batch_for(r)) / world
+        loss = reference(**batch_for(r, vocab)) / world
         loss.backward()
         if r == rank:
             ref_loss = float(loss) * world
@@ -72,7 +75,7 @@ def check(tied: bool, rank: int, world: int) -> dict:
     )
     head = engine.module.hf_model.get_output_embeddings()
     partitioned = head.weight.numel() == 0  # outside its forward the head weight is an empty shard
-    batch = batch_for(rank)
+    batch = batch_for(rank, vocab)
     loss = engine(**batch)
     engine.backward(loss)
     engine.step()
@@ -81,6 +84,7 @@ def check(tied: bool, rank: int, world: int) -> dict:
     engine.destroy()
     return {
         "tied": tied,
+        "vocab": vocab,
         "rank": rank,
         "loss": float(loss),
         "ref_loss": ref_loss,
@@ -99,7 +103,7 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    results = [check(tied, rank, world) for tied in (False, True)]
+    results = [check(tied, vocab, rank, world) for tied, vocab in VARIANTS]
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:
