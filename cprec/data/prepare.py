@@ -112,7 +112,8 @@ def run(cfg: Config) -> Path:
     from cprec.model.bases import resolve_config
 
     t0 = time.perf_counter()
-    dcfg = resolve_config(cfg).data  # a named base's tokenizer: fetched and converted on first use
+    cfg = resolve_config(cfg)  # a named base's tokenizer: fetched and converted on first use
+    dcfg = cfg.data
     out = Path(dcfg.output_dir).expanduser()
     sources = describe_sources(readers.source_files(dcfg))
     chash = content_hash(dcfg, sources)

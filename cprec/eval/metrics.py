@@ -85,6 +85,13 @@ def mrr_at_k(ranks: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
 _FUNCS = {"recall": recall_at_k, "ndcg": ndcg_at_k, "mrr": mrr_at_k}
 
 
+def per_user(ranks: np.ndarray | torch.Tensor, metric: str, k: int) -> np.ndarray:
+    """Per-user values of ``metric@k`` (metric: recall, ndcg or mrr)."""
+    if metric not in _FUNCS:
+        raise ValueError(f"unknown metric {metric!r}; one of {', '.join(METRICS)}")
+    return _FUNCS[metric](ranks, k)
+
+
 def metrics_from_ranks(ranks: np.ndarray | torch.Tensor, ks: list[int]) -> dict[str, float]:
     """Mean Recall/NDCG/MRR at every K, keyed ``"recall@10"`` etc. Empty ranks give NaN."""
     r = _as_ranks(ranks)

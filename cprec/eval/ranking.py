@@ -131,13 +131,20 @@ def evaluate(
     n_negatives: int = 1000,
     seed: int = 0,
     batch_size: int = 256,
+    ranks_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics per domain plus ``overall`` (users of all domains pooled, each weighing the same)."""
+    """Metrics per domain plus ``overall`` (users of all domains pooled, each weighing the same).
+
+    ``ranks_out``, when given, receives each domain's per-user target ranks (task user order), from
+    which intervals and paired differences are computed (``cprec.eval.intervals``).
+    """
     per_domain, all_ranks = {}, []
     for domain, task in tasks.items():
         r = rank_task(task, score_fn, protocol, n_negatives, seed, batch_size)
         per_domain[domain] = metrics_from_ranks(r, ks)
         all_ranks.append(r)
+        if ranks_out is not None:
+            ranks_out[domain] = r
     per_domain["overall"] = metrics_from_ranks(np.concatenate(all_ranks) if all_ranks else [], ks)
     return per_domain
 

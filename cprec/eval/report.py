@@ -8,7 +8,11 @@ report.json::
      "ks": [1, 5, ...], "n_users": {domain: n, ..., "overall": n},
      "results": {model: {domain: {"recall@10": x, "ndcg@10": y, "mrr@10": z, ...}, "overall": {...}}},
      "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...},
-     "item_cache": {"hits": n, "misses": n}}
+     "item_cache": {"hits": n, "misses": n},
+     "users": {domain: [user id, ...]}, "ranks": {model: {domain: [target rank per user, ...]}}}
+
+``users``/``ranks`` hold each user's 1-based target rank, in the same user order for every model,
+so intervals and paired differences between models can be computed later (``cprec.eval.intervals``).
 
 ``mlflow_run_id`` is there too when the job was tracked.
 

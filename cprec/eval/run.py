@@ -278,9 +278,18 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
 
     def rank(name: str, fn: ScoreFn) -> None:
         t0 = time.perf_counter()
+        per_domain: dict = {}
         results[name] = evaluate(
-            tasks, fn, ecfg.ks, ecfg.protocol, ecfg.n_negatives, ecfg.seed, batch_size=ecfg.batch_size
+            tasks,
+            fn,
+            ecfg.ks,
+            ecfg.protocol,
+            ecfg.n_negatives,
+            ecfg.seed,
+            batch_size=ecfg.batch_size,
+            ranks_out=per_domain,
         )
+        ranks[name] = {d: r.astype(int).tolist() for d, r in per_domain.items()}
         seconds[f"rank/{name}"] = time.perf_counter() - t0
         log.info(
             "%s: %s",
@@ -289,6 +298,7 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         )
 
     results: dict[str, dict] = {}
+    ranks: dict[str, dict[str, list[int]]] = {}  # per-user target ranks: intervals, paired tests
     models: dict[str, dict] = {}
     hf_dir, ckpt = resolve_hf_folder(cfg)
     tracker.set_tags(checkpoint_tags(ckpt))
@@ -346,6 +356,8 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         seconds=seconds,
     )
     report["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
+    report["users"] = {d: [u.user for u in tk.users] for d, tk in tasks.items()}  # order of "ranks"
+    report["ranks"] = ranks
     if tracker.run_id:
         report["mlflow_run_id"] = tracker.run_id
     files = write_report(report, out)
