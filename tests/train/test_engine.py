@@ -88,3 +88,16 @@ def test_tokenizer_mismatch_with_checkpoint():
     with pytest.raises(ValueError, match="tokenizer mismatch: checkpoint /ck/step_0000006.*abc.*xyz"):
         check_tokenizer(cfg, manifest, plan, Path("/data/manifest.json"))
     check_tokenizer(cfg, {"tokenizer": {"hash": "abc"}}, plan, Path("/data/manifest.json"))
+
+
+def test_vocabulary_larger_than_the_base_model_is_refused_before_compute(tmp_path):
+    """Shards made with a 4,000-token tokenizer cannot train a base with 300 embedding rows."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp_path / "base"
+    )
+    cfg = load_config(None, [f"model.name_or_path={tmp_path / 'base'}"])
+    manifest = {"tokenizer": {"hash": "xyz", "vocab_size": 4000}}
+    with pytest.raises(ValueError, match=r"vocabulary mismatch: .*4000 tokens.*base has 300 embedding rows"):
+        check_tokenizer(cfg, manifest, StartPlan("fresh"), tmp_path / "manifest.json")

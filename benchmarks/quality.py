@@ -1,0 +1,185 @@
+"""What CPT is worth, measured: the CPT study (`cprec.study`) over datasets and base models.
+
+    python benchmarks/quality.py                 # the whole study, ~90 min on the 2-core machine
+    python benchmarks/quality.py --size tiny     # every stage at toy size (what CI runs)
+    python benchmarks/quality.py --only ml1m-genres:smollm2-135m
+
+Datasets: MovieLens-1M as one domain and as three genre domains (action, comedy, drama), and
+food-kitchen (Amazon Grocery A, Home&Kitchen B, from ../shared/data). Models: the SmolLM2-135M base
+(continually pre-trained from its real weights) and a tiny from-scratch Llama trained the same way.
+Each (dataset, model) is one study: the base without CPT (zero-shot and fine-tuned), after stable,
+after stable + anneal, the data.kinds ablation (domain-only, mixed-only), popularity and SASRec
+(trained to early stopping), all on the same users and candidates, with 95% bootstrap intervals
+and paired differences. Writes ``benchmarks/results/quality.json`` and the README table (between
+the ``quality-table`` markers) from that JSON, with the wall time of every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cprec.demo import SCRATCH  # noqa: E402
+from cprec.study import StudyPlan, run_study, study_markdown  # noqa: E402
+
+log = logging.getLogger("quality")
+CONFIGS = REPO / "configs"
+RESULTS = REPO / "benchmarks" / "results" / "quality.json"
+FOOD_KITCHEN = Path(os.environ.get("CPREC_SHARED_DATA", REPO.parent / "shared" / "data")) / "food-kitchen"
+
+DATASETS = {
+    "ml1m-single": (CONFIGS / "ml1m_single.yaml", CONFIGS / "ml1m_single_anneal.yaml", []),
+    "ml1m-genres": (CONFIGS / "demo_ml1m.yaml", CONFIGS / "demo_ml1m_anneal.yaml", []),
+    "food-kitchen": (
+        CONFIGS / "food_kitchen_stable.yaml",
+        CONFIGS / "food_kitchen_anneal.yaml",
+        [f"data.path={FOOD_KITCHEN}"],
+    ),
+}
+# Both models read the same text with the same eval; only the starting point differs.
+MODELS = {
+    "smollm2-135m": ["model.name_or_path=smollm2-135m", "data.tokenizer.path=smollm2-135m", "train.lr=1e-4"],
+    "scratch-tiny": SCRATCH,
+}
+# Per size: overrides for every stage, the anneal, and the rows. `full` is sized for ~90 minutes
+# on 2 CPU cores (most of it SmolLM2 forward/backward passes); `tiny` only proves every stage runs.
+SIZES = {
+    "full": {
+        "every": [
+            "data.max_doc_tokens=256",
+            "train.seq_len=256",
+            "train.micro_batch_size=4",
+            "train.max_steps=30",
+            "train.schedule.warmup_steps=5",
+            "train.checkpoint.every_steps=15",
+            "eval.max_users=150",
+            "eval.max_history_items=10",
+            "eval.finetune_epochs=0.03",
+        ],
+        "anneal": ["train.max_steps=8", "train.schedule.decay_steps=8"],
+        "rows": ("base", "stable", "anneal", "domain_only", "mixed_only"),
+    },
+    "tiny": {
+        "every": [
+            "data.max_doc_tokens=128",
+            "train.seq_len=128",
+            "train.micro_batch_size=2",
+            "train.max_steps=3",
+            "train.schedule.warmup_steps=1",
+            "train.checkpoint.every_steps=3",
+            "eval.max_users=20",
+            "eval.max_history_items=5",
+            "eval.finetune_epochs=0.002",
+        ],
+        "anneal": ["train.max_steps=2", "train.schedule.decay_steps=2"],
+        "rows": ("base", "stable", "anneal", "domain_only", "mixed_only"),
+    },
+}
+# The scratch model learns from nothing: it gets a higher LR (in SCRATCH) and the same steps.
+SCRATCH_EXTRA = {"food-kitchen": ["data.tokenizer.vocab_size=4000"]}
+
+
+def run_one(dataset: str, model: str, size: str, out_root: Path) -> dict:
+    stable, anneal, extra = DATASETS[dataset]
+    s = SIZES[size]
+    over = [*extra, *MODELS[model], *(SCRATCH_EXTRA.get(dataset, []) if model == "scratch-tiny" else [])]
+    plan = StudyPlan(
+        stable_config=stable,
+        anneal_config=anneal,
+        out=out_root / f"{dataset}--{model}",
+        rows=s["rows"],
+        overrides=[*over, *s["every"]],
+        anneal_overrides=s["anneal"],
+    )
+    t = time.perf_counter()
+    study = run_study(plan)
+    study["wall_seconds"] = time.perf_counter() - t
+    study["dataset"], study["model"] = dataset, model
+    return study
+
+
+def sasrec_reference(out_root: Path, size: str) -> dict | None:
+    """SASRec on ML-1M as one domain vs the published number (benchmarks/sasrec_ml1m.py)."""
+    try:
+        from benchmarks.sasrec_ml1m import run_sasrec_ml1m
+    except ImportError as e:
+        log.warning("SASRec ML-1M reference not available (%s)", e)
+        return None
+    return run_sasrec_ml1m(out_root / "sasrec_ml1m", tiny=size == "tiny")
+
+
+def table(results: dict) -> str:
+    """The README table: one block per study, then the SASRec reference line."""
+    lines = []
+    for s in results["studies"]:
+        stages = ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items())
+        lines += [f"**{s['dataset']} · {s['model']}** (wall {s['wall_seconds'] / 60:.1f} min: {stages})", ""]
+        lines += [study_markdown(s), ""]
+    ref = results.get("sasrec_ml1m")
+    if ref:
+        lines.append(
+            f"SASRec on ML-1M as one domain (full ranking, all users): HR@10 {ref['hr@10']:.4f}, "
+            f"NDCG@10 {ref['ndcg@10']:.4f} vs published {ref['published']['hr@10']} / "
+            f"{ref['published']['ndcg@10']} (ratio {ref['ratio_hr@10']:.3f}); best epoch "
+            f"{ref.get('best_epoch')} of {ref.get('epochs_run')}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(md: str, readme: Path = REPO / "README.md") -> None:
+    start, end = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
+    text = readme.read_text(encoding="utf-8")
+    if start not in text or end not in text:
+        log.warning("README has no quality-table markers; not updated")
+        return
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n" + md + end + tail, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="full")
+    p.add_argument("--out", default="out/quality", help="working folder of every study")
+    p.add_argument("--only", nargs="*", default=None, help="DATASET:MODEL pairs to run (default all)")
+    p.add_argument("--results", default=str(RESULTS), help="JSON written here")
+    p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pairs = [(d, m) for d in DATASETS for m in MODELS]
+    if args.only:
+        pairs = [tuple(x.split(":", 1)) for x in args.only]
+        bad = [x for x in pairs if x[0] not in DATASETS or x[1] not in MODELS]
+        if bad:
+            p.error(f"unknown DATASET:MODEL {bad}; datasets {list(DATASETS)}, models {list(MODELS)}")
+    out_root = Path(args.out).resolve()
+    t = time.perf_counter()
+    results = {
+        "size": args.size,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "studies": [run_one(d, m, args.size, out_root) for d, m in pairs],
+    }
+    results["sasrec_ml1m"] = sasrec_reference(out_root, args.size)
+    results["wall_seconds"] = time.perf_counter() - t
+    path = Path(args.results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    md = table(results)
+    path.with_suffix(".md").write_text(md, encoding="utf-8")
+    if not args.no_readme and args.size == "full":
+        write_readme(md)
+    sys.stdout.write(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
