@@ -37,7 +37,8 @@ def test_summary_rows_intervals_and_differences(tmp_path):
     s = summarize(reports, {"prepare": 1.0})
     names = [r["name"] for r in s["rows"]]
     assert names == [
-        "base · zero-shot", "base · fine-tuned", "popularity", "SASRec", "anneal · zero-shot", "anneal · fine-tuned",
+        "base · zero-shot", "base · fine-tuned", "popularity", "SASRec",
+        "anneal · zero-shot", "anneal · fine-tuned",
     ]  # fmt: skip
     rows = {r["name"]: r for r in s["rows"]}
     assert (
