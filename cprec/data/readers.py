@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.config import DataConfig
+from cprec.data.clean import drop_unknown_domains
 from cprec.data.schema import (
     Dataset,
     Interactions,
@@ -250,7 +251,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
                 has_time,
             )
     n_in = len(builder) + issues.total_dropped
-    inter = resolve_item_domains(builder.build(), issues)
+    inter = resolve_item_domains(builder.build(), issues, cfg.domains)
     texts = read_item_texts(Path(cfg.item_path).expanduser(), fmt, cfg, issues) if cfg.item_path else None
     sources = files + ([Path(cfg.item_path).expanduser()] if cfg.item_path else [])
     return Dataset(inter, build_catalogue(inter, texts), sources, n_in)
@@ -294,23 +295,40 @@ def add_item_text(
         out[item] = (values[0] if values else "", dict(zip(text_cols[1:], values[1:])))
 
 
-def resolve_item_domains(inter: Interactions, issues: IssueLog) -> Interactions:
-    """Item ids are global: an item's domain is that of its first event; others are dropped."""
+def resolve_item_domains(inter: Interactions, issues: IssueLog, domains: list[str] = ()) -> Interactions:
+    """Item ids are global, so each item gets one domain; events of the item in another are dropped.
+
+    Events of domains outside ``domains`` (``data.domains``; empty = all) are dropped first, as
+    ``unknown_domain``, so they never take part in the choice. An item's domain is the one most of
+    its events are in (a tie goes to the domain of its earliest event): one stray event in a wrong
+    domain costs that one event, never the item's other events. In strict mode the error names the
+    first event outside the chosen domain - the record that is wrong.
+    """
+    inter = drop_unknown_domains(inter, list(domains), issues)
     if len(inter) == 0:
         return inter
-    first_row = np.full(len(inter.items), -1, dtype=np.int64)
-    # Rows are in read order, so the first occurrence of each item code is its first event.
-    codes, idx = np.unique(inter.item, return_index=True)
-    first_row[codes] = idx
-    first_domain = inter.domain[first_row[inter.item]]
-    bad = inter.domain != first_domain
+    n_dom = len(inter.domains)
+    key = inter.item.astype(np.int64) * n_dom + inter.domain
+    # Rows are in read order, so each (item, domain)'s first index is its earliest event.
+    keys, first, counts = np.unique(key, return_index=True, return_counts=True)
+    # Per item, the (item, domain) pair with the most events, then the earliest first event.
+    order = np.lexsort((first, -counts, keys // n_dom))
+    pair_item = (keys // n_dom)[order]
+    winner = order[np.r_[True, pair_item[1:] != pair_item[:-1]]]
+    chosen = np.full(len(inter.items), -1, dtype=np.int64)
+    chosen[keys[winner] // n_dom] = keys[winner] % n_dom
+    item_domain = chosen[inter.item]
+    bad = inter.domain != item_domain
     if bad.any():
         rows = np.flatnonzero(bad)
         r = int(rows[0])
         file, line = inter.where(r)
+        item = inter.item[r]
+        n_item = int(counts[keys // n_dom == item].sum())
+        n_kept = int(counts[keys == item * n_dom + item_domain[r]][0])
         detail = (
-            f"item {inter.items[inter.item[r]]!r} in domain {inter.domains[inter.domain[r]]!r}, "
-            f"first seen in {inter.domains[first_domain[r]]!r}"
+            f"item {inter.items[item]!r} in domain {inter.domains[inter.domain[r]]!r}, while "
+            f"{n_kept} of its {n_item} events are in {inter.domains[item_domain[r]]!r}"
         )
         issues.drop("item_domain_conflict", file, line, detail, n=len(rows))
         inter = inter.select(~bad)
@@ -365,7 +383,7 @@ def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
                 t = t / divisor
             events.add(path, fcode, line, row.get(user_key), item, domain, t, True)
     n_in = len(builder) + issues.total_dropped
-    inter = resolve_item_domains(builder.build(), issues)
+    inter = resolve_item_domains(builder.build(), issues, cfg.domains)
     texts = None
     if cfg.meta_files:
         texts = {}
@@ -488,7 +506,7 @@ def read_recbole(cfg: DataConfig, issues: IssueLog) -> Dataset:
     builder = InteractionsBuilder()
     read_recbole_events(inter_path, cfg, issues, builder)
     n_in = len(builder) + issues.total_dropped
-    inter = resolve_item_domains(builder.build(), issues)
+    inter = resolve_item_domains(builder.build(), issues, cfg.domains)
     texts = read_recbole_items(item_path, cfg.columns.item, cfg.columns.text, issues) if item_path else None
     sources = [inter_path] + ([item_path] if item_path else [])
     return Dataset(inter, build_catalogue(inter, texts), sources, n_in)

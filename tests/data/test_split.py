@@ -220,3 +220,46 @@ def test_no_leakage_on_real_food_kitchen(food_kitchen_dir):
     assert held.counts["valid"] == 960 and held.counts["test"] == 937 and reconciles(ds, issues, held)
     checked = assert_no_leakage(ds, held, PromptRenderer(PromptConfig()))
     assert checked > 1800  # nearly every target has a distinctive title
+
+
+# ----------------------------------------------------------------- one bad record, one drop
+def poisoned_rows() -> tuple[list[dict], int]:
+    """Users u0..u10 each eat i5 (food) once; a single ``video`` event on i5 comes before all of
+    them. Returns the rows and the poisoned row's line number (1-based, like the reader's)."""
+    rows = []
+    for u in range(10):
+        rows += [ev(f"u{u}", f"f{u}", 1, "food"), ev(f"u{u}", f"k{u}", 2, "kitchen")]
+    rows.append(ev("u2", "i5", 3, "video"))  # line 21: the one bad record
+    line = len(rows)
+    for u in range(11):
+        rows += [ev(f"u{u}", "i5", 4, "food"), ev(f"u{u}", f"g{u}", 5, "food")]
+    rows += [ev("u10", "f10", 1, "food"), ev("u10", "k10", 2, "kitchen")]
+    return rows, line
+
+
+def test_unknown_domain_event_does_not_decide_its_items_domain(tmp_path):
+    rows, _ = poisoned_rows()
+    ds, issues, held = prepare_split(jsonl_cfg(tmp_path, rows, domains=["food", "kitchen"]))
+    assert dict(issues.dropped) == {"unknown_domain": 1}  # no cascading item_domain_conflict
+    assert ds.items["i5"].domain == "food"
+    kept = sum(held.train.items[c] == "i5" for c in held.train.item)
+    kept += sum(t == "i5" for t in held.eval_target)
+    assert kept == 11 and reconciles(ds, issues, held)
+
+
+def test_strict_mode_names_the_poisoned_record(tmp_path):
+    rows, line = poisoned_rows()
+    assert line == 21
+    with pytest.raises(ValueError, match=rf"e\.jsonl:{line}: unknown_domain.*'video'"):
+        prepare_split(jsonl_cfg(tmp_path, rows, domains=["food", "kitchen"]), strict=True)
+
+
+def test_an_item_takes_the_domain_of_most_of_its_events(tmp_path):
+    """A stray event in an allowed but wrong domain costs itself only, and strict mode names it."""
+    rows = [ev("u0", "x", 1, "kitchen")] + [ev(f"u{u}", "x", 2, "food") for u in range(5)]
+    ds = read_source(jsonl_cfg(tmp_path, rows), issues := IssueLog())
+    assert dict(issues.dropped) == {"item_domain_conflict": 1} and len(ds.interactions) == 5
+    assert ds.items["x"].domain == "food"
+    match = r"e\.jsonl:1: item_domain_conflict.*5 of its 6 events are in 'food'"
+    with pytest.raises(ValueError, match=match):
+        read_source(jsonl_cfg(tmp_path, rows), IssueLog(strict=True))
