@@ -120,6 +120,11 @@ class DataConfig:
     """Duplicate (user, item, time) events: keep_first or keep_all."""
     missing_text: str = "placeholder"
     """Items without text: placeholder (use the item id) or drop (drop their events, counted)."""
+    same_time_history: str = "exclude"
+    """Eval histories and events with the same timestamp as the target: exclude (the history is what
+    the user did strictly before the target's time: their order against the target is unknown) or
+    include (events read before the target at the same time count as earlier; ties in file order).
+    Untimed sources (file order) have no ties."""
     strict: bool = False
     """Fail on the first bad record (naming file and line) instead of counting and skipping it."""
     kinds: list[str] = field(default_factory=lambda: ["domain", "mixed"])
@@ -150,6 +155,7 @@ class DataConfig:
         _check(self.min_interactions >= 3, "data.min_interactions", "must be >= 3 (train + valid + test)")
         _one_of(self.dedup, "data.dedup", ("keep_first", "keep_all"))
         _one_of(self.missing_text, "data.missing_text", ("placeholder", "drop"))
+        _one_of(self.same_time_history, "data.same_time_history", ("exclude", "include"))
         _check(len(self.kinds) > 0, "data.kinds", "needs at least one of domain, mixed")
         for k in self.kinds:
             _one_of(k, "data.kinds", ("domain", "mixed"))

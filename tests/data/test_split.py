@@ -21,7 +21,7 @@ def prepare_split(cfg: DataConfig, strict: bool = False):
     issues = IssueLog(strict)
     ds = read_source(cfg, issues)
     inter = clean(ds, cfg, issues)
-    held = split(inter, ds.presplit)
+    held = split(inter, ds.presplit, cfg.same_time_history)
     return ds, issues, held
 
 
@@ -68,6 +68,32 @@ def test_time_order_ties_keep_file_order(tmp_path):
     _, _, held = prepare_split(jsonl_cfg(tmp_path, rows))
     targets = {r["split"]: r["target"] for r in held.eval_table().to_pylist()}
     assert targets == {"valid": "y", "test": "z"}
+
+
+@pytest.mark.parametrize(
+    "rule, test_history, valid_history",
+    [("exclude", ["a", "b"], ["a", "b"]), ("include", ["a", "b", "c", "d"], ["a", "b", "c"])],
+)
+def test_same_time_events_and_the_history(tmp_path, rule, test_history, valid_history):
+    """data.same_time_history: events at the target's timestamp are left out (default) or count as
+    before it when read earlier."""
+    rows = [ev("u", "a", 1), ev("u", "b", 2), ev("u", "c", 5), ev("u", "d", 5), ev("u", "e", 5)]
+    kw = {} if rule == "exclude" else {"same_time_history": rule}
+    _, _, held = prepare_split(jsonl_cfg(tmp_path, rows, **kw))
+    by = {r["split"]: r for r in held.eval_table().to_pylist()}
+    assert (by["test"]["target"], by["valid"]["target"]) == ("e", "d")
+    assert by["test"]["history"] == test_history and by["valid"]["history"] == valid_history
+
+
+def test_untimed_events_are_never_ties(tmp_path):
+    rows = [{"user_id": "u", "item_id": k, "domain": "d"} for k in "abcd"]
+    _, _, held = prepare_split(jsonl_cfg(tmp_path, rows))
+    assert {r["split"]: r["history"] for r in held.eval_table().to_pylist()} == {
+        "valid": ["a", "b"],
+        "test": ["a", "b", "c"],
+    }
+    with pytest.raises(ValueError, match="data.same_time_history"):
+        DataConfig(same_time_history="before")
 
 
 def test_loo_targets_vectorized_matches_definition():
