@@ -289,3 +289,69 @@ def test_an_item_takes_the_domain_of_most_of_its_events(tmp_path):
     match = r"e\.jsonl:1: item_domain_conflict.*5 of its 6 events are in 'food'"
     with pytest.raises(ValueError, match=match):
         read_source(jsonl_cfg(tmp_path, rows), IssueLog(strict=True))
+
+
+# ------------------------------------------------------------------ pre-split generic sources
+def _presplit_rows() -> list[dict]:
+    """u1: 4 train events, then a valid and a test event (the log's own split, labelled 'val' and
+    'eval'); u2: training only, long enough that leave-one-out would hold out two of its events."""
+    rows = [ev("u1", f"a{k}", k) | {"part": "train"} for k in range(4)]
+    rows += [ev("u1", "a8", 8) | {"part": "val"}, ev("u1", "a9", 9) | {"part": "eval"}]
+    rows += [ev("u2", f"a{k}", k) | {"part": "train"} for k in range(6)]
+    rows.append(ev("u2", "a7", 7) | {"part": "holdout"})  # not in data.split_values: counted
+    return rows
+
+
+def _write_rows(path, rows, fmt):
+    if fmt == "jsonl":
+        return write_jsonl(path, rows)
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows)
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    return path
+
+
+SPLIT_VALUES = {"train": "train", "val": "valid", "eval": "test"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_split_column_of_a_generic_source_is_used_not_leave_one_out(tmp_path, fmt):
+    path = _write_rows(tmp_path / f"e.{fmt}", _presplit_rows(), fmt)
+    cfg = DataConfig(source=fmt, path=str(path), split_values=SPLIT_VALUES)
+    cfg.columns.split = "part"
+    ds, issues, held = prepare_split(cfg)
+    assert ds.presplit and dict(issues.dropped) == {"unknown_split": 1}
+    table = held.eval_table().to_pylist()
+    assert [(r["user"], r["split"], r["target"], r["history"]) for r in table] == [
+        ("u1", "valid", "a8", ["a0", "a1", "a2", "a3"]),
+        ("u1", "test", "a9", ["a0", "a1", "a2", "a3", "a8"]),
+    ]
+    assert held.counts == {"train": 10, "valid": 1, "test": 1} and reconciles(ds, issues, held)
+    with pytest.raises(ValueError, match=rf"e\.{fmt}:\d+: unknown_split.*'holdout'"):
+        prepare_split(cfg, strict=True)
+
+
+def test_separate_files_per_split(tmp_path):
+    rows = [r for r in _presplit_rows() if r["part"] != "holdout"]
+    files = {}
+    for part, name in SPLIT_VALUES.items():
+        mine = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
+        files[name] = str(_write_rows(tmp_path / f"{name}.csv", mine, "csv"))
+    cfg = DataConfig(source="csv", split_files=files)
+    ds, issues, held = prepare_split(cfg)
+    assert ds.presplit and not issues.dropped
+    got = [(r["user"], r["split"], r["target"], len(r["history"])) for r in held.eval_table().to_pylist()]
+    assert got == [("u1", "valid", "a8", 4), ("u1", "test", "a9", 5)]
+    assert held.counts == {"train": 10, "valid": 1, "test": 1}
+    with pytest.raises(ValueError, match="data.split_files"):
+        DataConfig(source="csv", split_files={"dev": "x.csv"})
+    with pytest.raises(ValueError, match="data.split_values.dev"):
+        DataConfig(source="csv", split_values={"dev": "validation"})
