@@ -297,7 +297,12 @@ class LoaderConfig:
     bestfit_buffer: int = 64
     """Documents considered at once by best-fit packing."""
     on_corrupt: str = "fail"
-    """Corrupt or missing shard: fail, or skip (with a warning and a count)."""
+    """Corrupt or missing shard (or bad document): fail, or skip (with a warning and a count in the
+    run's metrics and checkpoint state)."""
+    verify: bool = True
+    """Check each shard against the sha256 of manifest.json while reading it (its documents are used
+    only once the whole file matched) and every document's token ids against the vocabulary; a
+    mismatch is a corrupt shard (see on_corrupt). Off only to measure what the checks cost."""
 
     def __post_init__(self):
         for k, w in self.mixing.items():

@@ -6,7 +6,18 @@ Layers, bottom up:
   ``webdataset.gopen``) that groups members into webdataset samples. Python's ``tarfile`` reads
   ~5k samples/s; parsing the 512-byte headers directly is ~30x faster, and reading is the loader's
   hot path. A short read, a bad header checksum or a missing end-of-archive marker raises
-  ``ShardError``, so a truncated shard is never mistaken for a short one.
+  ``ShardError``, so a truncated shard is never mistaken for a short one. Given the manifest's
+  sha256 it hashes the bytes as they are read (no second read) and raises ``ShardError`` at the end
+  of the archive when they differ.
+- ``ShardChecks``: what a reader verifies - each shard's sha256 and every document's token ids
+  against the vocabulary (``0 <= id < vocab_size``). Since a sha256 is only known at the end of
+  its shard, a reader with a sha256 for a shard holds that shard's documents back (decoded, only
+  those of its own unit and stream) until the whole file matched, then hands them out: no
+  document of a corrupt shard ever reaches training, at the cost of one shard's documents in
+  memory per reader (keep ``data.shard_max_bytes`` moderate; 64 MB by default). Any failure -
+  mismatch, truncation, bad header - drops the whole shard (``on_corrupt``: fail raises, skip
+  counts it). A bad document (out-of-vocabulary ids, bad meta) is a sample error: skip counts the
+  sample, fail raises a ``ShardError`` naming shard and sample.
 - ``epoch_units``: which shards each of the ``world_size x num_workers`` global workers reads in an
   epoch. Shards are permuted with a seed per epoch and dealt round-robin; shards left over after the
   last full round are split at sample level (sample ``j`` of the shard to part ``j % parts``), so
@@ -56,6 +67,31 @@ class SampleError(ValueError):
 
 class EmptyStream(RuntimeError):
     """A reader went through a whole epoch of its shards without finding one document."""
+
+
+class ShardChecks(NamedTuple):
+    """What readers verify; ``None`` entries are not checked (no manifest, or not listed there)."""
+
+    sha256: tuple[str | None, ...]
+    """Expected sha256 hex digest per shard URL (same order as the URLs)."""
+    vocab_size: int | None
+    """Token ids must be in ``[0, vocab_size)``."""
+
+
+class _HashingReader:
+    """A read-only stream that feeds every byte read into a sha256."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.hash.update(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class Doc(NamedTuple):
@@ -131,13 +167,17 @@ def open_url(url: str):
     return stream
 
 
-def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(url: str, sha256: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` per sample, grouping members as webdataset does.
 
     The key is the member path up to the first dot of its base name; members without a dot in their
-    base name are skipped, as webdataset does.
+    base name are skipped, as webdataset does. With ``sha256`` the file's bytes are hashed as they
+    are read and, after the last sample, a mismatch raises ``ShardError`` (the samples were already
+    yielded: callers that must not use them buffer, as ``StreamReader`` does).
     """
     stream = open_url(url)
+    if sha256:
+        stream = _HashingReader(stream)
     try:
         buf, pos = b"", 0
         key: str | None = None
@@ -155,6 +195,9 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             end = pos + _BLOCK
             header = buf[pos:end]
             if header[0] == 0 and header == _ZERO_BLOCK:
+                if sha256:  # the hash covers the whole file: the end blocks and record padding too
+                    while stream.read(_READ_SIZE):
+                        pass
                 break
             typeflag = header[156:157]
             # Magic on every header; the checksum on file headers (a damaged pax/long-name header
@@ -204,6 +247,11 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             sample[ext.lower()] = data
         if key is not None:
             yield key, sample
+        if sha256 and stream.hash.hexdigest() != sha256:
+            raise ShardError(
+                f"shard {url}: sha256 {stream.hash.hexdigest()} does not match the manifest's {sha256} "
+                f"(the file changed or is corrupt after it was prepared)"
+            )
     except GeneratorExit:  # the reader stopped early: a pipe: command killed by SIGPIPE is no error
         _close_quietly(stream)
         raise
@@ -227,6 +275,13 @@ def _close_quietly(stream) -> None:
         stream.close()
     except Exception:
         pass
+
+
+def _ids_in_vocab(tokens: np.ndarray, vocab: int) -> bool:
+    """All ids in ``[0, vocab)``; one pass for int32 (negatives wrap to huge unsigned values)."""
+    if tokens.dtype == np.int32:
+        return int(tokens.view(np.uint32).max()) < vocab
+    return int(tokens.min()) >= 0 and int(tokens.max()) < vocab
 
 
 _NPY_HEADER = re.compile(
@@ -295,9 +350,11 @@ class StreamReader:
         buffer_size: int,
         on_corrupt: str,
         start_epoch: int = 0,
+        checks: ShardChecks | None = None,
     ):
         self.urls, self.worker, self.n_global, self.seed = urls, worker, n_global, seed
         self.stream, self.buffer_size, self.on_corrupt = stream, buffer_size, on_corrupt
+        self.checks = checks
         self.rng = random.Random(seed_int(seed, "shuffle", worker, stream))
         self.epoch, self.unit, self.offset = start_epoch, 0, 0
         self.exhausted = False
@@ -316,26 +373,55 @@ class StreamReader:
             self._units_cache = (self.epoch, units)
         return self._units_cache[1]
 
-    def _iter_unit(self, unit: tuple[int, int, int], start: int) -> Iterator[tuple[int, str, dict]]:
-        shard, part, parts = unit
-        for j, (key, sample) in enumerate(iter_tar_samples(self.urls[shard])):
-            if j >= start and j % parts == part:
-                yield j, key, sample
+    def _unit_docs(self, unit: int, start: int) -> Iterator[tuple[int, Doc | SampleError]]:
+        """``(sample number, document or its error)`` of this stream in ``unit`` from ``start`` on.
 
-    def _decode(self, unit: int, j: int, key: str, sample: dict) -> Doc | None:
-        where = f"shard {self.urls[self._units()[unit][0]]} sample {key}"
+        With a sha256 for the shard, the unit's documents are all decoded and held until the whole
+        file matched it (see the module docstring); a mismatch raises before any is handed out.
+        """
+        shard, part, parts = self._units()[unit]
+        url = self.urls[shard]
+        sha = self.checks.sha256[shard] if self.checks else None
+        docs = self._decode_unit(unit, url, iter_tar_samples(url, sha), start, part, parts)
+        if sha:
+            docs = iter(list(docs))
+        yield from docs
+
+    def _decode_unit(self, unit, url, samples, start, part, parts):
+        for j, (key, sample) in enumerate(samples):
+            if j < start or j % parts != part:
+                continue
+            try:
+                doc = self._decode(unit, url, j, key, sample)
+            except SampleError as exc:
+                yield j, exc
+                continue
+            if doc is not None:
+                yield j, doc
+
+    def _decode(self, unit: int, url: str, j: int, key: str, sample: dict) -> Doc | None:
+        where = f"shard {url} sample {key}"
         meta = decode_meta(sample, where)
         if self.stream is not None and meta["stream"] != self.stream:
             return None
         tokens = decode_ids(sample["ids.npy"], where)
         if "n_tokens" in meta and int(meta["n_tokens"]) != len(tokens):
             raise SampleError(f"{where}: json n_tokens={meta['n_tokens']} but ids.npy has {len(tokens)}")
+        vocab = self.checks.vocab_size if self.checks else None
+        if vocab and len(tokens) and not _ids_in_vocab(tokens, vocab):
+            bad = tokens[(tokens < 0) | (tokens >= vocab)]
+            raise SampleError(
+                f"{where}: {len(bad)} token id(s) outside the vocabulary [0, {vocab}) of the manifest "
+                f"(first: {int(bad[0])})"
+            )
         return Doc(tokens, meta["stream"], key, self.epoch, unit, j)
 
     def _corrupt(self, what: str, exc: Exception, sample: bool) -> None:
         if self.on_corrupt == "fail":
-            if isinstance(exc, (ShardError, SampleError)):
+            if isinstance(exc, ShardError):
                 raise exc
+            if isinstance(exc, SampleError):  # names shard and sample
+                raise ShardError(str(exc)) from exc
             raise ShardError(f"corrupt or missing shard {what}: {type(exc).__name__}: {exc}") from exc
         if sample:
             self.skipped_samples += 1
@@ -359,25 +445,22 @@ class StreamReader:
             if self.unit >= len(units):
                 return None
             if self._it is None:
-                self._it = self._iter_unit(units[self.unit], self.offset)
+                self._it = self._unit_docs(self.unit, self.offset)
             try:
-                j, key, sample = next(self._it)
+                j, doc = next(self._it)
             except StopIteration:
                 self._it, self.unit, self.offset = None, self.unit + 1, 0
                 continue
-            except Exception as exc:  # missing file, truncated tar, failed pipe: command, ...
+            except Exception as exc:  # missing file, truncated tar, sha256 mismatch, failed pipe:, ...
                 self._it = None
                 self._corrupt(self.urls[units[self.unit][0]], exc, sample=False)
                 self.unit, self.offset = self.unit + 1, 0
                 continue
             self.offset = j + 1
-            try:
-                doc = self._decode(self.unit, j, key, sample)
-            except SampleError as exc:
-                self._corrupt(str(exc), exc, sample=True)
+            if isinstance(doc, SampleError):
+                self._corrupt(str(doc), doc, sample=True)
                 continue
-            if doc is not None:
-                return doc
+            return doc
 
     def next(self) -> Doc:
         """The next document; raises ``EmptyStream`` if a whole epoch held none."""
@@ -438,13 +521,13 @@ class StreamReader:
         units = self._units()
         for u in sorted({u for u, _ in positions}):
             wanted = {o for uu, o in positions if uu == u}
-            it = self._iter_unit(units[u], min(wanted))
+            it = self._unit_docs(u, min(wanted))
             try:
-                for j, key, sample in it:
+                for j, doc in it:
                     if j in wanted:
-                        doc = self._decode(u, j, key, sample)
-                        if doc is not None:
-                            found[(u, j)] = doc
+                        if isinstance(doc, SampleError):
+                            raise doc
+                        found[(u, j)] = doc
                         wanted.discard(j)
                         if not wanted:
                             break
@@ -479,6 +562,7 @@ class WorkerSource:
         buffer_size: int,
         on_corrupt: str,
         start_epochs: dict[str, int] | None = None,
+        checks: ShardChecks | None = None,
     ):
         self.worker = worker
         self.weights = dict(weights) if weights else {"*": 1.0}
@@ -493,6 +577,7 @@ class WorkerSource:
                 buffer_size,
                 on_corrupt,
                 int(start_epochs.get(s, 0)),
+                checks,
             )
             for s in self.weights
         }
