@@ -438,8 +438,13 @@ class PackedLoader:
         slots = c["tokens"] + c["pad_tokens"]
         c["efficiency"] = c["tokens"] / slots if slots else 0.0
         c["splits"] = self.packer.splits
-        c["skipped_shards"] = sum(r["skipped_shards"] for r in self._records)
-        c["skipped_samples"] = sum(r["skipped_samples"] for r in self._records)
+        # Skips before a resume on another layout, which starts the worker records afresh.
+        c["skipped_shards"] = c.pop("earlier_skipped_shards", 0) + sum(
+            r["skipped_shards"] for r in self._records
+        )
+        c["skipped_samples"] = c.pop("earlier_skipped_samples", 0) + sum(
+            r["skipped_samples"] for r in self._records
+        )
         c["epochs"] = self.epochs()
         return c
 
@@ -566,6 +571,16 @@ class PackedLoader:
         self._start_epochs = start
         self._counters = dict(own["counters"])
         self._stream_tokens = dict(own["stream_tokens"])
+        # Skip counts survive the fresh records: given every saved rank's state, rank 0 takes them
+        # all, so the sum over ranks stays the run's total; given its own, a rank keeps its own.
+        own_only = len(states) == 1
+        for kind in ("shards", "samples"):
+            total = sum(
+                int(s["counters"].get(f"earlier_skipped_{kind}", 0))
+                + sum(int(rec[f"skipped_{kind}"]) for rec in s["workers"])
+                for s in states
+            )
+            self._counters[f"earlier_skipped_{kind}"] = total if own_only or self.rank == 0 else 0
 
 
 # ----------------------------------------------------------------------------------- builder

@@ -466,6 +466,30 @@ def test_out_of_vocabulary_ids_name_shard_and_sample(tmp_path):
     assert sorted(keys) == sorted(set(info["docs"]) - set(bad))  # every good document of the shard kept
 
 
+def test_skip_counts_survive_a_resume_on_any_layout(tmp_path):
+    """The counts the trainer reports run from the start of the run, across resumes."""
+    write_prepared(tmp_path, n_shards=4)
+    _damage(tmp_path)
+    states, skipped = [], 0
+    for rank in range(2):
+        loader = make_loader(tmp_path, rank=rank, world_size=2, on_corrupt="skip")
+        one_epoch(loader)
+        skipped += loader.stats()["skipped_shards"]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert skipped >= 2  # each damaged shard at least once (epoch 1 may have begun)
+    same = make_loader(tmp_path, rank=1, world_size=2, on_corrupt="skip")
+    same.load_state_dict(states[1])
+    assert same.stats()["skipped_shards"] == states[1]["workers"][0]["skipped_shards"]
+    # Another world size: rank 0 takes every saved rank's count, the others none.
+    ranks = [make_loader(tmp_path, rank=r, world_size=3, on_corrupt="skip") for r in range(3)]
+    for loader in ranks:
+        loader.load_state_dict(states)
+    assert [loader.stats()["skipped_shards"] for loader in ranks] == [skipped, 0, 0]
+    roundtrip = make_loader(tmp_path, rank=0, world_size=3, on_corrupt="skip")
+    roundtrip.load_state_dict(json.loads(json.dumps(ranks[0].state_dict())))
+    assert roundtrip.stats()["skipped_shards"] == skipped
+
+
 def test_all_shards_missing_is_an_error_not_a_hang(tmp_path):
     write_prepared(tmp_path, n_shards=2)
     for p in (tmp_path / "shards").iterdir():
