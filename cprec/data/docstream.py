@@ -10,14 +10,15 @@ Layers, bottom up:
   sha256 it hashes the bytes as they are read (no second read) and raises ``ShardError`` at the end
   of the archive when they differ.
 - ``ShardChecks``: what a reader verifies - each shard's sha256 and every document's token ids
-  against the vocabulary (``0 <= id < vocab_size``). Since a sha256 is only known at the end of
-  its shard, a reader with a sha256 for a shard holds that shard's documents back (decoded, only
-  those of its own unit and stream) until the whole file matched, then hands them out: no
-  document of a corrupt shard ever reaches training, at the cost of one shard's documents in
-  memory per reader (keep ``data.shard_max_bytes`` moderate; 64 MB by default). Any failure -
-  mismatch, truncation, bad header - drops the whole shard (``on_corrupt``: fail raises, skip
-  counts it). A bad document (out-of-vocabulary ids, bad meta) is a sample error: skip counts the
-  sample, fail raises a ``ShardError`` naming shard and sample.
+  against the vocabulary (``0 <= id < vocab_size``). A sha256 is only known at the end of its
+  shard, and a document handed out cannot be taken back, so a shard with a sha256 is read into
+  memory first (hashed as it is read: still one pass over the bytes) and parsed only once it
+  matched: no document of a corrupt shard ever reaches training, for one shard's bytes in memory
+  per reader (keep ``data.shard_max_bytes`` moderate; 64 MB by default). Any failure - mismatch,
+  truncation, bad header - drops the whole shard (``on_corrupt``: fail raises, skip counts it). A
+  bad document (out-of-vocabulary ids, bad meta) is a sample error: skip counts the sample, fail
+  raises a ``ShardError`` naming shard and sample. Shards without a sha256 (no manifest, or
+  ``train.loader.verify=false``) are streamed as before, up to the point where they break.
 - ``epoch_units``: which shards each of the ``world_size x num_workers`` global workers reads in an
   epoch. Shards are permuted with a seed per epoch and dealt round-robin; shards left over after the
   last full round are split at sample level (sample ``j`` of the shard to part ``j % parts``), so
@@ -167,19 +168,20 @@ def open_url(url: str):
     return stream
 
 
-def iter_tar_samples(url: str, sha256: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(
+    url: str, sha256: str | None = None, buffer: ShardBuffer | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` per sample, grouping members as webdataset does.
 
     The key is the member path up to the first dot of its base name; members without a dot in their
-    base name are skipped, as webdataset does. With ``sha256`` the file's bytes are hashed as they
-    are read and, after the last sample, a mismatch raises ``ShardError`` (the samples were already
-    yielded: callers that must not use them buffer, as ``StreamReader`` does).
+    base name are skipped, as webdataset does. With ``sha256`` the file is read into ``buffer`` (a
+    reader's reusable ``ShardBuffer``; a new one if None) first and a mismatch raises
+    ``ShardError`` before any sample is yielded.
     """
-    stream = open_url(url)
-    if sha256:
-        stream = _HashingReader(stream)
+    buf, pos = ((buffer or ShardBuffer()).fill(url, sha256), 0) if sha256 else (b"", 0)
+    stream = _Drained() if sha256 else open_url(url)
+    check_headers = not sha256
     try:
-        buf, pos = b"", 0
         key: str | None = None
         sample: dict[str, bytes] = {}
         long_name: str | None = None
@@ -193,17 +195,17 @@ def iter_tar_samples(url: str, sha256: str | None = None) -> Iterator[tuple[str,
                         f"after {n_members} members)"
                     )
             end = pos + _BLOCK
-            header = buf[pos:end]
+            header = bytes(buf[pos:end])  # no copy when buf is bytes
             if header[0] == 0 and header == _ZERO_BLOCK:
-                if sha256:  # the hash covers the whole file: the end blocks and record padding too
-                    while stream.read(_READ_SIZE):
-                        pass
                 break
             typeflag = header[156:157]
             # Magic on every header; the checksum on file headers (a damaged pax/long-name header
-            # misaligns what follows, which the next magic check catches).
+            # misaligns what follows, which the next magic check catches) unless the whole file
+            # matched its sha256, which covers every header byte (and summing 512 bytes twice per
+            # sample costs more than hashing them).
             if header[257:262] != b"ustar" or (
-                typeflag in (b"0", b"\0")
+                check_headers
+                and typeflag in (b"0", b"\0")
                 and _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32
             ):
                 raise ShardError(f"shard {url}: bad tar header after {n_members} members")
@@ -216,7 +218,7 @@ def iter_tar_samples(url: str, sha256: str | None = None) -> Iterator[tuple[str,
                     raise _Truncated(
                         f"shard {url}: truncated inside member {n_members} ({len(buf) - _BLOCK}/{size} bytes)"
                     )
-            data = buf[end : end + size]
+            data = bytes(buf[end : end + size])
             pos = stop
             n_members += 1
             if typeflag == b"L":  # GNU long name for the next member
@@ -247,11 +249,6 @@ def iter_tar_samples(url: str, sha256: str | None = None) -> Iterator[tuple[str,
             sample[ext.lower()] = data
         if key is not None:
             yield key, sample
-        if sha256 and stream.hash.hexdigest() != sha256:
-            raise ShardError(
-                f"shard {url}: sha256 {stream.hash.hexdigest()} does not match the manifest's {sha256} "
-                f"(the file changed or is corrupt after it was prepared)"
-            )
     except GeneratorExit:  # the reader stopped early: a pipe: command killed by SIGPIPE is no error
         _close_quietly(stream)
         raise
@@ -270,6 +267,49 @@ def iter_tar_samples(url: str, sha256: str | None = None) -> Iterator[tuple[str,
         stream.close()  # a pipe: reports its command's failure here
 
 
+class _Drained:
+    """The stream of a shard already read into memory: at its end."""
+
+    def read(self, n: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class ShardBuffer:
+    """One shard's bytes in memory, verified against its sha256 before anything is parsed.
+
+    A sha256 is only known at the end of the file, and a sample handed out cannot be taken back, so
+    a verified shard is read whole first - in 1 MB blocks, each hashed while still in the CPU cache
+    and copied into this buffer, which is reused from shard to shard (a fresh shard-sized
+    allocation each time would cost its page faults again). Still one pass over the bytes.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def fill(self, url: str, sha256: str) -> memoryview:
+        """The file's bytes, or ``ShardError`` when their sha256 is not ``sha256``."""
+        stream = _HashingReader(open_url(url))
+        n = 0
+        try:
+            while block := stream.read(_READ_SIZE):
+                self._buf[n : n + len(block)] = block
+                n += len(block)
+            stream.close()  # a pipe: reports its command's failure here
+        except BaseException:
+            _close_quietly(stream)
+            raise
+        got = stream.hash.hexdigest()
+        if got != sha256:
+            raise ShardError(
+                f"shard {url}: sha256 {got} of its {n} bytes does not match the manifest's "
+                f"{sha256} (the file is corrupt, truncated or changed after it was prepared)"
+            )
+        return memoryview(self._buf)[:n]
+
+
 def _close_quietly(stream) -> None:
     try:
         stream.close()
@@ -277,11 +317,33 @@ def _close_quietly(stream) -> None:
         pass
 
 
+_VOCAB_BATCH = 64  # documents per vocabulary check
+
+
 def _ids_in_vocab(tokens: np.ndarray, vocab: int) -> bool:
     """All ids in ``[0, vocab)``; one pass for int32 (negatives wrap to huge unsigned values)."""
+    if not len(tokens):
+        return True
     if tokens.dtype == np.int32:
         return int(tokens.view(np.uint32).max()) < vocab
     return int(tokens.min()) >= 0 and int(tokens.max()) < vocab
+
+
+def _vocab_checked(items: list, vocab: int | None, url: str) -> list:
+    """``items`` with each document holding an id outside ``[0, vocab)`` replaced by its error."""
+    docs = [d for _, d in items if isinstance(d, Doc)]
+    if not vocab or not docs or _ids_in_vocab(np.concatenate([d.tokens for d in docs]), vocab):
+        return items
+    out = []
+    for j, d in items:
+        if isinstance(d, Doc) and not _ids_in_vocab(d.tokens, vocab):
+            bad = d.tokens[(d.tokens < 0) | (d.tokens >= vocab)]
+            d = SampleError(
+                f"shard {url} sample {d.key}: {len(bad)} token id(s) outside the vocabulary "
+                f"[0, {vocab}) of the manifest (first: {int(bad[0])})"
+            )
+        out.append((j, d))
+    return out
 
 
 _NPY_HEADER = re.compile(
@@ -355,6 +417,7 @@ class StreamReader:
         self.urls, self.worker, self.n_global, self.seed = urls, worker, n_global, seed
         self.stream, self.buffer_size, self.on_corrupt = stream, buffer_size, on_corrupt
         self.checks = checks
+        self._shard_buffer = ShardBuffer()
         self.rng = random.Random(seed_int(seed, "shuffle", worker, stream))
         self.epoch, self.unit, self.offset = start_epoch, 0, 0
         self.exhausted = False
@@ -376,28 +439,33 @@ class StreamReader:
     def _unit_docs(self, unit: int, start: int) -> Iterator[tuple[int, Doc | SampleError]]:
         """``(sample number, document or its error)`` of this stream in ``unit`` from ``start`` on.
 
-        With a sha256 for the shard, the unit's documents are all decoded and held until the whole
-        file matched it (see the module docstring); a mismatch raises before any is handed out.
+        With a sha256 for the shard nothing comes out unless the whole file matched it. Token ids
+        are checked against the vocabulary a batch of documents at a time (one numpy reduction per
+        batch instead of one per document, which would cost several % of the loader's speed).
         """
         shard, part, parts = self._units()[unit]
         url = self.urls[shard]
         sha = self.checks.sha256[shard] if self.checks else None
-        docs = self._decode_unit(unit, url, iter_tar_samples(url, sha), start, part, parts)
-        if sha:
-            docs = iter(list(docs))
-        yield from docs
-
-    def _decode_unit(self, unit, url, samples, start, part, parts):
-        for j, (key, sample) in enumerate(samples):
-            if j < start or j % parts != part:
-                continue
-            try:
-                doc = self._decode(unit, url, j, key, sample)
-            except SampleError as exc:
-                yield j, exc
-                continue
-            if doc is not None:
-                yield j, doc
+        vocab = self.checks.vocab_size if self.checks else None
+        pending: list[tuple[int, Doc | SampleError]] = []
+        try:
+            for j, (key, sample) in enumerate(iter_tar_samples(url, sha, self._shard_buffer)):
+                if j < start or j % parts != part:
+                    continue
+                try:
+                    doc = self._decode(unit, url, j, key, sample)
+                except SampleError as exc:
+                    pending.append((j, exc))
+                    continue
+                if doc is not None:
+                    pending.append((j, doc))
+                    if len(pending) >= _VOCAB_BATCH:
+                        yield from _vocab_checked(pending, vocab, url)
+                        pending = []
+        except Exception:
+            yield from _vocab_checked(pending, vocab, url)  # what was read before a truncation
+            raise
+        yield from _vocab_checked(pending, vocab, url)
 
     def _decode(self, unit: int, url: str, j: int, key: str, sample: dict) -> Doc | None:
         where = f"shard {url} sample {key}"
@@ -407,13 +475,6 @@ class StreamReader:
         tokens = decode_ids(sample["ids.npy"], where)
         if "n_tokens" in meta and int(meta["n_tokens"]) != len(tokens):
             raise SampleError(f"{where}: json n_tokens={meta['n_tokens']} but ids.npy has {len(tokens)}")
-        vocab = self.checks.vocab_size if self.checks else None
-        if vocab and len(tokens) and not _ids_in_vocab(tokens, vocab):
-            bad = tokens[(tokens < 0) | (tokens >= vocab)]
-            raise SampleError(
-                f"{where}: {len(bad)} token id(s) outside the vocabulary [0, {vocab}) of the manifest "
-                f"(first: {int(bad[0])})"
-            )
         return Doc(tokens, meta["stream"], key, self.epoch, unit, j)
 
     def _corrupt(self, what: str, exc: Exception, sample: bool) -> None:
