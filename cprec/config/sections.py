@@ -177,6 +177,7 @@ class DataConfig:
                 "data.split_files",
                 "set data.split_files or data.columns.split, not both",
             )
+            _check(not self.path, "data.split_files", "set data.split_files or data.path, not both")
         _one_of(self.same_time_history, "data.same_time_history", ("exclude", "include"))
         _check(len(self.kinds) > 0, "data.kinds", "needs at least one of domain, mixed")
         for k in self.kinds:

@@ -353,5 +353,7 @@ def test_separate_files_per_split(tmp_path):
     assert held.counts == {"train": 10, "valid": 1, "test": 1}
     with pytest.raises(ValueError, match="data.split_files"):
         DataConfig(source="csv", split_files={"dev": "x.csv"})
+    with pytest.raises(ValueError, match="data.split_files or data.path"):
+        DataConfig(source="csv", path="events.csv", split_files=files)
     with pytest.raises(ValueError, match="data.split_values.dev"):
         DataConfig(source="csv", split_values={"dev": "validation"})
