@@ -7,14 +7,18 @@ Layers, bottom up:
   ~5k samples/s; parsing the 512-byte headers directly is ~30x faster, and reading is the loader's
   hot path. A short read, a bad header checksum or a missing end-of-archive marker raises
   ``ShardError``, so a truncated shard is never mistaken for a short one. Given the manifest's
-  sha256 it hashes the bytes as they are read (no second read) and raises ``ShardError`` at the end
-  of the archive when they differ.
+  sha256 it first reads the file into a ``ShardBuffer`` (hashed as read: no second read) and
+  raises ``ShardError`` before any sample when they differ; the header checksums are then skipped,
+  the sha256 covering every byte of them.
 - ``ShardChecks``: what a reader verifies - each shard's sha256 and every document's token ids
   against the vocabulary (``0 <= id < vocab_size``). A sha256 is only known at the end of its
   shard, and a document handed out cannot be taken back, so a shard with a sha256 is read into
   memory first (hashed as it is read: still one pass over the bytes) and parsed only once it
   matched: no document of a corrupt shard ever reaches training, for one shard's bytes in memory
-  per reader (keep ``data.shard_max_bytes`` moderate; 64 MB by default). Any failure - mismatch,
+  per reader (a reused buffer; keep ``data.shard_max_bytes`` moderate, 64 MB by default; with
+  mixing weights a worker has one reader per stream). Holding back decoded documents instead
+  would cost ~3x more (tens of thousands of live Python objects per shard); the net effect of
+  verification on the loader is measured by ``benchmarks/loader.py --only verify``. Any failure - mismatch,
   truncation, bad header - drops the whole shard (``on_corrupt``: fail raises, skip counts it). A
   bad document (out-of-vocabulary ids, bad meta) is a sample error: skip counts the sample, fail
   raises a ``ShardError`` naming shard and sample. Shards without a sha256 (no manifest, or
