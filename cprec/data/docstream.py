@@ -299,7 +299,10 @@ class ShardBuffer:
         n = 0
         try:
             while block := stream.read(_READ_SIZE):
-                self._buf[n : n + len(block)] = block
+                try:
+                    self._buf[n : n + len(block)] = block
+                except BufferError:  # growing while a view of the last shard is alive: a new buffer
+                    self._buf = bytearray(self._buf[:n]) + block
                 n += len(block)
             stream.close()  # a pipe: reports its command's failure here
         except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -416,6 +417,20 @@ def test_sha256_is_checked_while_streaming(tmp_path):
     _flip_ids(path)
     with pytest.raises(ShardError, match=r"shard-000000\.tar: sha256 .* does not match"):
         list(iter_tar_samples(str(path), sha))
+
+
+def test_shard_buffer_is_reused_and_grows(tmp_path):
+    from cprec.data.docstream import ShardBuffer
+
+    small, big = tmp_path / "small.tar", tmp_path / "big.tar"
+    small.write_bytes(b"a" * 1000)
+    big.write_bytes(b"b" * 3_000_000)
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (small, big)}
+    buf = ShardBuffer()
+    view = buf.fill(str(small), sha[small])  # still alive while the next shard is read
+    assert bytes(view) == small.read_bytes()
+    assert bytes(buf.fill(str(big), sha[big])) == big.read_bytes()
+    assert bytes(buf.fill(str(small), sha[small])) == small.read_bytes()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
