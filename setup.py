@@ -14,8 +14,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["cprec", "cprec.*"]) + ["cprec_kernels"],
-    package_dir={"cprec_kernels": "kernels"},
+    # configs/ ships inside the package as cprec/presets (include: model/small.yaml works from any
+    # folder, see cprec.config.loading.preset_dirs); a source or editable install reads configs/.
+    packages=find_packages(include=["cprec", "cprec.*"]) + ["cprec_kernels", "cprec.presets"],
+    package_dir={"cprec_kernels": "kernels", "cprec.presets": "configs"},
+    package_data={"cprec.presets": ["*.yaml", "model/*.yaml"]},
     install_requires=[
         # CPU machines: install torch==2.13.0 first (see README) so pip does not pull a CUDA build.
         "torch>=2.4",

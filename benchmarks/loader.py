@@ -14,13 +14,20 @@ result says so):
   per mixed stream) and the realised token shares against the weights;
 - naive one-document-per-row batching of the same documents (the packing baseline): padding every
   document to ``seq_len``, and padding each batch to its longest document.
+- ``--only verify``: what the integrity checks cost (``train.loader.verify``: each shard's sha256
+  hashed as it streams, every document's ids against the vocabulary). The loader (greedy, no
+  workers, one epoch) and the reader alone, without checks / with the sha256 only / with both,
+  measured in interleaved repeats (the order rotates) and compared by their medians. The result is
+  merged into the existing JSON as ``verification``; pin it to one core for stable figures:
 
     python benchmarks/loader.py --out benchmarks/results/loader.json
+    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/loader.py --only verify --repeats 7
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -35,7 +42,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from cprec.data.loader import PackedLoader, resolve_shards
+from cprec.data.docstream import ShardChecks
+from cprec.data.loader import PackedLoader, resolve_shards, shard_checks
 from cprec.data.packing import padding_efficiency
 
 log = logging.getLogger("benchmarks.loader")
@@ -73,8 +81,9 @@ def write_synthetic(folder: Path, n_docs: int, seed: int = 0, shard_docs: int = 
                 totals[stream][0] += 1
                 totals[stream][1] += int(lengths[i])
                 n_tok += int(lengths[i])
+        sha = hashlib.sha256((folder / rel).read_bytes()).hexdigest()
         shards.append(
-            {"path": rel, "samples": min(n_docs, s0 + shard_docs) - s0, "tokens": n_tok, "sha256": ""}
+            {"path": rel, "samples": min(n_docs, s0 + shard_docs) - s0, "tokens": n_tok, "sha256": sha}
         )
     manifest = {
         "format_version": 1,
@@ -162,6 +171,106 @@ def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int, 
     }
 
 
+def _checks(urls, manifest, variant: str) -> ShardChecks | None:
+    full = shard_checks(urls, manifest, verify=True)
+    if variant == "none" or full is None:
+        return None
+    return full if variant == "sha256+vocab" else ShardChecks(full.sha256, None)
+
+
+def _time_epoch(urls, manifest, variant: str, args, reader_only: bool) -> tuple[float, float]:
+    """Documents per CPU second and per wall second over one epoch: the reader alone, or the
+    loader into packed greedy batches. CPU time (this process) is what the checks cost; on a shared
+    machine the wall time also counts the other jobs on the core."""
+    loader = PackedLoader(
+        urls,
+        manifest=manifest,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        seed=0,
+        shuffle_buffer=1000,
+        log_every=0,
+    )
+    loader.checks = _checks(urls, manifest, variant)
+    n = 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    if reader_only:
+        for doc in loader.iter_documents():
+            if doc.epoch > 0:
+                break
+            n += 1
+    else:
+        for _ in loader:
+            if min(loader.epochs().values()) > 0:
+                break
+        n = loader.stats()["docs"]
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    loader.close()
+    return n / dc, n / dt
+
+
+def bench_verification(urls, manifest, args) -> dict:
+    """Docs/s without checks, with the sha256 only, with sha256 + vocabulary: interleaved repeats."""
+    variants = ["none", "sha256", "sha256+vocab"]
+    checks = shard_checks(urls, manifest, verify=True)
+    verified = sum(s is not None for s in checks.sha256) if checks else 0
+    if verified < len(urls):
+        raise SystemExit(f"--only verify: {len(urls) - verified} of {len(urls)} shards have no sha256")
+    out = {}
+    for pipeline in ("loader", "reader"):
+        cpu, wall = {v: [] for v in variants}, {v: [] for v in variants}
+        for r in range(args.repeats):
+            for v in variants[r % 3 :] + variants[: r % 3]:  # rotate: no variant always runs first
+                c, w = _time_epoch(urls, manifest, v, args, reader_only=pipeline == "reader")
+                cpu[v].append(c)
+                wall[v].append(w)
+        med = {v: float(np.median(x)) for v, x in cpu.items()}
+        med_wall = {v: float(np.median(x)) for v, x in wall.items()}
+        out[pipeline] = {
+            "docs_per_cpu_s_median": med,
+            "docs_per_wall_s_median": med_wall,
+            "docs_per_cpu_s_runs": cpu,
+            "docs_per_wall_s_runs": wall,
+            "cost_sha256": 1 - med["sha256"] / med["none"],
+            "cost_sha256_and_vocab": 1 - med["sha256+vocab"] / med["none"],
+            "cost_sha256_wall": 1 - med_wall["sha256"] / med_wall["none"],
+            "cost_sha256_and_vocab_wall": 1 - med_wall["sha256+vocab"] / med_wall["none"],
+        }
+        log.info(
+            "%s: %s docs per CPU s (median of %d); sha256 costs %.1f%%, sha256 + vocabulary %.1f%% "
+            "(wall: %.1f%%, %.1f%%)",
+            pipeline,
+            {v: round(m) for v, m in med.items()},
+            args.repeats,
+            100 * out[pipeline]["cost_sha256"],
+            100 * out[pipeline]["cost_sha256_and_vocab"],
+            100 * out[pipeline]["cost_sha256_wall"],
+            100 * out[pipeline]["cost_sha256_and_vocab_wall"],
+        )
+    # The hash alone over the same bytes (read in 1 MB blocks, as the loader does): its share of a
+    # plain epoch. Verified shards skip the per-header byte sums that guard unverified ones (the
+    # sha256 covers every header byte), which is why the net cost above can be below this.
+    hash_cpu = []
+    for _ in range(args.repeats):
+        c0 = time.process_time()
+        for u in urls:
+            h = hashlib.sha256()
+            with open(u.removeprefix("file:"), "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        hash_cpu.append(time.process_time() - c0)
+    n_docs = sum(int(s["samples"]) for s in manifest["shards"])
+    plain_epoch_cpu = n_docs / out["loader"]["docs_per_cpu_s_median"]["none"]
+    out["sha256_alone_cpu_s_per_epoch"] = float(np.median(hash_cpu))
+    out["sha256_alone_share_of_plain_loader_epoch"] = float(np.median(hash_cpu)) / plain_epoch_cpu
+    out["goal_sha256_under_5_percent_of_loader"] = out["loader"]["cost_sha256"] < 0.05
+    out["cpu_affinity"] = sorted(os.sched_getaffinity(0))
+    out["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS", "")
+    out["repeats"] = args.repeats
+    out["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepared", default="out/prepared/food_kitchen", help="prepared folder or shard spec")
@@ -181,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="weights for one extra best-fit run with mixing (stream=weight,...; empty = skip)",
     )
     ap.add_argument("--out", default="benchmarks/results/loader.json")
+    ap.add_argument("--only", choices=["verify"], help="only the integrity-check cost, merged into --out")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats for --only verify")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -192,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("writing %d synthetic documents to %s", args.synthetic_docs, tmp.name)
         source = str(write_synthetic(Path(tmp.name), args.synthetic_docs))
     urls, manifest = resolve_shards(source)
+    if args.only == "verify":
+        label = "synthetic" if synthetic else str(source)
+        return _merge_verification(Path(args.out), bench_verification(urls, manifest, args), tmp, label)
     max_docs = args.max_docs or 10**12
     reader, lengths = bench_reader(urls, manifest, max_docs)
     n_docs = len(lengths)
@@ -264,6 +378,21 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result, indent=2))
     out = Path(args.out)
+    if out.is_file() and "verification" in (old := json.loads(out.read_text())):
+        result["verification"] = old["verification"]  # measured separately (--only verify): kept
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def _merge_verification(out: Path, verification: dict, tmp, data: str) -> dict:
+    """``verification`` into the existing result file (other entries kept)."""
+    result = json.loads(out.read_text()) if out.is_file() else {"benchmark": "loader"}
+    verification["data"] = data
+    result["verification"] = verification
+    print(json.dumps(verification, indent=2))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     if tmp is not None:

@@ -112,3 +112,30 @@ def test_include_cycle(tmp_path):
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
     assert "model.hidden_size" in flatten(__import__("dataclasses").asdict(ModelConfig()), "model.")
+
+
+def _readme_own_logs_example() -> str:
+    """The YAML block of README's 'Bring your own logs' example."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("Bring your own logs")
+    block = text[
+        text.index("```yaml", start) + len("```yaml") : text.index("```", text.index("```yaml", start) + 7)
+    ]
+    return block
+
+
+def test_include_names_a_shipped_preset_from_any_folder(tmp_path, monkeypatch):
+    """README's own-logs example, saved in a folder of its own: `model/small.yaml` is the preset."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text(_readme_own_logs_example())
+    cfg = load_config(tmp_path / "mine.yaml")
+    preset = yaml.safe_load((REPO / "configs/model/small.yaml").read_text())["model"]
+    assert {k: getattr(cfg.model, k) for k in preset} == preset
+    assert cfg.data.source == "jsonl" and cfg.data.columns.item == "sku"
+    # A file of that name beside the config wins over the preset.
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "small.yaml").write_text("model:\n  hidden_size: 64\n")
+    assert load_config(tmp_path / "mine.yaml").model.hidden_size == 64
+    (tmp_path / "other.yaml").write_text("include: [model/huge.yaml]\n")
+    with pytest.raises(FileNotFoundError, match=r"include 'model/huge\.yaml' not found.*shipped preset"):
+        load_config(tmp_path / "other.yaml")

@@ -2,7 +2,9 @@
 
 YAML files may pull in other files with a top-level ``include:`` list (paths relative to the
 including file, merged in order, the including file winning), which is how phase files reuse a
-base config and model presets. An unknown key is an error that suggests the nearest valid key.
+base config and model presets. An include that is not beside the including file names a shipped
+preset (``model/small.yaml``: the repository's ``configs/`` folder, see ``preset_dirs``), so a
+config in any folder can use them. An unknown key is an error that suggests the nearest valid key.
 """
 
 from __future__ import annotations
@@ -114,8 +116,34 @@ def _deep_merge(base: dict, over: dict) -> dict:
 _REPLACE_KEYS = {"mixing"}
 
 
+def preset_dirs() -> list[Path]:
+    """Folders holding the shipped presets, in the order they are searched.
+
+    ``cprec/presets`` is where a built wheel has them (setup.py packages the repository's
+    ``configs/`` there); ``configs/`` beside the ``cprec`` package is the source checkout or an
+    editable install (``pip install -e .``), which read the repository's folder itself.
+    """
+    package = Path(__file__).resolve().parents[1]
+    return [d for d in (package / "presets", package.parent / "configs") if d.is_dir()]
+
+
+def _resolve_include(path: Path, inc: str) -> Path:
+    """``inc`` beside the including file ``path``, else a shipped preset of that name."""
+    beside = path.parent / inc
+    if beside.is_file() or Path(inc).is_absolute():
+        return beside
+    for folder in preset_dirs():
+        if (folder / inc).is_file():
+            return folder / inc
+    raise FileNotFoundError(
+        f"{path}: include {inc!r} not found: neither {beside} nor a shipped preset "
+        f"(searched {', '.join(str(d) for d in preset_dirs()) or 'no preset folder found'})"
+    )
+
+
 def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
-    """Read a YAML config, resolving ``include:`` (relative paths, merged in order)."""
+    """Read a YAML config, resolving ``include:`` (beside the file, else a shipped preset; merged in
+    order)."""
     path = Path(path).resolve()
     if path in _seen:
         raise ValueError(f"{path}: include cycle through {[str(p) for p in _seen]}")
@@ -130,7 +158,7 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
         includes = [includes]
     merged: dict = {}
     for inc in includes:
-        merged = _deep_merge(merged, read_yaml(path.parent / inc, _seen + (path,)))
+        merged = _deep_merge(merged, read_yaml(_resolve_include(path, str(inc)), _seen + (path,)))
     return _deep_merge(merged, raw)
 
 

@@ -35,6 +35,9 @@ class ColumnsConfig:
     """Column holding the event time (number or ISO string); if absent, file order is used."""
     text: list[str] = field(default_factory=lambda: ["title"])
     """Item-file columns rendered into the item text, in order (the first is the title)."""
+    split: str = ""
+    """Column holding each event's split (values named by `DataConfig.split_values`): the source is
+    pre-split, every valid/test event is a held-out target; empty = no split column (leave-one-out)."""
 
 
 @dataclass
@@ -104,6 +107,14 @@ class DataConfig:
     """Per-domain metadata files for Amazon sources: domain name -> metadata file."""
     columns: ColumnsConfig = field(default_factory=ColumnsConfig)
     """Column names of generic tabular inputs."""
+    split_values: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"}
+    )
+    """Values of the split column (`columns.split`): value in the data -> train, valid or test.
+    An event with another value is counted as dropped (unknown_split)."""
+    split_files: dict[str, str] = field(default_factory=dict)
+    """Generic sources split into separate event files: train/valid/test -> file or folder (format
+    of `source`), instead of `path`. Every valid/test event is a held-out target (no leave-one-out)."""
     default_domain: str = "default"
     """Domain given to events from inputs without a domain column."""
     domains: list[str] = field(default_factory=list)
@@ -120,6 +131,11 @@ class DataConfig:
     """Duplicate (user, item, time) events: keep_first or keep_all."""
     missing_text: str = "placeholder"
     """Items without text: placeholder (use the item id) or drop (drop their events, counted)."""
+    same_time_history: str = "exclude"
+    """Eval histories and events with the same timestamp as the target: exclude (the history is what
+    the user did strictly before the target's time: their order against the target is unknown) or
+    include (events read before the target at the same time count as earlier; ties in file order).
+    Untimed sources (file order) have no ties."""
     strict: bool = False
     """Fail on the first bad record (naming file and line) instead of counting and skipping it."""
     kinds: list[str] = field(default_factory=lambda: ["domain", "mixed"])
@@ -150,6 +166,19 @@ class DataConfig:
         _check(self.min_interactions >= 3, "data.min_interactions", "must be >= 3 (train + valid + test)")
         _one_of(self.dedup, "data.dedup", ("keep_first", "keep_all"))
         _one_of(self.missing_text, "data.missing_text", ("placeholder", "drop"))
+        for value, name in self.split_values.items():
+            _one_of(name, f"data.split_values.{value}", ("train", "valid", "test"))
+        for name in self.split_files:
+            _one_of(name, "data.split_files", ("train", "valid", "test"))
+        if self.split_files:
+            _one_of(self.source, "data.split_files", ("jsonl", "csv", "parquet"))
+            _check(
+                not self.columns.split,
+                "data.split_files",
+                "set data.split_files or data.columns.split, not both",
+            )
+            _check(not self.path, "data.split_files", "set data.split_files or data.path, not both")
+        _one_of(self.same_time_history, "data.same_time_history", ("exclude", "include"))
         _check(len(self.kinds) > 0, "data.kinds", "needs at least one of domain, mixed")
         for k in self.kinds:
             _one_of(k, "data.kinds", ("domain", "mixed"))
@@ -269,7 +298,12 @@ class LoaderConfig:
     bestfit_buffer: int = 64
     """Documents considered at once by best-fit packing."""
     on_corrupt: str = "fail"
-    """Corrupt or missing shard: fail, or skip (with a warning and a count)."""
+    """Corrupt or missing shard (or bad document): fail, or skip (with a warning and a count in the
+    run's metrics and checkpoint state)."""
+    verify: bool = True
+    """Check each shard against the sha256 of manifest.json while reading it (its documents are used
+    only once the whole file matched) and every document's token ids against the vocabulary; a
+    mismatch is a corrupt shard (see on_corrupt). Off only to measure what the checks cost."""
 
     def __post_init__(self):
         for k, w in self.mixing.items():

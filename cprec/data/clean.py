@@ -29,16 +29,31 @@ def _drop_rows(inter: Interactions, bad: np.ndarray, reason: str, issues: IssueL
     return inter.select(~bad)
 
 
+def _name(vocab, codes):
+    return lambda r: repr(vocab[codes[r]])
+
+
+def drop_unknown_domains(inter: Interactions, domains: list[str], issues: IssueLog) -> Interactions:
+    """Events whose domain is not in ``domains`` (empty = all allowed), counted as unknown_domain.
+
+    Readers call this before deciding each item's domain, so that a bad event never decides
+    anything about the good events of its item (and strict mode names the bad event itself).
+    """
+    if not domains:
+        return inter
+    allowed = np.array([d in domains for d in inter.domains] + [False], dtype=bool)
+    return _drop_rows(
+        inter, ~allowed[inter.domain], "unknown_domain", issues, _name(inter.domains, inter.domain)
+    )
+
+
 def clean(ds: Dataset, cfg: DataConfig, issues: IssueLog) -> Interactions:
     """The kept events of ``ds``, grouped by user in time order; ``ds.items`` is pruned in place."""
     inter = ds.interactions
-    name = lambda vocab, codes: lambda r: repr(vocab[codes[r]])  # noqa: E731
+    name = _name
 
     if cfg.domains:
-        allowed = np.array([d in cfg.domains for d in inter.domains] + [False], dtype=bool)
-        inter = _drop_rows(
-            inter, ~allowed[inter.domain], "unknown_domain", issues, name(inter.domains, inter.domain)
-        )
+        inter = drop_unknown_domains(inter, cfg.domains, issues)
         for item in [i for i, it in ds.items.items() if it.domain not in cfg.domains]:
             del ds.items[item]
         unknown = sorted(set(cfg.domains) - set(inter.domains))

@@ -6,7 +6,23 @@ Layers, bottom up:
   ``webdataset.gopen``) that groups members into webdataset samples. Python's ``tarfile`` reads
   ~5k samples/s; parsing the 512-byte headers directly is ~30x faster, and reading is the loader's
   hot path. A short read, a bad header checksum or a missing end-of-archive marker raises
-  ``ShardError``, so a truncated shard is never mistaken for a short one.
+  ``ShardError``, so a truncated shard is never mistaken for a short one. Given the manifest's
+  sha256 it first reads the file into a ``ShardBuffer`` (hashed as read: no second read) and
+  raises ``ShardError`` before any sample when they differ; the header checksums are then skipped,
+  the sha256 covering every byte of them.
+- ``ShardChecks``: what a reader verifies - each shard's sha256 and every document's token ids
+  against the vocabulary (``0 <= id < vocab_size``). A sha256 is only known at the end of its
+  shard, and a document handed out cannot be taken back, so a shard with a sha256 is read into
+  memory first (hashed as it is read: still one pass over the bytes) and parsed only once it
+  matched: no document of a corrupt shard ever reaches training, for one shard's bytes in memory
+  per reader (a reused buffer; keep ``data.shard_max_bytes`` moderate, 64 MB by default; with
+  mixing weights a worker has one reader per stream). Holding back decoded documents instead
+  would cost ~3x more (tens of thousands of live Python objects per shard); the net effect of
+  verification on the loader is measured by ``benchmarks/loader.py --only verify``. Any failure - mismatch,
+  truncation, bad header - drops the whole shard (``on_corrupt``: fail raises, skip counts it). A
+  bad document (out-of-vocabulary ids, bad meta) is a sample error: skip counts the sample, fail
+  raises a ``ShardError`` naming shard and sample. Shards without a sha256 (no manifest, or
+  ``train.loader.verify=false``) are streamed as before, up to the point where they break.
 - ``epoch_units``: which shards each of the ``world_size x num_workers`` global workers reads in an
   epoch. Shards are permuted with a seed per epoch and dealt round-robin; shards left over after the
   last full round are split at sample level (sample ``j`` of the shard to part ``j % parts``), so
@@ -56,6 +72,31 @@ class SampleError(ValueError):
 
 class EmptyStream(RuntimeError):
     """A reader went through a whole epoch of its shards without finding one document."""
+
+
+class ShardChecks(NamedTuple):
+    """What readers verify; ``None`` entries are not checked (no manifest, or not listed there)."""
+
+    sha256: tuple[str | None, ...]
+    """Expected sha256 hex digest per shard URL (same order as the URLs)."""
+    vocab_size: int | None
+    """Token ids must be in ``[0, vocab_size)``."""
+
+
+class _HashingReader:
+    """A read-only stream that feeds every byte read into a sha256."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        self.hash.update(data)
+        return data
+
+    def close(self) -> None:
+        self.stream.close()
 
 
 class Doc(NamedTuple):
@@ -131,15 +172,20 @@ def open_url(url: str):
     return stream
 
 
-def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(
+    url: str, sha256: str | None = None, buffer: ShardBuffer | None = None
+) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {extension: bytes})`` per sample, grouping members as webdataset does.
 
     The key is the member path up to the first dot of its base name; members without a dot in their
-    base name are skipped, as webdataset does.
+    base name are skipped, as webdataset does. With ``sha256`` the file is read into ``buffer`` (a
+    reader's reusable ``ShardBuffer``; a new one if None) first and a mismatch raises
+    ``ShardError`` before any sample is yielded.
     """
-    stream = open_url(url)
+    buf, pos = ((buffer or ShardBuffer()).fill(url, sha256), 0) if sha256 else (b"", 0)
+    stream = _Drained() if sha256 else open_url(url)
+    check_headers = not sha256
     try:
-        buf, pos = b"", 0
         key: str | None = None
         sample: dict[str, bytes] = {}
         long_name: str | None = None
@@ -153,14 +199,17 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                         f"after {n_members} members)"
                     )
             end = pos + _BLOCK
-            header = buf[pos:end]
+            header = bytes(buf[pos:end])  # no copy when buf is bytes
             if header[0] == 0 and header == _ZERO_BLOCK:
                 break
             typeflag = header[156:157]
             # Magic on every header; the checksum on file headers (a damaged pax/long-name header
-            # misaligns what follows, which the next magic check catches).
+            # misaligns what follows, which the next magic check catches) unless the whole file
+            # matched its sha256, which covers every header byte (and summing 512 bytes twice per
+            # sample costs more than hashing them).
             if header[257:262] != b"ustar" or (
-                typeflag in (b"0", b"\0")
+                check_headers
+                and typeflag in (b"0", b"\0")
                 and _octal(header[148:156]) != sum(header) - sum(header[148:156]) + 8 * 32
             ):
                 raise ShardError(f"shard {url}: bad tar header after {n_members} members")
@@ -173,7 +222,7 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                     raise _Truncated(
                         f"shard {url}: truncated inside member {n_members} ({len(buf) - _BLOCK}/{size} bytes)"
                     )
-            data = buf[end : end + size]
+            data = bytes(buf[end : end + size])
             pos = stop
             n_members += 1
             if typeflag == b"L":  # GNU long name for the next member
@@ -222,11 +271,86 @@ def iter_tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         stream.close()  # a pipe: reports its command's failure here
 
 
+class _Drained:
+    """The stream of a shard already read into memory: at its end."""
+
+    def read(self, n: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class ShardBuffer:
+    """One shard's bytes in memory, verified against its sha256 before anything is parsed.
+
+    A sha256 is only known at the end of the file, and a sample handed out cannot be taken back, so
+    a verified shard is read whole first - in 1 MB blocks, each hashed while still in the CPU cache
+    and copied into this buffer, which is reused from shard to shard (a fresh shard-sized
+    allocation each time would cost its page faults again). Still one pass over the bytes.
+    """
+
+    def __init__(self):
+        self._buf = bytearray()
+
+    def fill(self, url: str, sha256: str) -> memoryview:
+        """The file's bytes, or ``ShardError`` when their sha256 is not ``sha256``."""
+        stream = _HashingReader(open_url(url))
+        n = 0
+        try:
+            while block := stream.read(_READ_SIZE):
+                try:
+                    self._buf[n : n + len(block)] = block
+                except BufferError:  # growing while a view of the last shard is alive: a new buffer
+                    self._buf = bytearray(self._buf[:n]) + block
+                n += len(block)
+            stream.close()  # a pipe: reports its command's failure here
+        except BaseException:
+            _close_quietly(stream)
+            raise
+        got = stream.hash.hexdigest()
+        if got != sha256:
+            raise ShardError(
+                f"shard {url}: sha256 {got} of its {n} bytes does not match the manifest's "
+                f"{sha256} (the file is corrupt, truncated or changed after it was prepared)"
+            )
+        return memoryview(self._buf)[:n]
+
+
 def _close_quietly(stream) -> None:
     try:
         stream.close()
     except Exception:
         pass
+
+
+_VOCAB_BATCH = 64  # documents per vocabulary check
+
+
+def _ids_in_vocab(tokens: np.ndarray, vocab: int) -> bool:
+    """All ids in ``[0, vocab)``; one pass for int32 (negatives wrap to huge unsigned values)."""
+    if not len(tokens):
+        return True
+    if tokens.dtype == np.int32:
+        return int(tokens.view(np.uint32).max()) < vocab
+    return int(tokens.min()) >= 0 and int(tokens.max()) < vocab
+
+
+def _vocab_checked(items: list, vocab: int | None, url: str) -> list:
+    """``items`` with each document holding an id outside ``[0, vocab)`` replaced by its error."""
+    docs = [d for _, d in items if isinstance(d, Doc)]
+    if not vocab or not docs or _ids_in_vocab(np.concatenate([d.tokens for d in docs]), vocab):
+        return items
+    out = []
+    for j, d in items:
+        if isinstance(d, Doc) and not _ids_in_vocab(d.tokens, vocab):
+            bad = d.tokens[(d.tokens < 0) | (d.tokens >= vocab)]
+            d = SampleError(
+                f"shard {url} sample {d.key}: {len(bad)} token id(s) outside the vocabulary "
+                f"[0, {vocab}) of the manifest (first: {int(bad[0])})"
+            )
+        out.append((j, d))
+    return out
 
 
 _NPY_HEADER = re.compile(
@@ -295,9 +419,12 @@ class StreamReader:
         buffer_size: int,
         on_corrupt: str,
         start_epoch: int = 0,
+        checks: ShardChecks | None = None,
     ):
         self.urls, self.worker, self.n_global, self.seed = urls, worker, n_global, seed
         self.stream, self.buffer_size, self.on_corrupt = stream, buffer_size, on_corrupt
+        self.checks = checks
+        self._shard_buffer = ShardBuffer()
         self.rng = random.Random(seed_int(seed, "shuffle", worker, stream))
         self.epoch, self.unit, self.offset = start_epoch, 0, 0
         self.exhausted = False
@@ -316,14 +443,39 @@ class StreamReader:
             self._units_cache = (self.epoch, units)
         return self._units_cache[1]
 
-    def _iter_unit(self, unit: tuple[int, int, int], start: int) -> Iterator[tuple[int, str, dict]]:
-        shard, part, parts = unit
-        for j, (key, sample) in enumerate(iter_tar_samples(self.urls[shard])):
-            if j >= start and j % parts == part:
-                yield j, key, sample
+    def _unit_docs(self, unit: int, start: int) -> Iterator[tuple[int, Doc | SampleError]]:
+        """``(sample number, document or its error)`` of this stream in ``unit`` from ``start`` on.
 
-    def _decode(self, unit: int, j: int, key: str, sample: dict) -> Doc | None:
-        where = f"shard {self.urls[self._units()[unit][0]]} sample {key}"
+        With a sha256 for the shard nothing comes out unless the whole file matched it. Token ids
+        are checked against the vocabulary a batch of documents at a time (one numpy reduction per
+        batch instead of one per document, which would cost several % of the loader's speed).
+        """
+        shard, part, parts = self._units()[unit]
+        url = self.urls[shard]
+        sha = self.checks.sha256[shard] if self.checks else None
+        vocab = self.checks.vocab_size if self.checks else None
+        pending: list[tuple[int, Doc | SampleError]] = []
+        try:
+            for j, (key, sample) in enumerate(iter_tar_samples(url, sha, self._shard_buffer)):
+                if j < start or j % parts != part:
+                    continue
+                try:
+                    doc = self._decode(unit, url, j, key, sample)
+                except SampleError as exc:
+                    pending.append((j, exc))
+                    continue
+                if doc is not None:
+                    pending.append((j, doc))
+                    if len(pending) >= _VOCAB_BATCH:
+                        yield from _vocab_checked(pending, vocab, url)
+                        pending = []
+        except Exception:
+            yield from _vocab_checked(pending, vocab, url)  # what was read before a truncation
+            raise
+        yield from _vocab_checked(pending, vocab, url)
+
+    def _decode(self, unit: int, url: str, j: int, key: str, sample: dict) -> Doc | None:
+        where = f"shard {url} sample {key}"
         meta = decode_meta(sample, where)
         if self.stream is not None and meta["stream"] != self.stream:
             return None
@@ -334,8 +486,10 @@ class StreamReader:
 
     def _corrupt(self, what: str, exc: Exception, sample: bool) -> None:
         if self.on_corrupt == "fail":
-            if isinstance(exc, (ShardError, SampleError)):
+            if isinstance(exc, ShardError):
                 raise exc
+            if isinstance(exc, SampleError):  # names shard and sample
+                raise ShardError(str(exc)) from exc
             raise ShardError(f"corrupt or missing shard {what}: {type(exc).__name__}: {exc}") from exc
         if sample:
             self.skipped_samples += 1
@@ -359,25 +513,22 @@ class StreamReader:
             if self.unit >= len(units):
                 return None
             if self._it is None:
-                self._it = self._iter_unit(units[self.unit], self.offset)
+                self._it = self._unit_docs(self.unit, self.offset)
             try:
-                j, key, sample = next(self._it)
+                j, doc = next(self._it)
             except StopIteration:
                 self._it, self.unit, self.offset = None, self.unit + 1, 0
                 continue
-            except Exception as exc:  # missing file, truncated tar, failed pipe: command, ...
+            except Exception as exc:  # missing file, truncated tar, sha256 mismatch, failed pipe:, ...
                 self._it = None
                 self._corrupt(self.urls[units[self.unit][0]], exc, sample=False)
                 self.unit, self.offset = self.unit + 1, 0
                 continue
             self.offset = j + 1
-            try:
-                doc = self._decode(self.unit, j, key, sample)
-            except SampleError as exc:
-                self._corrupt(str(exc), exc, sample=True)
+            if isinstance(doc, SampleError):
+                self._corrupt(str(doc), doc, sample=True)
                 continue
-            if doc is not None:
-                return doc
+            return doc
 
     def next(self) -> Doc:
         """The next document; raises ``EmptyStream`` if a whole epoch held none."""
@@ -438,13 +589,13 @@ class StreamReader:
         units = self._units()
         for u in sorted({u for u, _ in positions}):
             wanted = {o for uu, o in positions if uu == u}
-            it = self._iter_unit(units[u], min(wanted))
+            it = self._unit_docs(u, min(wanted))
             try:
-                for j, key, sample in it:
+                for j, doc in it:
                     if j in wanted:
-                        doc = self._decode(u, j, key, sample)
-                        if doc is not None:
-                            found[(u, j)] = doc
+                        if isinstance(doc, SampleError):
+                            raise doc
+                        found[(u, j)] = doc
                         wanted.discard(j)
                         if not wanted:
                             break
@@ -479,6 +630,7 @@ class WorkerSource:
         buffer_size: int,
         on_corrupt: str,
         start_epochs: dict[str, int] | None = None,
+        checks: ShardChecks | None = None,
     ):
         self.worker = worker
         self.weights = dict(weights) if weights else {"*": 1.0}
@@ -493,6 +645,7 @@ class WorkerSource:
                 buffer_size,
                 on_corrupt,
                 int(start_epochs.get(s, 0)),
+                checks,
             )
             for s in self.weights
         }

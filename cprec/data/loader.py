@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
 from cprec.data import shards
-from cprec.data.docstream import Chunk, Doc, WorkerSource
+from cprec.data.docstream import Chunk, Doc, ShardChecks, WorkerSource
 from cprec.data.packing import collate_rows, make_packer
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,29 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
                 manifest = read_manifest(folder)
                 break
     return urls, manifest
+
+
+def shard_checks(urls: list[str], manifest: dict | None, verify: bool = True) -> ShardChecks | None:
+    """The sha256 (by shard file name) and vocabulary size the manifest gives for ``urls``.
+
+    A URL whose file name the manifest does not list (or lists twice) is read unverified.
+    """
+    if not verify or not manifest:
+        return None
+    names: dict[str, str | None] = {}
+    for entry in manifest.get("shards", []):
+        name = os.path.basename(str(entry.get("path", "")))
+        names[name] = None if name in names else (entry.get("sha256") or None)
+    sha = tuple(names.get(os.path.basename(u)) for u in urls)
+    vocab = manifest.get("tokenizer", {}).get("vocab_size")
+    n = sum(x is not None for x in sha)
+    if n < len(urls):
+        log.info(
+            "loader: %d of %d shards have no sha256 in the manifest; read unverified",
+            len(urls) - n,
+            len(urls),
+        )
+    return ShardChecks(sha, int(vocab) if vocab else None)
 
 
 def resolve_mixing(mixing: dict[str, float] | None, manifest: dict | None) -> dict[str, float] | None:
@@ -149,8 +172,10 @@ class DocumentDataset(IterableDataset):
         restore: list[tuple[dict | None, int]],
         start_epochs: dict[str, int] | None,
         rotation: int,
+        checks: ShardChecks | None = None,
     ):
         super().__init__()
+        self.checks = checks
         self.urls, self.rank, self.world_size = urls, rank, world_size
         self.num_workers = max(1, num_workers)
         self.seed, self.weights, self.buffer_size = seed, weights, buffer_size
@@ -169,6 +194,7 @@ class DocumentDataset(IterableDataset):
             self.buffer_size,
             self.on_corrupt,
             self.start_epochs,
+            self.checks,
         )
         snapshot, skip = self.restore[w]
         if snapshot is not None:
@@ -222,6 +248,7 @@ class PackedLoader:
         pad_id: int | None = None,
         chunk_docs: int = 256,
         log_every: int = 1000,
+        verify: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -235,6 +262,7 @@ class PackedLoader:
         self.weights = resolve_mixing(mixing, manifest)
         self.shuffle_buffer, self.on_corrupt = shuffle_buffer, on_corrupt
         self.chunk_docs, self.log_every = chunk_docs, log_every
+        self.checks = shard_checks(self.urls, manifest, verify)
         if pad_id is None:
             pad_id = int((manifest or {}).get("tokenizer", {}).get("pad_id", 0))
         self.pad_id = pad_id
@@ -282,6 +310,7 @@ class PackedLoader:
             restore=[(r["snapshot"], r["skip"]) for r in self._records],
             start_epochs=self._start_epochs,
             rotation=self._rotation,
+            checks=self.checks,
         )
 
     def _chunks(self) -> Iterator[Chunk]:
@@ -409,8 +438,13 @@ class PackedLoader:
         slots = c["tokens"] + c["pad_tokens"]
         c["efficiency"] = c["tokens"] / slots if slots else 0.0
         c["splits"] = self.packer.splits
-        c["skipped_shards"] = sum(r["skipped_shards"] for r in self._records)
-        c["skipped_samples"] = sum(r["skipped_samples"] for r in self._records)
+        # Skips before a resume on another layout, which starts the worker records afresh.
+        c["skipped_shards"] = c.pop("earlier_skipped_shards", 0) + sum(
+            r["skipped_shards"] for r in self._records
+        )
+        c["skipped_samples"] = c.pop("earlier_skipped_samples", 0) + sum(
+            r["skipped_samples"] for r in self._records
+        )
         c["epochs"] = self.epochs()
         return c
 
@@ -537,6 +571,16 @@ class PackedLoader:
         self._start_epochs = start
         self._counters = dict(own["counters"])
         self._stream_tokens = dict(own["stream_tokens"])
+        # Skip counts survive the fresh records: given every saved rank's state, rank 0 takes them
+        # all, so the sum over ranks stays the run's total; given its own, a rank keeps its own.
+        own_only = len(states) == 1
+        for kind in ("shards", "samples"):
+            total = sum(
+                int(s["counters"].get(f"earlier_skipped_{kind}", 0))
+                + sum(int(rec[f"skipped_{kind}"]) for rec in s["workers"])
+                for s in states
+            )
+            self._counters[f"earlier_skipped_{kind}"] = total if own_only or self.rank == 0 else 0
 
 
 # ----------------------------------------------------------------------------------- builder
@@ -560,4 +604,5 @@ def build_loader(cfg, rank: int, world_size: int, shards: str | None = None) -> 
         bestfit_buffer=lc.bestfit_buffer,
         on_corrupt=lc.on_corrupt,
         log_every=max(1, 100 * cfg.train.log_every),
+        verify=lc.verify,
     )

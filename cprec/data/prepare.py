@@ -145,7 +145,7 @@ def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> di
     ds = readers.read_source(dcfg, issues)
     clock.lap("read")
     inter = clean(ds, dcfg, issues)
-    held = split(inter, ds.presplit)
+    held = split(inter, ds.presplit, dcfg.same_time_history)
     clock.lap("clean+split")
     counts = {
         "interactions_in": ds.interactions_in,

@@ -28,7 +28,11 @@ import numpy as np
 from tqdm import tqdm
 
 from cprec.config import DataConfig
+from cprec.data.clean import drop_unknown_domains
 from cprec.data.schema import (
+    NO_TARGET,
+    TEST_TARGET,
+    VALID_TARGET,
     Dataset,
     Interactions,
     InteractionsBuilder,
@@ -201,7 +205,9 @@ class _EventReader:
         self.builder = builder
         self.issues = issues
 
-    def add(self, path, fcode, line, user, item, domain, time_value, timed: bool) -> None:
+    def add(
+        self, path, fcode, line, user, item, domain, time_value, timed: bool, target: int = NO_TARGET
+    ) -> None:
         user, item = as_id(user), as_id(item)
         if not user or not item:
             self.issues.drop("missing_field", path, line, "empty user or item")
@@ -219,18 +225,53 @@ class _EventReader:
                 self.issues.drop("bad_timestamp", path, line, f"cannot parse {time_value!r}")
                 return
             t = parsed
-        self.builder.add(user, item, domain, t, fcode, line)
+        self.builder.add(user, item, domain, t, fcode, line, target)
+
+
+_SPLIT_TARGET = {"train": NO_TARGET, "valid": VALID_TARGET, "test": TEST_TARGET}
+
+
+def _event_files(cfg: DataConfig) -> list[tuple[Path, str | None]]:
+    """(file, split of all its events or None) for a generic source: ``data.path``'s files, or
+    those of ``data.split_files`` (train first, so read order follows the split)."""
+    if not cfg.split_files:
+        return [(p, None) for p in _files_of(cfg.path, cfg.source)]
+    order = [s for s in ("train", "valid", "test") if s in cfg.split_files]
+    return [(p, s) for s in order for p in _files_of(cfg.split_files[s], cfg.source)]
+
+
+def _split_of(row: dict, cfg: DataConfig, path: Path, line: int, issues: IssueLog) -> int | None:
+    """Target kind from the split column of a row; None (counted) when missing or unknown."""
+    value = as_id(row.get(cfg.columns.split))
+    if not value:
+        issues.drop("missing_field", path, line, f"empty split ({cfg.columns.split!r})")
+        return None
+    name = cfg.split_values.get(value)
+    if name is None:
+        issues.drop("unknown_split", path, line, f"{value!r} (data.split_values: {sorted(cfg.split_values)})")
+        return None
+    return _SPLIT_TARGET[name]
 
 
 def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
-    """JSONL / CSV / Parquet events with ``data.columns`` names, optional item text file."""
+    """JSONL / CSV / Parquet events with ``data.columns`` names, optional item text file.
+
+    Pre-split logs: with ``data.columns.split`` each event names its split, with ``data.split_files``
+    each file holds one split. Then every valid/test event is a held-out target and the user's
+    events before it (every split, every domain) its history; no leave-one-out.
+    """
     fmt, col = cfg.source, cfg.columns
     builder = InteractionsBuilder()
     events = _EventReader(builder, issues)
-    files = _files_of(cfg.path, fmt)
-    for path in files:
+    event_files = _event_files(cfg)
+    files = [p for p, _ in event_files]
+    required = {"data.columns.user": col.user, "data.columns.item": col.item}
+    if col.split:
+        required["data.columns.split"] = col.split
+    for path, file_split in event_files:
         header, rows = iter_rows(path, fmt, issues.drop)
-        _require(header, {"data.columns.user": col.user, "data.columns.item": col.item}, path)
+        _require(header, required, path)
+        target = _SPLIT_TARGET[file_split] if file_split else NO_TARGET
         fcode = builder.file_code(path)
         has_domain = has_time = None
         if header is not None:
@@ -239,6 +280,10 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
             if has_domain is None:  # JSONL: the first record decides which optional keys exist
                 has_domain, has_time = col.domain in row, col.timestamp in row
             domain = as_id(row.get(col.domain)) if has_domain else cfg.default_domain
+            if col.split:
+                target = _split_of(row, cfg, path, line, issues)
+                if target is None:
+                    continue
             events.add(
                 path,
                 fcode,
@@ -248,12 +293,16 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
                 domain,
                 row.get(col.timestamp),
                 has_time,
+                target,
             )
     n_in = len(builder) + issues.total_dropped
-    inter = resolve_item_domains(builder.build(), issues)
+    inter = resolve_item_domains(builder.build(), issues, cfg.domains)
+    presplit = bool(col.split or cfg.split_files)
+    if presplit and not (inter.target != NO_TARGET).any():
+        log.warning("the pre-split source has no valid or test event: there will be nothing to evaluate")
     texts = read_item_texts(Path(cfg.item_path).expanduser(), fmt, cfg, issues) if cfg.item_path else None
     sources = files + ([Path(cfg.item_path).expanduser()] if cfg.item_path else [])
-    return Dataset(inter, build_catalogue(inter, texts), sources, n_in)
+    return Dataset(inter, build_catalogue(inter, texts), sources, n_in, presplit=presplit)
 
 
 def read_item_texts(path: Path, fmt: str, cfg: DataConfig, issues: IssueLog) -> dict[str, tuple[str, dict]]:
@@ -294,23 +343,40 @@ def add_item_text(
         out[item] = (values[0] if values else "", dict(zip(text_cols[1:], values[1:])))
 
 
-def resolve_item_domains(inter: Interactions, issues: IssueLog) -> Interactions:
-    """Item ids are global: an item's domain is that of its first event; others are dropped."""
+def resolve_item_domains(inter: Interactions, issues: IssueLog, domains: list[str] = ()) -> Interactions:
+    """Item ids are global, so each item gets one domain; events of the item in another are dropped.
+
+    Events of domains outside ``domains`` (``data.domains``; empty = all) are dropped first, as
+    ``unknown_domain``, so they never take part in the choice. An item's domain is the one most of
+    its events are in (a tie goes to the domain of its earliest event): one stray event in a wrong
+    domain costs that one event, never the item's other events. In strict mode the error names the
+    first event outside the chosen domain - the record that is wrong.
+    """
+    inter = drop_unknown_domains(inter, list(domains), issues)
     if len(inter) == 0:
         return inter
-    first_row = np.full(len(inter.items), -1, dtype=np.int64)
-    # Rows are in read order, so the first occurrence of each item code is its first event.
-    codes, idx = np.unique(inter.item, return_index=True)
-    first_row[codes] = idx
-    first_domain = inter.domain[first_row[inter.item]]
-    bad = inter.domain != first_domain
+    n_dom = len(inter.domains)
+    key = inter.item.astype(np.int64) * n_dom + inter.domain
+    # Rows are in read order, so each (item, domain)'s first index is its earliest event.
+    keys, first, counts = np.unique(key, return_index=True, return_counts=True)
+    # Per item, the (item, domain) pair with the most events, then the earliest first event.
+    order = np.lexsort((first, -counts, keys // n_dom))
+    pair_item = (keys // n_dom)[order]
+    winner = order[np.r_[True, pair_item[1:] != pair_item[:-1]]]
+    chosen = np.full(len(inter.items), -1, dtype=np.int64)
+    chosen[keys[winner] // n_dom] = keys[winner] % n_dom
+    item_domain = chosen[inter.item]
+    bad = inter.domain != item_domain
     if bad.any():
         rows = np.flatnonzero(bad)
         r = int(rows[0])
         file, line = inter.where(r)
+        item = inter.item[r]
+        n_item = int(counts[keys // n_dom == item].sum())
+        n_kept = int(counts[keys == item * n_dom + item_domain[r]][0])
         detail = (
-            f"item {inter.items[inter.item[r]]!r} in domain {inter.domains[inter.domain[r]]!r}, "
-            f"first seen in {inter.domains[first_domain[r]]!r}"
+            f"item {inter.items[item]!r} in domain {inter.domains[inter.domain[r]]!r}, while "
+            f"{n_kept} of its {n_item} events are in {inter.domains[item_domain[r]]!r}"
         )
         issues.drop("item_domain_conflict", file, line, detail, n=len(rows))
         inter = inter.select(~bad)
@@ -365,7 +431,7 @@ def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
                 t = t / divisor
             events.add(path, fcode, line, row.get(user_key), item, domain, t, True)
     n_in = len(builder) + issues.total_dropped
-    inter = resolve_item_domains(builder.build(), issues)
+    inter = resolve_item_domains(builder.build(), issues, cfg.domains)
     texts = None
     if cfg.meta_files:
         texts = {}
@@ -488,7 +554,7 @@ def read_recbole(cfg: DataConfig, issues: IssueLog) -> Dataset:
     builder = InteractionsBuilder()
     read_recbole_events(inter_path, cfg, issues, builder)
     n_in = len(builder) + issues.total_dropped
-    inter = resolve_item_domains(builder.build(), issues)
+    inter = resolve_item_domains(builder.build(), issues, cfg.domains)
     texts = read_recbole_items(item_path, cfg.columns.item, cfg.columns.text, issues) if item_path else None
     sources = [inter_path] + ([item_path] if item_path else [])
     return Dataset(inter, build_catalogue(inter, texts), sources, n_in)
@@ -517,7 +583,7 @@ def read_source(cfg: DataConfig, issues: IssueLog) -> Dataset:
 def source_files(cfg: DataConfig) -> list[Path]:
     """The files a source reads (for the content hash), without parsing them."""
     if cfg.source in ("jsonl", "csv", "parquet"):
-        files = _files_of(cfg.path, cfg.source)
+        files = [p for p, _ in _event_files(cfg)]
         return files + (_files_of(cfg.item_path, cfg.source) if cfg.item_path else [])
     if cfg.source in ("amazon2018", "amazon2023"):
         return [Path(p).expanduser() for p in (*cfg.files.values(), *cfg.meta_files.values())]

@@ -28,8 +28,11 @@ DROP_REASONS = {
     "bad_timestamp": "a timestamp that is neither a number nor an ISO date",
     "unknown_item": "an item id outside the item catalogue of a closed-catalogue source",
     "unknown_domain": "an event whose domain is not in data.domains",
+    "unknown_split": "an event whose split-column value is not in data.split_values",
     "no_domain_for_genre": "ML-1M: a movie none of whose genres is in data.domain_map",
-    "item_domain_conflict": "an item id already seen in another domain (item ids are global)",
+    "item_domain_conflict": (
+        "an event of an item whose events are mostly in another domain (item ids are global)"
+    ),
     "item_without_text": "an event on an item without text, with data.missing_text=drop",
     "duplicate_event": "a repeated (user, item, timestamp) event, with data.dedup=keep_first",
     "user_too_few_interactions": "events of a user with fewer than data.min_interactions events",

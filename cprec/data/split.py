@@ -2,10 +2,18 @@
 
 Leave-one-out: for each user and each domain where the user has at least 3 events, the last event
 in that domain is the test target and the second last the validation target. Pre-split sources
-(food-kitchen) mark their targets on the events. Either way an eval row's history is *all* of the
-user's events (every domain) strictly before the target, in time order — so a test history holds
-the validation target — and the pre-training events are the user's events minus **every**
-held-out target. Targets leave the pipeline here and never come back into pre-training text.
+(food-kitchen, generic sources with a split column) mark their targets on the events. Either way an
+eval row's history is *all* of the user's events (every domain) before the target, in time order —
+so a test history holds the validation target — and the pre-training events are the user's events
+minus **every** held-out target. Targets leave the pipeline here and never come back into
+pre-training text.
+
+"Before" (``data.same_time_history``): with ``exclude`` (the default) the history holds only
+events with a strictly earlier timestamp, since the order of same-time events against the target
+is unknown (a basket, a batch of ratings submitted at once); with ``include`` the events at the
+target's time that come earlier in the file count as before it, ties broken by file order (what
+the leave-one-out choice of the target does either way). Untimed events (file order is time order)
+are never ties.
 """
 
 from __future__ import annotations
@@ -72,10 +80,28 @@ def leave_one_out_targets(inter: Interactions) -> np.ndarray:
     return target
 
 
-def split(inter: Interactions, presplit: bool) -> Split:
+def history_ends(inter: Interactions, rows: np.ndarray, same_time_history: str) -> np.ndarray:
+    """End (exclusive) of the history of each target row: the row itself with ``include``; with
+    ``exclude`` the first row of the run of same-user, same-timestamp rows the target is in."""
+    if same_time_history == "include" or len(rows) == 0:
+        return rows
+    if same_time_history != "exclude":
+        raise ValueError(
+            f"config field 'data.same_time_history': exclude or include, got {same_time_history!r}"
+        )
+    n = len(inter)
+    t = inter.time
+    # NaN != NaN: untimed rows never start a tie with their predecessor.
+    tied = np.r_[False, (inter.user[1:] == inter.user[:-1]) & (t[1:] == t[:-1])]
+    run_start = np.maximum.accumulate(np.where(~tied, np.arange(n), 0))
+    return run_start[rows]
+
+
+def split(inter: Interactions, presplit: bool, same_time_history: str = "exclude") -> Split:
     """Held-out targets (leave-one-out unless ``presplit``) and the pre-training events.
 
-    ``inter`` must be grouped by user in time order (``Interactions.sort_by_user_time``).
+    ``inter`` must be grouped by user in time order (``Interactions.sort_by_user_time``);
+    ``same_time_history`` is ``data.same_time_history`` (see the module docstring).
     """
     target = inter.target.copy() if presplit else leave_one_out_targets(inter)
     rows = np.flatnonzero(target != NO_TARGET)
@@ -83,13 +109,14 @@ def split(inter: Interactions, presplit: bool) -> Split:
     user_start = np.flatnonzero(np.r_[True, inter.user[1:] != inter.user[:-1]]) if n else np.zeros(0, int)
     # Row r's user starts at the last user boundary <= r.
     first_row = user_start[np.searchsorted(user_start, rows, side="right") - 1] if len(rows) else rows
+    ends = history_ends(inter, rows, same_time_history)
     items = np.array(inter.items, dtype=object)
     out = Split(inter.select(target == NO_TARGET), [], [], [], [], [])
-    for r, start in zip(rows.tolist(), first_row.tolist()):
+    for r, start, end in zip(rows.tolist(), first_row.tolist(), ends.tolist()):
         out.eval_user.append(inter.users[inter.user[r]])
         out.eval_split.append(TARGET_NAMES[int(target[r])])
         out.eval_domain.append(inter.domains[inter.domain[r]])
-        out.eval_history.append(items[inter.item[start:r]].tolist())
+        out.eval_history.append(items[inter.item[start:end]].tolist())
         out.eval_target.append(inter.items[inter.item[r]])
     return out
 

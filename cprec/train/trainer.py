@@ -34,6 +34,7 @@ from cprec.data import shards
 from cprec.train import checkpoint as ckpt_io
 from cprec.train import engine as eng
 from cprec.train import mfu as mfu_mod
+from cprec.train import skips
 from cprec.train.schedule import Schedule, build_schedule, phase_steps
 from cprec.train.tracking import Tracker, make_tracker
 
@@ -276,6 +277,9 @@ def train_loop(r: Run) -> Path | None:
             log.warning("stop requested (SIGTERM/SIGUSR1): saved step %d, exiting; rerun to resume", r.step)
             break
     bar.close()
+    skipped = skips.gather(r.loader, r.engine.device)  # collective: before rank 0 alone reports
+    if rank0:
+        skipped.log_summary(r.cfg.train.loader.on_corrupt)
     r.loader.close()  # stop loader worker processes
     return r.last_checkpoint
 
@@ -288,6 +292,7 @@ def log_step(r: Run, loss: float, lr: float) -> None:
     if r.step % r.cfg.train.log_every == 0 or r.step == r.end_step:
         window = r.meter.log_window()  # collective: every rank calls it
         row.update(window)
+        row.update(skips.gather(r.loader, r.engine.device).metrics())  # collective too
         row["mfu"] = mfu_mod.mfu(window["tokens_per_s"], r.flops_per_token, r.peak_flops, r.geo.world_size)
         metrics = {k: v for k, v in row.items() if k not in ("step", "time") and v is not None}
         metrics["phase_tokens"] = r.meter.phase_tokens
@@ -315,6 +320,7 @@ def save(r: Run, permanent: bool) -> None:
         phase_tokens=r.meter.phase_tokens,
         stream_tokens=r.meter.stream_tokens,
         run_id=r.tracker.run_id,
+        loader_skipped=skips.gather(r.loader, r.engine.device).state(),
     )
     rank_state = {"rng": ckpt_io.rng_state(), "loader": r.loader.state_dict(), "step": r.step}
     result = ckpt_io.save(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -378,9 +379,12 @@ def test_corrupt_and_missing_shards_are_skipped_with_a_warning_and_a_count(tmp_p
         keys = one_epoch(loader)
     assert truncated in caplog.text and missing in caplog.text
     assert loader.stats()["skipped_shards"] == 2
-    # Everything readable arrives once: the two intact shards and the front part of the truncated one.
+    # Shards with a sha256 in the manifest are all or nothing: the two intact ones arrive, once.
     manifest = info["manifest"]
     intact = manifest["shards"][0]["samples"] + manifest["shards"][3]["samples"]
+    assert len(keys) == len(set(keys)) == intact
+    # Unverified (train.loader.verify=false), the readable front part of the truncated one arrives too.
+    keys = one_epoch(make_loader(tmp_path, on_corrupt="skip", verify=False))
     assert len(keys) == len(set(keys)) and intact < len(keys) < intact + manifest["shards"][1]["samples"]
 
     # Through pipe: and worker processes the count still reaches the loader.
@@ -392,6 +396,113 @@ def test_corrupt_and_missing_shards_are_skipped_with_a_warning_and_a_count(tmp_p
         next(it)
     loader.close()
     assert loader.stats()["skipped_shards"] >= 2
+
+
+def _flip_ids(shard: Path, n: int = 3) -> list[str]:
+    """Overwrite 8 payload bytes of the first ``n`` ids.npy members (ids become -3968); their keys."""
+    with tarfile.open(shard) as tar:
+        members = [m for m in tar.getmembers() if m.name.endswith(".ids.npy")][:n]
+    data = bytearray(shard.read_bytes())
+    for m in members:
+        at = m.offset_data + 128 + 4  # past the .npy header and BOS
+        data[at : at + 8] = b"\x80\xf0\xff\xff" * 2
+    shard.write_bytes(bytes(data))
+    return [m.name.split(".")[0] for m in members]
+
+
+def test_sha256_is_checked_while_streaming(tmp_path):
+    info = write_prepared(tmp_path, n_shards=2)
+    path, sha = tmp_path / info["manifest"]["shards"][0]["path"], info["manifest"]["shards"][0]["sha256"]
+    assert len(list(iter_tar_samples(str(path), sha))) == info["manifest"]["shards"][0]["samples"]
+    _flip_ids(path)
+    with pytest.raises(ShardError, match=r"shard-000000\.tar: sha256 .* does not match"):
+        list(iter_tar_samples(str(path), sha))
+
+
+def test_shard_buffer_is_reused_and_grows(tmp_path):
+    from cprec.data.docstream import ShardBuffer
+
+    small, big = tmp_path / "small.tar", tmp_path / "big.tar"
+    small.write_bytes(b"a" * 1000)
+    big.write_bytes(b"b" * 3_000_000)
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (small, big)}
+    buf = ShardBuffer()
+    view = buf.fill(str(small), sha[small])  # still alive while the next shard is read
+    assert bytes(view) == small.read_bytes()
+    assert bytes(buf.fill(str(big), sha[big])) == big.read_bytes()
+    assert bytes(buf.fill(str(small), sha[small])) == small.read_bytes()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_byte_flipped_ids_fail_naming_the_shard(tmp_path, num_workers):
+    write_prepared(tmp_path, n_shards=4)
+    _flip_ids(tmp_path / "shards" / "shard-000002.tar")
+    loader = make_loader(tmp_path, num_workers=num_workers)
+    with pytest.raises(Exception, match=r"shard-000002\.tar: sha256") as exc:
+        it = iter(loader)
+        for _ in range(200):
+            next(it)
+    assert isinstance(exc.value, ShardError) or "ShardError" in str(exc.value)
+    loader.close()
+
+
+def test_byte_flipped_shard_is_skipped_whole_and_counted(tmp_path):
+    info = write_prepared(tmp_path, n_shards=4)
+    _flip_ids(tmp_path / "shards" / "shard-000002.tar")
+    loader = make_loader(tmp_path, on_corrupt="skip")
+    got = []
+    for d in loader.iter_documents():
+        if d.epoch > 0:
+            break
+        got.append(d)
+    assert loader.stats()["skipped_shards"] == 1 and loader.stats()["skipped_samples"] == 0
+    samples = [s["samples"] for s in info["manifest"]["shards"]]
+    assert len(got) == sum(samples) - samples[2]  # nothing of the corrupt shard, all of the others
+    assert all(0 <= int(d.tokens.min()) and int(d.tokens.max()) < 1000 for d in got)
+
+
+def test_out_of_vocabulary_ids_name_shard_and_sample(tmp_path):
+    """Without a sha256 in the manifest the vocabulary check still catches the ids, per sample."""
+    info = write_prepared(tmp_path, n_shards=4)
+    manifest = info["manifest"]
+    for s in manifest["shards"]:
+        s["sha256"] = ""
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    bad = _flip_ids(tmp_path / "shards" / "shard-000001.tar", n=2)
+    with pytest.raises(
+        ShardError, match=rf"shard-000001\.tar sample ({'|'.join(bad)}): 2 token id\(s\) outside"
+    ):
+        it = iter(make_loader(tmp_path))
+        for _ in range(200):
+            next(it)
+    loader = make_loader(tmp_path, on_corrupt="skip")
+    keys = one_epoch(loader)
+    assert loader.stats()["skipped_samples"] == 2 and loader.stats()["skipped_shards"] == 0
+    assert sorted(keys) == sorted(set(info["docs"]) - set(bad))  # every good document of the shard kept
+
+
+def test_skip_counts_survive_a_resume_on_any_layout(tmp_path):
+    """The counts the trainer reports run from the start of the run, across resumes."""
+    write_prepared(tmp_path, n_shards=4)
+    _damage(tmp_path)
+    states, skipped = [], 0
+    for rank in range(2):
+        loader = make_loader(tmp_path, rank=rank, world_size=2, on_corrupt="skip")
+        one_epoch(loader)
+        skipped += loader.stats()["skipped_shards"]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    assert skipped >= 2  # each damaged shard at least once (epoch 1 may have begun)
+    same = make_loader(tmp_path, rank=1, world_size=2, on_corrupt="skip")
+    same.load_state_dict(states[1])
+    assert same.stats()["skipped_shards"] == states[1]["workers"][0]["skipped_shards"]
+    # Another world size: rank 0 takes every saved rank's count, the others none.
+    ranks = [make_loader(tmp_path, rank=r, world_size=3, on_corrupt="skip") for r in range(3)]
+    for loader in ranks:
+        loader.load_state_dict(states)
+    assert [loader.stats()["skipped_shards"] for loader in ranks] == [skipped, 0, 0]
+    roundtrip = make_loader(tmp_path, rank=0, world_size=3, on_corrupt="skip")
+    roundtrip.load_state_dict(json.loads(json.dumps(ranks[0].state_dict())))
+    assert roundtrip.stats()["skipped_shards"] == skipped
 
 
 def test_all_shards_missing_is_an_error_not_a_hang(tmp_path):

@@ -21,7 +21,7 @@ def prepare_split(cfg: DataConfig, strict: bool = False):
     issues = IssueLog(strict)
     ds = read_source(cfg, issues)
     inter = clean(ds, cfg, issues)
-    held = split(inter, ds.presplit)
+    held = split(inter, ds.presplit, cfg.same_time_history)
     return ds, issues, held
 
 
@@ -68,6 +68,32 @@ def test_time_order_ties_keep_file_order(tmp_path):
     _, _, held = prepare_split(jsonl_cfg(tmp_path, rows))
     targets = {r["split"]: r["target"] for r in held.eval_table().to_pylist()}
     assert targets == {"valid": "y", "test": "z"}
+
+
+@pytest.mark.parametrize(
+    "rule, test_history, valid_history",
+    [("exclude", ["a", "b"], ["a", "b"]), ("include", ["a", "b", "c", "d"], ["a", "b", "c"])],
+)
+def test_same_time_events_and_the_history(tmp_path, rule, test_history, valid_history):
+    """data.same_time_history: events at the target's timestamp are left out (default) or count as
+    before it when read earlier."""
+    rows = [ev("u", "a", 1), ev("u", "b", 2), ev("u", "c", 5), ev("u", "d", 5), ev("u", "e", 5)]
+    kw = {} if rule == "exclude" else {"same_time_history": rule}
+    _, _, held = prepare_split(jsonl_cfg(tmp_path, rows, **kw))
+    by = {r["split"]: r for r in held.eval_table().to_pylist()}
+    assert (by["test"]["target"], by["valid"]["target"]) == ("e", "d")
+    assert by["test"]["history"] == test_history and by["valid"]["history"] == valid_history
+
+
+def test_untimed_events_are_never_ties(tmp_path):
+    rows = [{"user_id": "u", "item_id": k, "domain": "d"} for k in "abcd"]
+    _, _, held = prepare_split(jsonl_cfg(tmp_path, rows))
+    assert {r["split"]: r["history"] for r in held.eval_table().to_pylist()} == {
+        "valid": ["a", "b"],
+        "test": ["a", "b", "c"],
+    }
+    with pytest.raises(ValueError, match="data.same_time_history"):
+        DataConfig(same_time_history="before")
 
 
 def test_loo_targets_vectorized_matches_definition():
@@ -220,3 +246,114 @@ def test_no_leakage_on_real_food_kitchen(food_kitchen_dir):
     assert held.counts["valid"] == 960 and held.counts["test"] == 937 and reconciles(ds, issues, held)
     checked = assert_no_leakage(ds, held, PromptRenderer(PromptConfig()))
     assert checked > 1800  # nearly every target has a distinctive title
+
+
+# ----------------------------------------------------------------- one bad record, one drop
+def poisoned_rows() -> tuple[list[dict], int]:
+    """Users u0..u10 each eat i5 (food) once; a single ``video`` event on i5 comes before all of
+    them. Returns the rows and the poisoned row's line number (1-based, like the reader's)."""
+    rows = []
+    for u in range(10):
+        rows += [ev(f"u{u}", f"f{u}", 1, "food"), ev(f"u{u}", f"k{u}", 2, "kitchen")]
+    rows.append(ev("u2", "i5", 3, "video"))  # line 21: the one bad record
+    line = len(rows)
+    for u in range(11):
+        rows += [ev(f"u{u}", "i5", 4, "food"), ev(f"u{u}", f"g{u}", 5, "food")]
+    rows += [ev("u10", "f10", 1, "food"), ev("u10", "k10", 2, "kitchen")]
+    return rows, line
+
+
+def test_unknown_domain_event_does_not_decide_its_items_domain(tmp_path):
+    rows, _ = poisoned_rows()
+    ds, issues, held = prepare_split(jsonl_cfg(tmp_path, rows, domains=["food", "kitchen"]))
+    assert dict(issues.dropped) == {"unknown_domain": 1}  # no cascading item_domain_conflict
+    assert ds.items["i5"].domain == "food"
+    kept = sum(held.train.items[c] == "i5" for c in held.train.item)
+    kept += sum(t == "i5" for t in held.eval_target)
+    assert kept == 11 and reconciles(ds, issues, held)
+
+
+def test_strict_mode_names_the_poisoned_record(tmp_path):
+    rows, line = poisoned_rows()
+    assert line == 21
+    with pytest.raises(ValueError, match=rf"e\.jsonl:{line}: unknown_domain.*'video'"):
+        prepare_split(jsonl_cfg(tmp_path, rows, domains=["food", "kitchen"]), strict=True)
+
+
+def test_an_item_takes_the_domain_of_most_of_its_events(tmp_path):
+    """A stray event in an allowed but wrong domain costs itself only, and strict mode names it."""
+    rows = [ev("u0", "x", 1, "kitchen")] + [ev(f"u{u}", "x", 2, "food") for u in range(5)]
+    ds = read_source(jsonl_cfg(tmp_path, rows), issues := IssueLog())
+    assert dict(issues.dropped) == {"item_domain_conflict": 1} and len(ds.interactions) == 5
+    assert ds.items["x"].domain == "food"
+    match = r"e\.jsonl:1: item_domain_conflict.*5 of its 6 events are in 'food'"
+    with pytest.raises(ValueError, match=match):
+        read_source(jsonl_cfg(tmp_path, rows), IssueLog(strict=True))
+
+
+# ------------------------------------------------------------------ pre-split generic sources
+def _presplit_rows() -> list[dict]:
+    """u1: 4 train events, then a valid and a test event (the log's own split, labelled 'val' and
+    'eval'); u2: training only, long enough that leave-one-out would hold out two of its events."""
+    rows = [ev("u1", f"a{k}", k) | {"part": "train"} for k in range(4)]
+    rows += [ev("u1", "a8", 8) | {"part": "val"}, ev("u1", "a9", 9) | {"part": "eval"}]
+    rows += [ev("u2", f"a{k}", k) | {"part": "train"} for k in range(6)]
+    rows.append(ev("u2", "a7", 7) | {"part": "holdout"})  # not in data.split_values: counted
+    return rows
+
+
+def _write_rows(path, rows, fmt):
+    if fmt == "jsonl":
+        return write_jsonl(path, rows)
+    import pyarrow as pa
+
+    table = pa.Table.from_pylist(rows)
+    if fmt == "csv":
+        import pyarrow.csv as pcsv
+
+        pcsv.write_csv(table, path)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, path)
+    return path
+
+
+SPLIT_VALUES = {"train": "train", "val": "valid", "eval": "test"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_split_column_of_a_generic_source_is_used_not_leave_one_out(tmp_path, fmt):
+    path = _write_rows(tmp_path / f"e.{fmt}", _presplit_rows(), fmt)
+    cfg = DataConfig(source=fmt, path=str(path), split_values=SPLIT_VALUES)
+    cfg.columns.split = "part"
+    ds, issues, held = prepare_split(cfg)
+    assert ds.presplit and dict(issues.dropped) == {"unknown_split": 1}
+    table = held.eval_table().to_pylist()
+    assert [(r["user"], r["split"], r["target"], r["history"]) for r in table] == [
+        ("u1", "valid", "a8", ["a0", "a1", "a2", "a3"]),
+        ("u1", "test", "a9", ["a0", "a1", "a2", "a3", "a8"]),
+    ]
+    assert held.counts == {"train": 10, "valid": 1, "test": 1} and reconciles(ds, issues, held)
+    with pytest.raises(ValueError, match=rf"e\.{fmt}:\d+: unknown_split.*'holdout'"):
+        prepare_split(cfg, strict=True)
+
+
+def test_separate_files_per_split(tmp_path):
+    rows = [r for r in _presplit_rows() if r["part"] != "holdout"]
+    files = {}
+    for part, name in SPLIT_VALUES.items():
+        mine = [{k: v for k, v in r.items() if k != "part"} for r in rows if r["part"] == part]
+        files[name] = str(_write_rows(tmp_path / f"{name}.csv", mine, "csv"))
+    cfg = DataConfig(source="csv", split_files=files)
+    ds, issues, held = prepare_split(cfg)
+    assert ds.presplit and not issues.dropped
+    got = [(r["user"], r["split"], r["target"], len(r["history"])) for r in held.eval_table().to_pylist()]
+    assert got == [("u1", "valid", "a8", 4), ("u1", "test", "a9", 5)]
+    assert held.counts == {"train": 10, "valid": 1, "test": 1}
+    with pytest.raises(ValueError, match="data.split_files"):
+        DataConfig(source="csv", split_files={"dev": "x.csv"})
+    with pytest.raises(ValueError, match="data.split_files or data.path"):
+        DataConfig(source="csv", path="events.csv", split_files=files)
+    with pytest.raises(ValueError, match="data.split_values.dev"):
+        DataConfig(source="csv", split_values={"dev": "validation"})
