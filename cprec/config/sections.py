@@ -376,6 +376,9 @@ class EvalConfig:
     """Prompts encoded per batch."""
     max_users: int = 0
     """Evaluate at most this many users per domain (0 = all)."""
+    rank_pretrained: bool = True
+    """Also rank the checkpoint's embeddings as they are, without fine-tuning (the zero-shot
+    llm-pretrained rows). Costs one more encoding of every catalogue; false skips it."""
     finetune: bool = True
     """Contrastive fine-tuning before ranking."""
     finetune_scope: str = "all"

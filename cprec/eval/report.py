@@ -106,8 +106,25 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_k(ks: list[int]) -> int:
+    """The cut-off a report leads with: 10 when computed, else the largest K."""
+    return 10 if 10 in ks else max(ks)
+
+
+def summary_lines(model: str, per_domain: dict[str, dict[str, float]], ks: list[int]) -> list[str]:
+    """Log lines of one model's results, each naming its metric and K, e.g.
+    ``popularity recall@10: A 0.1391, B 0.0200, overall 0.0512``: recall and NDCG at the headline
+    K, and recall at the largest K when that is another one."""
+    k = headline_k(ks)
+    names = [f"recall@{k}", f"ndcg@{k}"] + ([f"recall@{max(ks)}"] if max(ks) != k else [])
+    return [
+        f"{model} {name}: " + ", ".join(f"{d} {_fmt(v.get(name))}" for d, v in per_domain.items())
+        for name in names
+    ]
+
+
 def plot(report: dict, path: str | Path, metrics: tuple[str, ...] = ("recall", "ndcg")) -> Path | None:
-    """Per-domain bars of each model for ``metric@K`` (K = 10 if reported, else the largest K)."""
+    """Per-domain bars of each model for ``metric@K`` (K = `headline_k`)."""
     try:
         import matplotlib
 
@@ -116,8 +133,7 @@ def plot(report: dict, path: str | Path, metrics: tuple[str, ...] = ("recall", "
     except ImportError:
         log.warning("matplotlib is not installed: skipping the metrics plot")
         return None
-    ks = report["ks"]
-    k = 10 if 10 in ks else max(ks)
+    k = headline_k(report["ks"])
     models = list(report["results"])
     domains = list(next(iter(report["results"].values()), {}).keys())
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)

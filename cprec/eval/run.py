@@ -7,8 +7,8 @@
    ``cprec.train.export.run``.
 2. Read the eval inputs of the prepared folder (``eval.prepared_dir`` or ``data.output_dir``) and
    build one ranking task per domain (``eval.max_users`` caps users per domain, seeded).
-3. ``llm-pretrained``: item and user embeddings (item cache under ``<eval.output_dir>/cache/``),
-   scored by dot product, ranked under ``eval.protocol``.
+3. ``llm-pretrained`` (``eval.rank_pretrained``): item and user embeddings (item cache under
+   ``<eval.output_dir>/cache/``), scored by dot product, ranked under ``eval.protocol``.
 4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
    per domain (``eval.finetune_scope``), plain PyTorch or DeepSpeed (``eval.finetune_deepspeed``),
    checkpointed every ``eval.finetune_checkpoint_every`` steps and resumed by a rerun, saved under
@@ -56,6 +56,7 @@ from cprec.eval.report import (
     close_tracker,
     log_report,
     open_tracker,
+    summary_lines,
     write_report,
 )
 from cprec.train.tracking import NullTracker, Tracker
@@ -145,8 +146,9 @@ class LLMSide:
         cat = self.inputs.catalogue
         items, users = {}, {}
         for d, task in tasks.items():
-            items[d] = encode_items(enc, builder, cat, task.rows.tolist(), self.cache, model_id)
-            users[d] = encode_users(enc, builder, cat, [u.history for u in task.users])
+            rows = task.rows.tolist()
+            items[d] = encode_items(enc, builder, cat, rows, self.cache, model_id, desc=f"items ({d})")
+            users[d] = encode_users(enc, builder, cat, [u.history for u in task.users], desc=f"users ({d})")
         if builder.unknown_history_items:
             log.warning(
                 "%d history items are not in items.parquet (left out of prompts)",
@@ -279,11 +281,8 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
             tasks, fn, ecfg.ks, ecfg.protocol, ecfg.n_negatives, ecfg.seed, batch_size=ecfg.batch_size
         )
         seconds[f"rank/{name}"] = time.perf_counter() - t0
-        log.info(
-            "%s: %s",
-            name,
-            {d: round(v.get(f"recall@{max(ecfg.ks)}", 0.0), 4) for d, v in results[name].items()},
-        )
+        for line in summary_lines(name, results[name], ecfg.ks):
+            log.info("%s", line)
 
     results: dict[str, dict] = {}
     models: dict[str, dict] = {}
@@ -291,15 +290,16 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     tracker.set_tags(checkpoint_tags(ckpt))
     side = LLMSide(cfg, prepared, inputs)
 
-    t = time.perf_counter()
-    model = load_model(hf_dir)
-    fn = side.score_fn(model, ckpt["id"], tasks)
-    del model
-    gc.collect()
-    seconds["encode/llm-pretrained"] = time.perf_counter() - t
-    if is_main:
-        rank("llm-pretrained", fn)
-    models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
+    if ecfg.rank_pretrained:
+        t = time.perf_counter()
+        model = load_model(hf_dir)
+        fn = side.score_fn(model, ckpt["id"], tasks)
+        del model
+        gc.collect()
+        seconds["encode/llm-pretrained"] = time.perf_counter() - t
+        if is_main:
+            rank("llm-pretrained", fn)
+        models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
 
     if ecfg.finetune:
         t = time.perf_counter()

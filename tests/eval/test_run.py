@@ -102,3 +102,25 @@ def test_find_checkpoint(tmp_path):
         find_checkpoint(load_config(None, [f"train.output_dir={tmp_path / 'nothing'}"]))
     with pytest.raises(FileNotFoundError, match="eval.checkpoint"):
         find_checkpoint(load_config(None, [f"eval.checkpoint={tmp_path / 'nope'}"]))
+
+
+def test_zero_shot_rows_are_optional_and_skip_their_encoding(tiny_prepared, tiny_model_dir, tmp_path, caplog):
+    """eval.rank_pretrained=false: no llm-pretrained rows, and the catalogue is encoded once (by the
+    fine-tuned model) instead of twice. Every summary line of the log names its metric and K."""
+    cfg = _cfg(
+        tiny_prepared,
+        tiny_model_dir,
+        tmp_path,
+        "eval.rank_pretrained=false",
+        "eval.baselines=[popularity]",
+        "tracking.backend=none",
+    )
+    with caplog.at_level("INFO", logger="cprec.eval.run"):
+        report = run(cfg)
+    assert set(report["results"]) == {"llm-finetuned", "popularity"}
+    assert "llm-pretrained" not in report["models"]
+    assert report["item_cache"] == {"hits": 0, "misses": 2}  # 2 domains x 1 model
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("llm-", "popularity"))]
+    assert {line.split(":")[0] for line in summary} == {
+        f"{m} {metric}@10" for m in ("llm-finetuned", "popularity") for metric in ("recall", "ndcg")
+    }
