@@ -360,6 +360,10 @@ class EvalConfig:
     """Prepared data folder with eval/ inputs (empty = data.output_dir)."""
     output_dir: str = "out/eval/default"
     """Where report.json / report.md / plots are written."""
+    allow_tokenizer_mismatch: bool = False
+    """Evaluate a checkpoint trained with another tokenizer than the prepared folder's (a deliberate
+    transfer: prompts are encoded with the prepared folder's tokenizer). False = refuse, naming both
+    tokenizer hashes, before any compute."""
     split: str = "test"
     """Which held-out targets to rank: valid or test."""
     protocol: str = "full"

@@ -73,6 +73,11 @@ def _latest(checkpoints: Path) -> Path:
     return target
 
 
+def prepared_dir(cfg: Config) -> Path:
+    """The prepared folder whose eval inputs and tokenizer are used."""
+    return Path(cfg.eval.prepared_dir or cfg.data.output_dir)
+
+
 def find_checkpoint(cfg: Config) -> Path:
     """The folder to evaluate: ``eval.checkpoint`` or the training run's final/latest checkpoint."""
     if cfg.eval.checkpoint:
@@ -116,6 +121,33 @@ def resolve_hf_folder(cfg: Config) -> tuple[Path, dict]:
         marker.write_text(json.dumps({"source": str(src), "source_id": src_id}), encoding="utf-8")
     barrier()  # every rank, always: the others wait for rank 0's export
     return out, {"path": str(src), "id": src_id, "kind": "deepspeed", "export": str(out)}
+
+
+def check_tokenizer(cfg: Config, checkpoint: Path, prepared: Path) -> None:
+    """The checkpoint must have been trained with the prepared folder's tokenizer (the one the
+    prompts are encoded with): the same check as training's, before any compute, unless
+    ``eval.allow_tokenizer_mismatch`` (a deliberate transfer, then a warning naming both)."""
+    from cprec.data.shards import read_manifest
+    from cprec.data.tokenize import TokenizerMismatch, require_same_tokenizer, tokenizer_hash
+    from cprec.train.checkpoint import tokenizer_identity
+
+    have, source = tokenizer_identity(checkpoint)
+    if have is None:
+        log.warning("cannot check the checkpoint's tokenizer against %s: %s", prepared, source)
+        return
+    if (prepared / "manifest.json").is_file():
+        want, want_what = read_manifest(prepared)["tokenizer"]["hash"], f"the prepared folder {prepared}"
+    else:
+        want, want_what = tokenizer_hash(load_tokenizer(prepared)), f"{prepared / 'tokenizer'}"
+    try:
+        require_same_tokenizer(have, f"checkpoint {checkpoint} ({source})", want, want_what)
+    except TokenizerMismatch as e:
+        if not cfg.eval.allow_tokenizer_mismatch:
+            raise TokenizerMismatch(
+                f"{e}; evaluate on a folder prepared with the checkpoint's tokenizer, or set "
+                "eval.allow_tokenizer_mismatch=true for a deliberate transfer"
+            ) from None
+        log.warning("%s; evaluating anyway (eval.allow_tokenizer_mismatch=true)", e)
 
 
 # ------------------------------------------------------------------------------------ the LLM
@@ -237,6 +269,7 @@ def run(cfg: Config) -> dict:
     else:
         info = init_distributed()
     try:
+        check_tokenizer(cfg, find_checkpoint(cfg), prepared_dir(cfg))  # before any compute
         tracker = _open_tracker(cfg, info.rank)
         try:
             report = _run(cfg, info.is_main, tracker)
@@ -265,7 +298,7 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         save_config(cfg, out / "config.yaml")  # the effective config beside the report
-    prepared = Path(ecfg.prepared_dir or cfg.data.output_dir)
+    prepared = prepared_dir(cfg)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     inputs = load_inputs(prepared, ecfg.split)

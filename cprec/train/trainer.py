@@ -96,21 +96,20 @@ def read_manifest(cfg: Config) -> tuple[Path, dict]:
 
 def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path: Path) -> None:
     """The shards, the model's own tokenizer and the checkpoint must all use the same tokenizer."""
-    want = manifest["tokenizer"]["hash"]
-    if cfg.model.name_or_path:
-        from cprec.data.tokenize import tokenizer_hash
+    from cprec.data.tokenize import require_same_tokenizer, tokenizer_hash
 
-        have = tokenizer_hash(cfg.model.name_or_path)
-        if have != want:
-            raise ValueError(
-                f"tokenizer mismatch: model.name_or_path {cfg.model.name_or_path} has tokenizer hash {have}, "
-                f"the shards in {manifest_path} were made with {want}; prepare the data with that tokenizer "
-                f"(data.tokenizer.path)"
-            )
-    if plan.checkpoint is not None and plan.state.get("tokenizer_hash") not in (None, want):
-        raise ValueError(
-            f"tokenizer mismatch: checkpoint {plan.checkpoint} was trained with tokenizer hash "
-            f"{plan.state['tokenizer_hash']}, the shards in {manifest_path} use {want}"
+    want, shards_what = manifest["tokenizer"]["hash"], f"the shards in {manifest_path}"
+    if cfg.model.name_or_path:
+        require_same_tokenizer(
+            tokenizer_hash(cfg.model.name_or_path),
+            f"model.name_or_path {cfg.model.name_or_path}",
+            want,
+            shards_what,
+            hint="prepare the data with that tokenizer (data.tokenizer.path)",
+        )
+    if plan.checkpoint is not None and plan.state.get("tokenizer_hash") is not None:
+        require_same_tokenizer(
+            plan.state["tokenizer_hash"], f"checkpoint {plan.checkpoint}", want, shards_what
         )
 
 

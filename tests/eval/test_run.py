@@ -124,3 +124,65 @@ def test_zero_shot_rows_are_optional_and_skip_their_encoding(tiny_prepared, tiny
     assert {line.split(":")[0] for line in summary} == {
         f"{m} {metric}@10" for m in ("llm-finetuned", "popularity") for metric in ("recall", "ndcg")
     }
+
+
+def _model_with_tokenizer(prepared, folder):
+    """An HF model folder as the trainer's export makes it: weights plus the tokenizer it used."""
+    from conftest import make_model_folder
+
+    from cprec.eval.encode import load_tokenizer
+
+    tok = load_tokenizer(prepared)
+    make_model_folder(folder, len(tok))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"vocab_size": 100, "kind": "bpe"}, {"vocab_size": 300, "kind": "unigram"}],
+    ids=["bpe-100", "unigram"],
+)
+def test_eval_refuses_a_folder_prepared_with_another_tokenizer(tiny_prepared, tmp_path, other):
+    """A checkpoint trained with one tokenizer, evaluated on a folder prepared with another: refused
+    before any compute (nothing written), naming both hashes; the override evaluates anyway."""
+    from conftest import make_prepared
+
+    from cprec.data.tokenize import TokenizerMismatch, tokenizer_hash
+    from cprec.eval.encode import load_tokenizer
+
+    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model")
+    foreign = make_prepared(tmp_path / "foreign", **other)
+    have, want = tokenizer_hash(load_tokenizer(tiny_prepared)), tokenizer_hash(load_tokenizer(foreign))
+    assert have != want
+    out = tmp_path / "eval"
+    cfg = _cfg(foreign, model_dir, out, "eval.finetune=false", "eval.baselines=[]", "tracking.backend=none")
+    with pytest.raises(
+        TokenizerMismatch, match=f"tokenizer hash {have}.*uses {want}.*allow_tokenizer_mismatch"
+    ):
+        run(cfg)
+    assert not out.exists()  # refused before anything was computed or written
+
+    allowed = _cfg(
+        foreign,
+        model_dir,
+        out,
+        "eval.finetune=false",
+        "eval.baselines=[]",
+        "tracking.backend=none",
+        "eval.allow_tokenizer_mismatch=true",
+    )
+    assert set(run(allowed)["results"]) == {"llm-pretrained"}
+
+
+def test_eval_accepts_the_folder_of_the_checkpoints_tokenizer(tiny_prepared, tmp_path):
+    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model")
+    cfg = _cfg(
+        tiny_prepared,
+        model_dir,
+        tmp_path / "eval",
+        "eval.finetune=false",
+        "eval.baselines=[]",
+        "tracking.backend=none",
+    )
+    assert set(run(cfg)["results"]) == {"llm-pretrained"}
