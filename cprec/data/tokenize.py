@@ -222,6 +222,8 @@ def tokenizer_hash(folder_or_tokenizer: Any) -> str:
 class TokenizerMismatch(ValueError):
     """Two things that must share a tokenizer (shards, checkpoint, model folder) do not."""
 
+    same_on_every_rank = True  # every rank checks the same files: the CLI prints it once (rank 0)
+
 
 def require_same_tokenizer(have: str, have_what: str, want: str, want_what: str, hint: str = "") -> None:
     """The one tokenizer-identity check (training and eval): hashes from `tokenizer_hash`, the

@@ -59,6 +59,7 @@ from cprec.eval.report import (
     summary_lines,
     write_report,
 )
+from cprec.lifetime import hold_folder
 from cprec.train.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,19 @@ def finetuned_score_fn(
 
 # ---------------------------------------------------------------------------------------- job
 def run(cfg: Config) -> dict:
-    """Run the evaluation job; returns the report dict (empty on ranks other than 0)."""
+    """Run the evaluation job; returns the report dict (empty on ranks other than 0).
+
+    The checkpoint's tokenizer is checked against the prepared folder's first; rank 0 holds the
+    lock on ``eval.output_dir`` (`cprec.lifetime`) for the whole job."""
+    check_tokenizer(cfg, find_checkpoint(cfg), prepared_dir(cfg))  # before any compute
+    lock = hold_folder(cfg.eval.output_dir, "eval.output_dir", dist_info().rank)
+    try:
+        return _run_job(cfg)
+    finally:
+        lock.release()
+
+
+def _run_job(cfg: Config) -> dict:
     deepspeed = cfg.eval.finetune and cfg.eval.finetune_deepspeed
     started_dist = not torch.distributed.is_initialized() and (deepspeed or dist_info().world_size > 1)
     if deepspeed:  # DeepSpeed wants a process group even for one process
@@ -269,7 +282,6 @@ def run(cfg: Config) -> dict:
     else:
         info = init_distributed()
     try:
-        check_tokenizer(cfg, find_checkpoint(cfg), prepared_dir(cfg))  # before any compute
         tracker = _open_tracker(cfg, info.rank)
         try:
             report = _run(cfg, info.is_main, tracker)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from cprec import dist
+from cprec import dist, lifetime
 from cprec.config import Config, config_hash, config_to_dict, save_config
 from cprec.data import shards
 from cprec.train import checkpoint as ckpt_io
@@ -473,7 +473,18 @@ def _parent_summary(parent: dict | None) -> dict | None:
 
 
 def run(cfg: Config) -> Path:
-    """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun."""
+    """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun.
+
+    Rank 0 first locks ``train.output_dir`` (`cprec.lifetime`): a second job on the folder is
+    refused before it starts DeepSpeed."""
+    lock = lifetime.hold_folder(cfg.train.output_dir, "train.output_dir", dist.dist_info().rank)
+    try:
+        return _run_phase(cfg)
+    finally:
+        lock.release()
+
+
+def _run_phase(cfg: Config) -> Path:
     info = eng.start_distributed()
     if not info.is_main:  # one copy of the progress log, from rank 0
         logging.getLogger("cprec").setLevel(logging.WARNING)
