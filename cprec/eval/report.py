@@ -8,7 +8,10 @@ report.json::
      "ks": [1, 5, ...], "n_users": {domain: n, ..., "overall": n},
      "results": {model: {domain: {"recall@10": x, "ndcg@10": y, "mrr@10": z, ...}, "overall": {...}}},
      "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...},
+     "cold": {domain: {"candidates": n, "cold_candidates": n, "targets": n, "cold_targets": n}},
      "item_cache": {"hits": n, "misses": n}}
+
+Cold items are those in no training sequence (e.g. items of the item file nobody interacted with).
 
 ``mlflow_run_id`` is there too when the job was tracked.
 
@@ -48,6 +51,7 @@ def build_report(
     models: dict[str, dict] | None = None,
     skipped: dict[str, int] | None = None,
     seconds: dict[str, float] | None = None,
+    cold: dict[str, dict[str, int]] | None = None,
 ) -> dict:
     """Assemble the report dict (see the module docstring)."""
     from cprec.eval.ranking import protocol_label
@@ -69,6 +73,7 @@ def build_report(
         "models": models or {},
         "skipped": skipped or {},
         "seconds": seconds or {},
+        "cold": cold or {},
     }
 
 
@@ -93,6 +98,7 @@ def to_markdown(report: dict) -> str:
         f"- protocol: {p['label']}; masking: {p.get('masking', MASKING)}; "
         f"ties: {p.get('ties', 'pessimistic')}",
         f"- users: {', '.join(f'{d} {n}' for d, n in report['n_users'].items())}",
+        *_cold_line(report.get("cold") or {}),
         f"- written: {report['timestamp']}",
         "",
         "| model | domain | " + " | ".join(cols) + " |",
@@ -121,6 +127,16 @@ def summary_lines(model: str, per_domain: dict[str, dict[str, float]], ks: list[
         f"{model} {name}: " + ", ".join(f"{d} {_fmt(v.get(name))}" for d, v in per_domain.items())
         for name in names
     ]
+
+
+def _cold_line(cold: dict[str, dict[str, int]]) -> list[str]:
+    if not cold:
+        return []
+    parts = [
+        f"{d} {c['cold_targets']}/{c['targets']} targets, {c['cold_candidates']}/{c['candidates']} candidates"
+        for d, c in cold.items()
+    ]
+    return ["- cold (in no training sequence): " + "; ".join(parts)]
 
 
 def plot(report: dict, path: str | Path, metrics: tuple[str, ...] = ("recall", "ndcg")) -> Path | None:
@@ -191,6 +207,9 @@ def report_metrics(report: dict) -> dict[str, float]:
     }
     metrics.update({f"n_users/{d}": float(n) for d, n in report.get("n_users", {}).items()})
     metrics.update({f"seconds/{k}": float(v) for k, v in report.get("seconds", {}).items()})
+    metrics.update(
+        {f"cold/{d}/{k}": float(n) for d, counts in report.get("cold", {}).items() for k, n in counts.items()}
+    )
     seen: dict[str, str] = {}
     for k in metrics:
         other = seen.setdefault(mlflow_key(k), k)

@@ -49,7 +49,7 @@ from cprec.eval.encode import (
 )
 from cprec.eval.finetune_state import model_identity
 from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs
-from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, evaluate
+from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, cold_counts, evaluate
 from cprec.eval.report import (
     build_report,
     checkpoint_tags,
@@ -318,6 +318,12 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     n_users = {d: len(tk.users) for d, tk in tasks.items()}
     n_users["overall"] = sum(n_users.values())
     log.info("eval %s split, %s protocol, users per domain %s", ecfg.split, ecfg.protocol, n_users)
+    cold = cold_counts(inputs, tasks)
+    for d, c in cold.items():
+        log.info(
+            "%s: %d candidates (%d cold), %d targets (%d cold)",
+            d, c["candidates"], c["cold_candidates"], c["targets"], c["cold_targets"],
+        )  # fmt: skip
     seconds["inputs"] = time.perf_counter() - t
 
     def rank(name: str, fn: ScoreFn) -> None:
@@ -386,6 +392,7 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         models=models,
         skipped=inputs.skipped,
         seconds=seconds,
+        cold=cold,
     )
     report["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
     if tracker.run_id:

@@ -186,3 +186,55 @@ def test_eval_accepts_the_folder_of_the_checkpoints_tokenizer(tiny_prepared, tmp
         "tracking.backend=none",
     )
     assert set(run(cfg)["results"]) == {"llm-pretrained"}
+
+
+def test_report_counts_cold_targets_and_candidates_per_domain(tiny_prepared, tiny_model_dir, tmp_path):
+    """An item nobody trained on (text only) is a candidate and can be a target; the report says
+    how many of each domain's candidates and targets are cold."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, prepared)
+    items = pq.read_table(prepared / "eval" / "items.parquet").to_pydict()
+    for col, value in {"item": "a99", "domain": "A", "title": "cold tea", "text": "cold tea"}.items():
+        items[col].append(value)
+    pq.write_table(pa.table(items), prepared / "eval" / "items.parquet")
+    users = pq.read_table(prepared / "eval" / "users.parquet").to_pydict()
+    first_a = next(
+        i for i, (s, d) in enumerate(zip(users["split"], users["domain"])) if s == "test" and d == "A"
+    )
+    users["target"][first_a] = "a99"
+    pq.write_table(pa.table(users), prepared / "eval" / "users.parquet")
+
+    cfg = _cfg(
+        prepared,
+        tiny_model_dir,
+        tmp_path / "eval",
+        "eval.finetune=false",
+        "eval.baselines=[popularity]",
+        "tracking.backend=none",
+    )
+    report = run(cfg)
+    trained = {
+        i
+        for seq in pq.read_table(prepared / "eval" / "train_sequences.parquet")["items"].to_pylist()
+        for i in seq
+    }
+    for d in ("A", "B"):
+        cands = [i for i, dom in zip(items["item"], items["domain"]) if dom == d]
+        targets = [
+            t
+            for t, s, dom in zip(users["target"], users["split"], users["domain"])
+            if s == "test" and dom == d
+        ]
+        assert report["cold"][d] == {
+            "candidates": len(cands),
+            "cold_candidates": sum(i not in trained for i in cands),
+            "targets": len(targets),
+            "cold_targets": sum(t not in trained for t in targets),
+        }
+    assert report["cold"]["A"]["candidates"] == 13 and report["cold"]["A"]["cold_targets"] >= 1
+    assert "cold (in no training sequence): A " in (tmp_path / "eval" / "report.md").read_text()
