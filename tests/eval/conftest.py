@@ -150,3 +150,12 @@ def tiny_model(tiny_model_dir):
     from cprec.eval.encode import load_model
 
     return load_model(tiny_model_dir, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def eval_fixtures():
+    """The builders of this file, for tests that need another prepared folder or model (tests
+    cannot import ``conftest`` by name: several test folders have one)."""
+    import types
+
+    return types.SimpleNamespace(make_prepared=make_prepared, make_model_folder=make_model_folder)

@@ -126,10 +126,8 @@ def test_zero_shot_rows_are_optional_and_skip_their_encoding(tiny_prepared, tiny
     }
 
 
-def _model_with_tokenizer(prepared, folder):
+def _model_with_tokenizer(prepared, folder, make_model_folder):
     """An HF model folder as the trainer's export makes it: weights plus the tokenizer it used."""
-    from conftest import make_model_folder
-
     from cprec.eval.encode import load_tokenizer
 
     tok = load_tokenizer(prepared)
@@ -143,16 +141,14 @@ def _model_with_tokenizer(prepared, folder):
     [{"vocab_size": 100, "kind": "bpe"}, {"vocab_size": 300, "kind": "unigram"}],
     ids=["bpe-100", "unigram"],
 )
-def test_eval_refuses_a_folder_prepared_with_another_tokenizer(tiny_prepared, tmp_path, other):
+def test_eval_refuses_a_folder_prepared_with_another_tokenizer(tiny_prepared, tmp_path, other, eval_fixtures):
     """A checkpoint trained with one tokenizer, evaluated on a folder prepared with another: refused
     before any compute (nothing written), naming both hashes; the override evaluates anyway."""
-    from conftest import make_prepared
-
     from cprec.data.tokenize import TokenizerMismatch, tokenizer_hash
     from cprec.eval.encode import load_tokenizer
 
-    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model")
-    foreign = make_prepared(tmp_path / "foreign", **other)
+    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model", eval_fixtures.make_model_folder)
+    foreign = eval_fixtures.make_prepared(tmp_path / "foreign", **other)
     have, want = tokenizer_hash(load_tokenizer(tiny_prepared)), tokenizer_hash(load_tokenizer(foreign))
     assert have != want
     out = tmp_path / "eval"
@@ -175,8 +171,8 @@ def test_eval_refuses_a_folder_prepared_with_another_tokenizer(tiny_prepared, tm
     assert set(run(allowed)["results"]) == {"llm-pretrained"}
 
 
-def test_eval_accepts_the_folder_of_the_checkpoints_tokenizer(tiny_prepared, tmp_path):
-    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model")
+def test_eval_accepts_the_folder_of_the_checkpoints_tokenizer(tiny_prepared, tmp_path, eval_fixtures):
+    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model", eval_fixtures.make_model_folder)
     cfg = _cfg(
         tiny_prepared,
         model_dir,
