@@ -120,6 +120,8 @@ def _call(args: argparse.Namespace) -> int:
         e.same_on_every_rank = True
         raise
     if getattr(args, "check", False):
+        if cfg is None:
+            raise ValueError(f"'cprec {args.command} --check' needs a CONFIG file")
         logging.getLogger("cprec").info("config OK: %s", args.config)
         return 0
     try:
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         return _call(args)
     except (ValueError, FileNotFoundError) as e:
         # Config and input errors are the user's to fix: one clear line (traceback at DEBUG). One
-        # that every rank meets alike (``same_on_every_rank``: config, folder lock) is printed by
+        # that every rank meets alike (``same_on_every_rank``: config, tokenizer mismatch) is printed by
         # rank 0 alone; others, which may be a rank's own (a file its host cannot see), by each.
         from cprec.dist import dist_info
 
