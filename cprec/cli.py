@@ -53,6 +53,13 @@ COMMANDS = {
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    _add_check_arg(p)
+
+
+def _add_check_arg(p: argparse.ArgumentParser) -> None:
+    # The launch scripts validate once before torchrun, which would print a config error once per
+    # rank plus its own traceback.
+    p.add_argument("--check", action="store_true", help="only validate CONFIG and the overrides, then exit")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--compare", nargs="+", metavar="REPORT", help="print several report.json side by side"
             )
+            _add_check_arg(p)
         elif name == "export":
             p.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX) or run folder")
             p.add_argument("out", help="output HF folder")
@@ -120,9 +128,18 @@ def _call(args: argparse.Namespace) -> int:
     if args.command == "eval" and args.compare:
         target = "cprec.eval.report:compare"
     module_name, func_name = target.split(":")
-    # Config errors surface before any heavy import.
-    has_config = getattr(args, "config", None) and args.command != "study"  # study loads its own
-    cfg = load_config(args.config, args.overrides) if has_config else None
+    # Config errors surface before any heavy import; every rank meets the same one.
+    try:
+        has_config = getattr(args, "config", None) and args.command != "study"  # study loads its own
+        cfg = load_config(args.config, args.overrides) if has_config else None
+    except (ValueError, FileNotFoundError) as e:
+        e.same_on_every_rank = True
+        raise
+    if getattr(args, "check", False):
+        if cfg is None:
+            raise ValueError(f"'cprec {args.command} --check' needs a CONFIG file")
+        logging.getLogger("cprec").info("config OK: %s", args.config)
+        return 0
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -149,12 +166,24 @@ def _call(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    from cprec.lifetime import die_with_launcher
+
+    die_with_launcher()  # a rank under torchrun: exit when torchrun does (no-op otherwise)
     try:
         return _call(args)
     except (ValueError, FileNotFoundError) as e:
-        # Config and input errors are the user's to fix: one clear line (traceback at DEBUG).
-        logging.getLogger("cprec").debug("traceback", exc_info=True)
-        logging.getLogger("cprec").error("%s", e)
+        # Config and input errors are the user's to fix: one clear line (traceback at DEBUG). One
+        # that every rank meets alike (``same_on_every_rank``: config, tokenizer mismatch) is printed by
+        # rank 0 alone; others, which may be a rank's own (a file its host cannot see), by each.
+        from cprec.dist import dist_info
+
+        logger = logging.getLogger("cprec")
+        logger.debug("traceback", exc_info=True)
+        rank = dist_info().rank
+        if rank == 0:
+            logger.error("%s", e)
+        elif not getattr(e, "same_on_every_rank", False):
+            logger.error("rank %d: %s", rank, e)
         return 2
 
 

@@ -10,6 +10,7 @@
 #   NPROC         processes (default: one per GPU; 2 on CPU)
 #   CPREC_DEVICE  auto (default: GPU when nvidia-smi lists one) | gpu | cpu
 #   DRY_RUN=1     print the resolved command instead of running it
+#   PYTHON        the interpreter that validates the config first (default: python)
 # A rerun of the same command resumes from <train.output_dir>/checkpoints/latest.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/common.sh
@@ -40,6 +41,12 @@ else
   nproc=${NPROC:-$gpus}
 fi
 [[ $nproc =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$nproc'"
+
+# Validate the config once here: under torchrun a bad key would be reported by every rank and
+# followed by torchrun's own traceback.
+if [[ ${DRY_RUN:-0} != 1 ]]; then
+  "${PYTHON:-python}" -m cprec.cli train --check "$config" "$@" || exit $?
+fi
 
 # --standalone: a local rendezvous on a free port, so two runs on one machine do not collide.
 cmd+=(torchrun --standalone --nnodes=1 "--nproc_per_node=$nproc" -m cprec.cli train "$config" "$@")

@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -242,6 +243,7 @@ def test_train_slurm_usr1_stops_the_step_then_requeues(tmp_path):
         SLURM_JOB_ID="77",
         SLURM_JOB_NODELIST="node1",
         GPUS_PER_NODE="1",
+        PYTHON=sys.executable,  # validates the config before the step
     )
     proc = subprocess.Popen(
         ["bash", str(LAUNCH / "train.slurm"), STABLE],
@@ -277,6 +279,7 @@ def test_train_slurm_returns_the_step_status(tmp_path):
         SLURM_JOB_ID="78",
         SLURM_JOB_NODELIST="n",
         GPUS_PER_NODE="2",
+        PYTHON=sys.executable,
     )
     proc = _run("train.slurm", STABLE, env=env, check=False)
     assert proc.returncode == 3
@@ -284,6 +287,30 @@ def test_train_slurm_returns_the_step_status(tmp_path):
 
 
 # ---------------------------------------------------------------------------- train_local.sh
+@pytest.mark.parametrize("script", ["train_local.sh", "train.slurm"])
+def test_config_error_is_reported_once_before_torchrun(script, tmp_path):
+    """A typo'd key: one error line, exit 2, no traceback, and torchrun (a stand-in here) never runs."""
+    log = tmp_path / "log"
+    _stand_ins(tmp_path / "bin", log, 'echo "step ran" >> "$LOG"')
+    (tmp_path / "bin" / "torchrun").write_text(
+        f"#!/usr/bin/env bash\necho torchrun >> {shlex.quote(str(log))}\n"
+    )
+    (tmp_path / "bin" / "torchrun").chmod(0o755)
+    env = _clean_env(
+        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        CPREC_DEVICE="cpu",
+        SLURM_JOB_ID="79",
+        SLURM_JOB_NODELIST="n",
+        GPUS_PER_NODE="2",
+    )
+    proc = _run(script, STABLE, "train.lrr=1", env=env, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.count("unknown config key 'train.lrr'; did you mean 'train.lr'?") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not log.exists()
+
+
 def test_train_local_dry_run_on_cpu():
     env = _clean_env(DRY_RUN="1", CPREC_DEVICE="cpu")
     (cmd,) = _commands(_run("train_local.sh", "configs/demo_ml1m.yaml", "train.max_steps=5", env=env).stdout)

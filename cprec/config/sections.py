@@ -394,6 +394,10 @@ class EvalConfig:
     """Prepared data folder with eval/ inputs (empty = data.output_dir)."""
     output_dir: str = "out/eval/default"
     """Where report.json / report.md / plots are written."""
+    allow_tokenizer_mismatch: bool = False
+    """Evaluate a checkpoint trained with another tokenizer than the prepared folder's (a deliberate
+    transfer: prompts are encoded with the prepared folder's tokenizer). False = refuse, naming both
+    tokenizer hashes, before any compute."""
     split: str = "test"
     """Which held-out targets to rank: valid or test."""
     protocol: str = "full"
@@ -410,6 +414,9 @@ class EvalConfig:
     """Prompts encoded per batch."""
     max_users: int = 0
     """Evaluate at most this many users per domain (0 = all)."""
+    rank_pretrained: bool = True
+    """Also rank the checkpoint's embeddings as they are, without fine-tuning (the zero-shot
+    llm-pretrained rows). Costs one more encoding of every catalogue; false skips it."""
     finetune: bool = True
     """Contrastive fine-tuning before ranking."""
     finetune_scope: str = "all"

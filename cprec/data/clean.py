@@ -77,9 +77,11 @@ def clean(ds: Dataset, cfg: DataConfig, issues: IssueLog) -> Interactions:
         if bad.any() and issues.strict:
             file, line = inter.where(int(np.flatnonzero(bad)[0]))
             raise ValueError(f"{file}:{line}: item_without_text: item {inter.items[inter.item[bad][0]]!r}")
-        n = sum(1 for it in ds.items.values() if not it.has_text)
-        if n:
+        textless = [i for i, it in ds.items.items() if not it.has_text]
+        if textless:
+            n = len(textless)
             issues.item_issues["placeholder_text"] += n
+            issues.examples.setdefault("placeholder_text", f"item {textless[0]!r} has no text")
             log.warning("%d items have no text: rendered by their id (data.missing_text=placeholder)", n)
 
     if cfg.dedup == "keep_first":

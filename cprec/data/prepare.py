@@ -45,7 +45,7 @@ from cprec.data.split import Split, split, train_sequences_table
 log = logging.getLogger(__name__)
 
 # Bump when the same inputs + config would give different output bytes (invalidates caches).
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: items with text but no events are in the catalogue
 # Fields that do not change the output, so they stay out of the content hash.
 _HASH_EXCLUDED = ("output_dir", "num_workers", "cache_dir", "strict")
 _TOKENIZER_FILES = (".json", ".model", ".txt", ".tiktoken")
@@ -186,7 +186,12 @@ def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> di
     shards, streams, n_cut = _write_shards(tmp, specs, state, dcfg)
     clock.lap("tokenize+shards")
     save_config(cfg, tmp / "config.yaml")
-    items_info = {"catalogue": len(item_ids), **dict(sorted(issues.item_issues.items()))}
+    with_events = {inter.items[c] for c in np.unique(inter.item).tolist()}
+    items_info = {
+        "catalogue": len(item_ids),
+        "without_events": sum(1 for i in item_ids if i not in with_events),
+        **dict(sorted(issues.item_issues.items())),
+    }
     manifest = {
         "format_version": FORMAT_VERSION,
         "pipeline_version": PIPELINE_VERSION,
@@ -223,11 +228,14 @@ class _Clock:
 
 
 def _catalogue(ds: Dataset, inter) -> dict[str, Item]:
-    """Rankable items: the whole catalogue of closed sources, else the items of kept events."""
+    """Rankable items: the whole catalogue of closed sources; else the items of kept events and
+    every item with text in a kept domain, events or not (cold items are where a text model can
+    win; the readers keep item-file items whose domain is known). Items without text are only
+    kept while they have events (their placeholder text says nothing)."""
     if ds.closed_catalogue:
         return dict(ds.items)
     used = {inter.items[c] for c in np.unique(inter.item).tolist()}
-    return {k: v for k, v in ds.items.items() if k in used}
+    return {k: v for k, v in ds.items.items() if k in used or v.has_text}
 
 
 def _tokenizer(folder: Path, dcfg: DataConfig, raw: dict, specs: list, renderer: PromptRenderer):

@@ -268,6 +268,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
     required = {"data.columns.user": col.user, "data.columns.item": col.item}
     if col.split:
         required["data.columns.split"] = col.split
+    events_have_domain = False
     for path, file_split in event_files:
         header, rows = iter_rows(path, fmt, issues.drop)
         _require(header, required, path)
@@ -279,6 +280,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
         for line, row in progress(rows, f"read {path.name}"):
             if has_domain is None:  # JSONL: the first record decides which optional keys exist
                 has_domain, has_time = col.domain in row, col.timestamp in row
+            events_have_domain = events_have_domain or has_domain
             domain = as_id(row.get(col.domain)) if has_domain else cfg.default_domain
             if col.split:
                 target = _split_of(row, cfg, path, line, issues)
@@ -300,15 +302,25 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
     presplit = bool(col.split or cfg.split_files)
     if presplit and not (inter.target != NO_TARGET).any():
         log.warning("the pre-split source has no valid or test event: there will be nothing to evaluate")
-    texts = read_item_texts(Path(cfg.item_path).expanduser(), fmt, cfg, issues) if cfg.item_path else None
+    texts, domains = None, {}
+    if cfg.item_path:
+        texts, domains = read_item_texts(Path(cfg.item_path).expanduser(), fmt, cfg, issues)
+        if not events_have_domain:  # every event is in data.default_domain: so is every item
+            domains = dict.fromkeys(texts, cfg.default_domain)
     sources = files + ([Path(cfg.item_path).expanduser()] if cfg.item_path else [])
-    return Dataset(inter, build_catalogue(inter, texts), sources, n_in, presplit=presplit)
+    catalogue = build_catalogue(inter, texts, domains, issues)
+    return Dataset(inter, catalogue, sources, n_in, presplit=presplit)
 
 
-def read_item_texts(path: Path, fmt: str, cfg: DataConfig, issues: IssueLog) -> dict[str, tuple[str, dict]]:
-    """item id -> (title, other fields) from an item file; the first of ``columns.text`` is the title."""
+def read_item_texts(
+    path: Path, fmt: str, cfg: DataConfig, issues: IssueLog
+) -> tuple[dict[str, tuple[str, dict]], dict[str, str]]:
+    """(item id -> (title, other fields), item id -> domain) from an item file; the first of
+    ``columns.text`` is the title; domains come from a ``columns.domain`` column when the file has
+    one (they place items without events in a domain)."""
     col = cfg.columns
     out: dict[str, tuple[str, dict]] = {}
+    domains: dict[str, str] = {}
     for f in _files_of(path, fmt):
         header, rows = iter_rows(f, fmt, issues.item_issue)
         _require(header, {"data.columns.item": col.item}, f)
@@ -320,8 +332,12 @@ def read_item_texts(path: Path, fmt: str, cfg: DataConfig, issues: IssueLog) -> 
                 )
         for line, row in progress(rows, f"read {f.name}"):
             values = [as_text(row.get(c)) for c in col.text]
-            add_item_text(out, as_id(row.get(col.item)), values, col.text, f, line, issues)
-    return out
+            item = as_id(row.get(col.item))
+            add_item_text(out, item, values, col.text, f, line, issues)
+            domain = as_id(row.get(col.domain))
+            if item and domain:
+                domains.setdefault(item, domain)
+    return out, domains
 
 
 def add_item_text(
@@ -383,8 +399,16 @@ def resolve_item_domains(inter: Interactions, issues: IssueLog, domains: list[st
     return inter
 
 
-def build_catalogue(inter: Interactions, texts: dict[str, tuple[str, dict]] | None) -> dict[str, Item]:
-    """One Item per interacted item (domain of its events); ``texts`` None = no item text file."""
+def build_catalogue(
+    inter: Interactions,
+    texts: dict[str, tuple[str, dict]] | None,
+    item_domains: dict[str, str] | None = None,
+    issues: IssueLog | None = None,
+) -> dict[str, Item]:
+    """One Item per interacted item (domain of its events), plus every item of the item file that
+    has text and a known domain (``item_domains``: from the item file, or the only domain) but no
+    event: cold items are candidates too. ``texts`` None = no item text file. Item-file items left
+    out (no domain known, or no text) are counted in ``issues``."""
     if texts is None:
         log.warning("no item text file (data.item_path): items are rendered by their ids")
     item_domain = np.zeros(len(inter.items), dtype=np.int64)
@@ -401,7 +425,23 @@ def build_catalogue(inter: Interactions, texts: dict[str, tuple[str, dict]] | No
         title, fields = texts.get(item, ("", {}))
         has_text = bool(title) or any(fields.values())
         out[item] = Item(item, domain, title or item, fields, has_text=has_text)
+    for item, (title, fields) in (texts or {}).items():
+        if item in out:
+            continue
+        if not (title or any(fields.values())):
+            _count_item(issues, "item_without_events_or_text", item)
+        elif not (item_domains or {}).get(item):
+            _count_item(issues, "item_without_events_or_domain", item)
+        else:
+            out[item] = Item(item, item_domains[item], title or item, fields, has_text=True)
     return out
+
+
+def _count_item(issues: IssueLog | None, reason: str, item: str) -> None:
+    """An item-file item that cannot be a candidate, counted (the item file gives no location)."""
+    if issues is not None:
+        issues.item_issues[reason] += 1
+        issues.examples.setdefault(reason, f"item {item!r}")
 
 
 # ------------------------------------------------------------------------------------ Amazon
@@ -432,7 +472,7 @@ def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
             events.add(path, fcode, line, row.get(user_key), item, domain, t, True)
     n_in = len(builder) + issues.total_dropped
     inter = resolve_item_domains(builder.build(), issues, cfg.domains)
-    texts = None
+    texts, domains = None, {}
     if cfg.meta_files:
         texts = {}
         title_key, other = (cfg.columns.text or ["title"])[0], cfg.columns.text[1:]
@@ -447,7 +487,8 @@ def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
                 if item in texts:
                     continue  # the same product listed in two categories: first kept
                 texts[item] = (as_text(row.get(title_key)), {k: as_text(row.get(k)) for k in other})
-    return Dataset(inter, build_catalogue(inter, texts), sources, n_in)
+                domains[item] = domain
+    return Dataset(inter, build_catalogue(inter, texts, domains, issues), sources, n_in)
 
 
 # ----------------------------------------------------------------------------------- RecBole
@@ -534,18 +575,26 @@ def read_recbole_events(
         add(user, item, domain, t, fcode, line)
 
 
-def read_recbole_items(path: Path, item_col: str, text_cols: list[str], issues: IssueLog) -> dict[str, tuple]:
-    """item id -> (title, fields) from a ``.item`` file."""
+def read_recbole_items(
+    path: Path, item_col: str, text_cols: list[str], issues: IssueLog, domain_col: str = ""
+) -> tuple[dict[str, tuple], dict[str, str]]:
+    """(item id -> (title, fields), item id -> domain) from a ``.item`` file (domains when it has
+    a ``domain_col`` column)."""
     names, rows = iter_atomic(path, issues.item_issue)
     _require(names, {"data.columns.item": item_col}, path)
     missing = [c for c in text_cols if c not in names]
     if missing:
         raise ValueError(f"{path}: missing text column(s) {missing} (data.columns.text); columns: {names}")
     ii, idx = names.index(item_col), [names.index(c) for c in text_cols]
+    idom = names.index(domain_col) if domain_col and domain_col in names else None
     out: dict[str, tuple[str, dict]] = {}
+    domains: dict[str, str] = {}
     for line, parts in rows:
-        add_item_text(out, parts[ii].strip(), [parts[j].strip() for j in idx], text_cols, path, line, issues)
-    return out
+        item = parts[ii].strip()
+        add_item_text(out, item, [parts[j].strip() for j in idx], text_cols, path, line, issues)
+        if idom is not None and item and parts[idom].strip():
+            domains.setdefault(item, parts[idom].strip())
+    return out, domains
 
 
 def read_recbole(cfg: DataConfig, issues: IssueLog) -> Dataset:
@@ -555,9 +604,17 @@ def read_recbole(cfg: DataConfig, issues: IssueLog) -> Dataset:
     read_recbole_events(inter_path, cfg, issues, builder)
     n_in = len(builder) + issues.total_dropped
     inter = resolve_item_domains(builder.build(), issues, cfg.domains)
-    texts = read_recbole_items(item_path, cfg.columns.item, cfg.columns.text, issues) if item_path else None
+    texts, domains = None, {}
+    if item_path:
+        col = cfg.columns
+        texts, domains = read_recbole_items(item_path, col.item, col.text, issues, col.domain)
+        with open_text(inter_path) as f:  # no domain column in the events: all in the default domain
+            if col.domain not in [
+                h.split(":", 1)[0].strip() for h in f.readline().rstrip("\r\n").split("\t")
+            ]:
+                domains = dict.fromkeys(texts, cfg.default_domain)
     sources = [inter_path] + ([item_path] if item_path else [])
-    return Dataset(inter, build_catalogue(inter, texts), sources, n_in)
+    return Dataset(inter, build_catalogue(inter, texts, domains, issues), sources, n_in)
 
 
 # ------------------------------------------------------------------------------- dispatching

@@ -75,9 +75,13 @@ class IssueLog:
 
     def log_summary(self) -> None:
         for reason, n in sorted(self.dropped.items()):
-            log.info("dropped %d records: %s (first: %s)", n, reason, self.examples.get(reason, ""))
+            log.info("dropped %d records: %s%s", n, reason, self._first(reason))
         for reason, n in sorted(self.item_issues.items()):
-            log.info("item issue x%d: %s (first: %s)", n, reason, self.examples.get(reason, ""))
+            log.info("item issue x%d: %s%s", n, reason, self._first(reason))
+
+    def _first(self, reason: str) -> str:
+        """`` (first: <where>)``, or nothing when no example was recorded."""
+        return f" (first: {self.examples[reason]})" if self.examples.get(reason) else ""
 
 
 @dataclass

@@ -219,6 +219,20 @@ def tokenizer_hash(folder_or_tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
+class TokenizerMismatch(ValueError):
+    """Two things that must share a tokenizer (shards, checkpoint, model folder) do not."""
+
+    same_on_every_rank = True  # every rank checks the same files: the CLI prints it once (rank 0)
+
+
+def require_same_tokenizer(have: str, have_what: str, want: str, want_what: str, hint: str = "") -> None:
+    """The one tokenizer-identity check (training and eval): hashes from `tokenizer_hash`, the
+    error naming both sides and both hashes."""
+    if have != want:
+        msg = f"tokenizer mismatch: {have_what} has tokenizer hash {have}, {want_what} uses {want}"
+        raise TokenizerMismatch(msg + (f"; {hint}" if hint else ""))
+
+
 def install_tokenizer(src: str | Path, out_folder: str | Path) -> Any:
     """Copy a local HF tokenizer into the prepared folder (``save_pretrained``); same hash checked."""
     tok = load_tokenizer(src)

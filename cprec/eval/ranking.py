@@ -75,6 +75,23 @@ def build_tasks(inputs: EvalInputs, max_users: int = 0, seed: int = 0) -> dict[s
     return tasks
 
 
+def cold_counts(inputs: EvalInputs, tasks: dict[str, DomainTask]) -> dict[str, dict[str, int]]:
+    """Per domain: candidates and targets, and how many of them are *cold* (in no training
+    sequence: only their text can place them)."""
+    cat = inputs.catalogue
+    seen = {cat.index[i] for _, items, _ in inputs.train_sequences for i in items if i in cat.index}
+    out = {}
+    for d, task in tasks.items():
+        targets = [cat.index[u.target] for u in task.users]
+        out[d] = {
+            "candidates": task.n_items,
+            "cold_candidates": sum(1 for r in task.rows.tolist() if r not in seen),
+            "targets": len(targets),
+            "cold_targets": sum(1 for r in targets if r not in seen),
+        }
+    return out
+
+
 def sample_candidates(task: DomainTask, n_negatives: int, seed: int) -> list[np.ndarray]:
     """Per user: sorted columns of the target + up to N negatives outside history and target."""
     rng = _domain_rng(seed, task.domain, salt=1)

@@ -8,11 +8,14 @@ report.json::
      "ks": [1, 5, ...], "n_users": {domain: n, ..., "overall": n},
      "results": {model: {domain: {"recall@10": x, "ndcg@10": y, "mrr@10": z, ...}, "overall": {...}}},
      "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...},
+     "cold": {domain: {"candidates": n, "cold_candidates": n, "targets": n, "cold_targets": n}},
      "item_cache": {"hits": n, "misses": n},
      "users": {domain: [user id, ...]}, "ranks": {model: {domain: [target rank per user, ...]}}}
 
 ``users``/``ranks`` hold each user's 1-based target rank, in the same user order for every model,
 so intervals and paired differences between models can be computed later (``cprec.eval.intervals``).
+
+Cold items are those in no training sequence (e.g. items of the item file nobody interacted with).
 
 ``mlflow_run_id`` is there too when the job was tracked.
 
@@ -52,6 +55,7 @@ def build_report(
     models: dict[str, dict] | None = None,
     skipped: dict[str, int] | None = None,
     seconds: dict[str, float] | None = None,
+    cold: dict[str, dict[str, int]] | None = None,
 ) -> dict:
     """Assemble the report dict (see the module docstring)."""
     from cprec.eval.ranking import protocol_label
@@ -73,6 +77,7 @@ def build_report(
         "models": models or {},
         "skipped": skipped or {},
         "seconds": seconds or {},
+        "cold": cold or {},
     }
 
 
@@ -97,6 +102,7 @@ def to_markdown(report: dict) -> str:
         f"- protocol: {p['label']}; masking: {p.get('masking', MASKING)}; "
         f"ties: {p.get('ties', 'pessimistic')}",
         f"- users: {', '.join(f'{d} {n}' for d, n in report['n_users'].items())}",
+        *_cold_line(report.get("cold") or {}),
         f"- written: {report['timestamp']}",
         "",
         "| model | domain | " + " | ".join(cols) + " |",
@@ -110,8 +116,35 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline_k(ks: list[int]) -> int:
+    """The cut-off a report leads with: 10 when computed, else the largest K."""
+    return 10 if 10 in ks else max(ks)
+
+
+def summary_lines(model: str, per_domain: dict[str, dict[str, float]], ks: list[int]) -> list[str]:
+    """Log lines of one model's results, each naming its metric and K, e.g.
+    ``popularity recall@10: A 0.1391, B 0.0200, overall 0.0512``: recall and NDCG at the headline
+    K, and recall at the largest K when that is another one."""
+    k = headline_k(ks)
+    names = [f"recall@{k}", f"ndcg@{k}"] + ([f"recall@{max(ks)}"] if max(ks) != k else [])
+    return [
+        f"{model} {name}: " + ", ".join(f"{d} {_fmt(v.get(name))}" for d, v in per_domain.items())
+        for name in names
+    ]
+
+
+def _cold_line(cold: dict[str, dict[str, int]]) -> list[str]:
+    if not cold:
+        return []
+    parts = [
+        f"{d} {c['cold_targets']}/{c['targets']} targets, {c['cold_candidates']}/{c['candidates']} candidates"
+        for d, c in cold.items()
+    ]
+    return ["- cold (in no training sequence): " + "; ".join(parts)]
+
+
 def plot(report: dict, path: str | Path, metrics: tuple[str, ...] = ("recall", "ndcg")) -> Path | None:
-    """Per-domain bars of each model for ``metric@K`` (K = 10 if reported, else the largest K)."""
+    """Per-domain bars of each model for ``metric@K`` (K = `headline_k`)."""
     try:
         import matplotlib
 
@@ -120,8 +153,7 @@ def plot(report: dict, path: str | Path, metrics: tuple[str, ...] = ("recall", "
     except ImportError:
         log.warning("matplotlib is not installed: skipping the metrics plot")
         return None
-    ks = report["ks"]
-    k = 10 if 10 in ks else max(ks)
+    k = headline_k(report["ks"])
     models = list(report["results"])
     domains = list(next(iter(report["results"].values()), {}).keys())
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
@@ -179,6 +211,9 @@ def report_metrics(report: dict) -> dict[str, float]:
     }
     metrics.update({f"n_users/{d}": float(n) for d, n in report.get("n_users", {}).items()})
     metrics.update({f"seconds/{k}": float(v) for k, v in report.get("seconds", {}).items()})
+    metrics.update(
+        {f"cold/{d}/{k}": float(n) for d, counts in report.get("cold", {}).items() for k, n in counts.items()}
+    )
     seen: dict[str, str] = {}
     for k in metrics:
         other = seen.setdefault(mlflow_key(k), k)

@@ -7,8 +7,8 @@
    ``cprec.train.export.run``.
 2. Read the eval inputs of the prepared folder (``eval.prepared_dir`` or ``data.output_dir``) and
    build one ranking task per domain (``eval.max_users`` caps users per domain, seeded).
-3. ``llm-pretrained``: item and user embeddings (item cache under ``<eval.output_dir>/cache/``),
-   scored by dot product, ranked under ``eval.protocol``.
+3. ``llm-pretrained`` (``eval.rank_pretrained``): item and user embeddings (item cache under
+   ``<eval.output_dir>/cache/``), scored by dot product, ranked under ``eval.protocol``.
 4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
    per domain (``eval.finetune_scope``), plain PyTorch or DeepSpeed (``eval.finetune_deepspeed``),
    checkpointed every ``eval.finetune_checkpoint_every`` steps and resumed by a rerun, saved under
@@ -49,15 +49,17 @@ from cprec.eval.encode import (
 )
 from cprec.eval.finetune_state import model_identity
 from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs
-from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, evaluate
+from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, cold_counts, evaluate
 from cprec.eval.report import (
     build_report,
     checkpoint_tags,
     close_tracker,
     log_report,
     open_tracker,
+    summary_lines,
     write_report,
 )
+from cprec.lifetime import hold_folder
 from cprec.train.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,11 @@ def _latest(checkpoints: Path) -> Path:
     if not target.is_dir():
         raise FileNotFoundError(f"{checkpoints / 'latest'} names {name!r}, which does not exist")
     return target
+
+
+def prepared_dir(cfg: Config) -> Path:
+    """The prepared folder whose eval inputs and tokenizer are used."""
+    return Path(cfg.eval.prepared_dir or cfg.data.output_dir)
 
 
 def find_checkpoint(cfg: Config) -> Path:
@@ -117,6 +124,33 @@ def resolve_hf_folder(cfg: Config) -> tuple[Path, dict]:
     return out, {"path": str(src), "id": src_id, "kind": "deepspeed", "export": str(out)}
 
 
+def check_tokenizer(cfg: Config, checkpoint: Path, prepared: Path) -> None:
+    """The checkpoint must have been trained with the prepared folder's tokenizer (the one the
+    prompts are encoded with): the same check as training's, before any compute, unless
+    ``eval.allow_tokenizer_mismatch`` (a deliberate transfer, then a warning naming both)."""
+    from cprec.data.shards import read_manifest
+    from cprec.data.tokenize import TokenizerMismatch, require_same_tokenizer, tokenizer_hash
+    from cprec.train.checkpoint import tokenizer_identity
+
+    have, source = tokenizer_identity(checkpoint)
+    if have is None:
+        log.warning("cannot check the checkpoint's tokenizer against %s: %s", prepared, source)
+        return
+    if (prepared / "manifest.json").is_file():
+        want, want_what = read_manifest(prepared)["tokenizer"]["hash"], f"the prepared folder {prepared}"
+    else:
+        want, want_what = tokenizer_hash(load_tokenizer(prepared)), f"{prepared / 'tokenizer'}"
+    try:
+        require_same_tokenizer(have, f"checkpoint {checkpoint} ({source})", want, want_what)
+    except TokenizerMismatch as e:
+        if not cfg.eval.allow_tokenizer_mismatch:
+            raise TokenizerMismatch(
+                f"{e}; evaluate on a folder prepared with the checkpoint's tokenizer, or set "
+                "eval.allow_tokenizer_mismatch=true for a deliberate transfer"
+            ) from None
+        log.warning("%s; evaluating anyway (eval.allow_tokenizer_mismatch=true)", e)
+
+
 # ------------------------------------------------------------------------------------ the LLM
 class LLMSide:
     """What every LLM evaluation shares: tokenizer, prompt builder, item cache."""
@@ -145,8 +179,9 @@ class LLMSide:
         cat = self.inputs.catalogue
         items, users = {}, {}
         for d, task in tasks.items():
-            items[d] = encode_items(enc, builder, cat, task.rows.tolist(), self.cache, model_id)
-            users[d] = encode_users(enc, builder, cat, [u.history for u in task.users])
+            rows = task.rows.tolist()
+            items[d] = encode_items(enc, builder, cat, rows, self.cache, model_id, desc=f"items ({d})")
+            users[d] = encode_users(enc, builder, cat, [u.history for u in task.users], desc=f"users ({d})")
         if builder.unknown_history_items:
             log.warning(
                 "%d history items are not in items.parquet (left out of prompts)",
@@ -225,10 +260,23 @@ def finetuned_score_fn(
 
 # ---------------------------------------------------------------------------------------- job
 def run(cfg: Config) -> dict:
-    """Run the evaluation job; returns the report dict (empty on ranks other than 0)."""
+    """Run the evaluation job; returns the report dict (empty on ranks other than 0).
+
+    Named bases in the config resolve to their folders (``eval.checkpoint=smollm2-135m`` is the
+    model without CPT); the checkpoint's tokenizer is checked against the prepared folder's first;
+    rank 0 holds the lock on ``eval.output_dir`` (`cprec.lifetime`) for the whole job."""
     from cprec.model.bases import resolve_config
 
-    cfg = resolve_config(cfg)  # eval.checkpoint may name a base: the model without CPT
+    cfg = resolve_config(cfg)
+    check_tokenizer(cfg, find_checkpoint(cfg), prepared_dir(cfg))  # before any compute
+    lock = hold_folder(cfg.eval.output_dir, "eval.output_dir", dist_info().rank)
+    try:
+        return _run_job(cfg)
+    finally:
+        lock.release()
+
+
+def _run_job(cfg: Config) -> dict:
     deepspeed = cfg.eval.finetune and cfg.eval.finetune_deepspeed
     started_dist = not torch.distributed.is_initialized() and (deepspeed or dist_info().world_size > 1)
     if deepspeed:  # DeepSpeed wants a process group even for one process
@@ -266,7 +314,7 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if is_main:
         save_config(cfg, out / "config.yaml")  # the effective config beside the report
-    prepared = Path(ecfg.prepared_dir or cfg.data.output_dir)
+    prepared = prepared_dir(cfg)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     inputs = load_inputs(prepared, ecfg.split)
@@ -274,6 +322,12 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     n_users = {d: len(tk.users) for d, tk in tasks.items()}
     n_users["overall"] = sum(n_users.values())
     log.info("eval %s split, %s protocol, users per domain %s", ecfg.split, ecfg.protocol, n_users)
+    cold = cold_counts(inputs, tasks)
+    for d, c in cold.items():
+        log.info(
+            "%s: %d candidates (%d cold), %d targets (%d cold)",
+            d, c["candidates"], c["cold_candidates"], c["targets"], c["cold_targets"],
+        )  # fmt: skip
     seconds["inputs"] = time.perf_counter() - t
 
     def rank(name: str, fn: ScoreFn) -> None:
@@ -291,11 +345,8 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         )
         ranks[name] = {d: r.astype(int).tolist() for d, r in per_domain.items()}
         seconds[f"rank/{name}"] = time.perf_counter() - t0
-        log.info(
-            "%s: %s",
-            name,
-            {d: round(v.get(f"recall@{max(ecfg.ks)}", 0.0), 4) for d, v in results[name].items()},
-        )
+        for line in summary_lines(name, results[name], ecfg.ks):
+            log.info("%s", line)
 
     results: dict[str, dict] = {}
     ranks: dict[str, dict[str, list[int]]] = {}  # per-user target ranks: intervals, paired tests
@@ -304,15 +355,16 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     tracker.set_tags(checkpoint_tags(ckpt))
     side = LLMSide(cfg, prepared, inputs)
 
-    t = time.perf_counter()
-    model = load_model(hf_dir)
-    fn = side.score_fn(model, ckpt["id"], tasks)
-    del model
-    gc.collect()
-    seconds["encode/llm-pretrained"] = time.perf_counter() - t
-    if is_main:
-        rank("llm-pretrained", fn)
-    models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
+    if ecfg.rank_pretrained:
+        t = time.perf_counter()
+        model = load_model(hf_dir)
+        fn = side.score_fn(model, ckpt["id"], tasks)
+        del model
+        gc.collect()
+        seconds["encode/llm-pretrained"] = time.perf_counter() - t
+        if is_main:
+            rank("llm-pretrained", fn)
+        models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
 
     if ecfg.finetune:
         t = time.perf_counter()
@@ -354,6 +406,7 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         models=models,
         skipped=inputs.skipped,
         seconds=seconds,
+        cold=cold,
     )
     report["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
     report["users"] = {d: [u.user for u in tk.users] for d, tk in tasks.items()}  # order of "ranks"

@@ -43,6 +43,7 @@ from cprec import dist
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+EXPORT_FILE = "cprec_export.json"  # provenance written into an HF export (`cprec.train.export`)
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 
@@ -134,6 +135,26 @@ def read_state(ckpt: Path) -> dict:
             f"{FORMAT_VERSION}"
         )
     return state
+
+
+def tokenizer_identity(folder: str | Path) -> tuple[str | None, str]:
+    """(tokenizer hash, where it came from) of what a model folder was trained with:
+    ``trainer_state.json`` of a checkpoint, ``cprec_export.json`` of an export made here, else the
+    tokenizer files in the folder (or its ``tokenizer/``) hashed by behaviour; (None, reason) when
+    the folder carries no tokenizer at all (e.g. a bare HF model folder)."""
+    from cprec.data.tokenize import tokenizer_hash
+
+    folder = Path(folder)
+    for name in (STATE_FILE, EXPORT_FILE):
+        f = folder / name
+        if f.is_file():
+            saved = json.loads(f.read_text(encoding="utf-8")).get("tokenizer_hash")
+            if saved:
+                return saved, str(f)
+    for tok_dir in (folder, folder / "tokenizer"):
+        if (tok_dir / "tokenizer_config.json").is_file() or (tok_dir / "tokenizer.json").is_file():
+            return tokenizer_hash(tok_dir), str(tok_dir)
+    return None, f"{folder} has no {STATE_FILE}, {EXPORT_FILE} or tokenizer files"
 
 
 def clean_leftovers(output_dir: str | Path) -> list[Path]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from cprec.config import config_from_dict
-from cprec.train.checkpoint import read_state, resolve_checkpoint
+from cprec.train.checkpoint import EXPORT_FILE, read_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,10 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
                 shutil.copy2(f, tmp / f.name)
     else:
         log.warning("%s has no tokenizer/ folder; the export has no tokenizer", ckpt)
-    provenance = {k: trainer_state.get(k) for k in ("step", "phase", "tokens_seen", "run_id", "config_hash")}
+    keys = ("step", "phase", "tokens_seen", "run_id", "config_hash", "tokenizer_hash")
+    provenance = {k: trainer_state.get(k) for k in keys}
     provenance["checkpoint"] = str(ckpt.resolve())
-    (tmp / "cprec_export.json").write_text(json.dumps(provenance, indent=1), encoding="utf-8")
+    (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -2,7 +2,9 @@
 
 Only rank 0 tracks (other ranks get a `NullTracker`). One MLflow run per job: its id is written to
 ``<output_dir>/tracking.json`` as soon as the run is created (and into every checkpoint), so a job
-that resumes - even one killed before its first checkpoint - logs into the same run. The default
+that resumes - even one killed before its first checkpoint - logs into the same run. A metric keeps
+one value per step: a resumed job does not log again the steps it replays (those between its
+checkpoint and the kill), so the run's history has no duplicates. The default
 store is a sqlite file under the output folder; any tracking URI works.
 """
 
@@ -100,6 +102,9 @@ class MLflowTracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.resumed = False
         self.last_step = -1
+        # Per metric: the highest step the run already holds. A resumed job replays the steps
+        # between its checkpoint and the kill; those are not logged again (one value per step).
+        self._logged_upto: dict[str, int] = {}
         if run_id is not None:
             try:
                 self.client.get_run(run_id)
@@ -137,9 +142,19 @@ class MLflowTracker:
             for k, v in metrics.items()
             if v is not None and math.isfinite(v)
         ]
+        items = [m for m in items if step > self._logged_up_to(m.key)]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+            self._logged_upto.update((m.key, step) for m in items)
         self.last_step = step
+
+    def _logged_up_to(self, key: str) -> int:
+        """Highest step of ``key`` in the run (-1 if none); asked of the store once per key, and
+        only for a resumed run (a new run holds nothing yet)."""
+        if key not in self._logged_upto:
+            history = self.client.get_metric_history(self.run_id, key) if self.resumed else []
+            self._logged_upto[key] = max((m.step for m in history), default=-1)
+        return self._logged_upto[key]
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag

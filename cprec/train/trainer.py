@@ -28,7 +28,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from cprec import dist
+from cprec import dist, lifetime
 from cprec.config import Config, config_hash, config_to_dict, save_config
 from cprec.data import shards
 from cprec.train import checkpoint as ckpt_io
@@ -97,9 +97,10 @@ def read_manifest(cfg: Config) -> tuple[Path, dict]:
 
 def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path: Path) -> None:
     """The shards, the model's own tokenizer and the checkpoint must all use the same tokenizer."""
-    want = manifest["tokenizer"]["hash"]
+    from cprec.data.tokenize import require_same_tokenizer, tokenizer_hash
+
+    want, shards_what = manifest["tokenizer"]["hash"], f"the shards in {manifest_path}"
     if cfg.model.name_or_path:
-        from cprec.data.tokenize import tokenizer_hash
         from cprec.model.build import folder_vocab_size
 
         rows, vocab = folder_vocab_size(cfg.model.name_or_path), int(manifest["tokenizer"]["vocab_size"])
@@ -109,17 +110,16 @@ def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path:
                 f"model.name_or_path {cfg.model.name_or_path} has {rows} embedding rows; prepare the data "
                 f"with the model's own tokenizer (data.tokenizer.path={cfg.model.name_or_path})"
             )
-        have = tokenizer_hash(cfg.model.name_or_path)
-        if have != want:
-            raise ValueError(
-                f"tokenizer mismatch: model.name_or_path {cfg.model.name_or_path} has tokenizer hash {have}, "
-                f"the shards in {manifest_path} were made with {want}; prepare the data with that tokenizer "
-                f"(data.tokenizer.path)"
-            )
-    if plan.checkpoint is not None and plan.state.get("tokenizer_hash") not in (None, want):
-        raise ValueError(
-            f"tokenizer mismatch: checkpoint {plan.checkpoint} was trained with tokenizer hash "
-            f"{plan.state['tokenizer_hash']}, the shards in {manifest_path} use {want}"
+        require_same_tokenizer(
+            tokenizer_hash(cfg.model.name_or_path),
+            f"model.name_or_path {cfg.model.name_or_path}",
+            want,
+            shards_what,
+            hint="prepare the data with that tokenizer (data.tokenizer.path)",
+        )
+    if plan.checkpoint is not None and plan.state.get("tokenizer_hash") is not None:
+        require_same_tokenizer(
+            plan.state["tokenizer_hash"], f"checkpoint {plan.checkpoint}", want, shards_what
         )
 
 
@@ -488,7 +488,18 @@ def _parent_summary(parent: dict | None) -> dict | None:
 
 
 def run(cfg: Config) -> Path:
-    """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun."""
+    """Run (or resume) one phase; returns the output folder. Launch under torchrun/deepspeed/srun.
+
+    Rank 0 first locks ``train.output_dir`` (`cprec.lifetime`): a second job on the folder is
+    refused before it starts DeepSpeed."""
+    lock = lifetime.hold_folder(cfg.train.output_dir, "train.output_dir", dist.dist_info().rank)
+    try:
+        return _run_phase(cfg)
+    finally:
+        lock.release()
+
+
+def _run_phase(cfg: Config) -> Path:
     from cprec.model.bases import resolve_config
 
     info = eng.start_distributed()

@@ -180,6 +180,21 @@ def test_items_without_text(tmp_path):
         prepare_split(jsonl_cfg(tmp_path, rows, item_path=str(items)), strict=True)
 
 
+def test_item_issue_summary_names_the_item_never_an_empty_location(tmp_path, caplog):
+    rows = [ev("u", k, t) for t, k in enumerate("abcd")]
+    items = write_jsonl(tmp_path / "items.jsonl", [{"item_id": k, "title": k.upper()} for k in "abc"])
+    ds, issues, held = prepare_split(jsonl_cfg(tmp_path, rows, item_path=str(items)))
+    with caplog.at_level("INFO", logger="cprec.data.schema"):
+        issues.log_summary()
+        bare = IssueLog()
+        bare.item_issues["placeholder_text"] += 2  # counted where no location is known
+        bare.log_summary()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "item issue x1: placeholder_text (first: item 'd' has no text)" in lines
+    assert "item issue x2: placeholder_text" in lines
+    assert not any("(first: )" in line for line in lines)
+
+
 def test_presplit_food_kitchen_targets(tmp_path):
     root = write_food_kitchen(tmp_path)
     ds, issues, held = prepare_split(DataConfig(source="food_kitchen", path=str(root)))

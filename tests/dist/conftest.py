@@ -65,13 +65,17 @@ def stable_run(train_yaml, runs_root) -> Path:
 
 @pytest.fixture(scope="session")
 def killed_run(train_yaml, runs_root) -> Path:
-    """The same run killed (SIGKILL, every rank) right after step 5: checkpoints up to step 4.
+    """The same run killed (SIGKILL, every rank) right after step 5: checkpoints up to step 4, MLflow
+    metrics every step (``train.log_every=1``), so a resume replays a step MLflow already holds.
 
     Returns a pristine copy; tests copy it again before resuming.
     """
     out = runs_root / "killed"
     proc = train(
-        train_yaml, [f"train.output_dir={out}"], env={"CPREC_KILL_AT_STEP": str(KILL_AT)}, expect_ok=False
+        train_yaml,
+        [f"train.output_dir={out}", "train.log_every=1"],
+        env={"CPREC_KILL_AT_STEP": str(KILL_AT)},
+        expect_ok=False,
     )
     assert proc.returncode != 0, "the kill hook did not stop the run"
     pristine = runs_root / "killed_pristine"

@@ -44,14 +44,20 @@ def make_sequence(rng: random.Random, length: int) -> list[tuple[str, int]]:
     return out
 
 
-def write_tokenizer(folder: Path, texts: list[str]) -> None:
+def write_tokenizer(folder: Path, texts: list[str], vocab_size: int = 300, kind: str = "bpe") -> None:
+    """A BPE (or unigram) HF tokenizer trained on ``texts``, saved into ``folder``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials)
+    else:
+        tok = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -59,8 +65,11 @@ def write_tokenizer(folder: Path, texts: list[str]) -> None:
     fast.save_pretrained(str(folder))
 
 
-def make_prepared(folder: Path, n_train: int = 60, n_eval: int = 16, seed: int = 0) -> Path:
-    """Write ``folder/eval/*.parquet`` and ``folder/tokenizer/``; returns the folder."""
+def make_prepared(
+    folder: Path, n_train: int = 60, n_eval: int = 16, seed: int = 0, vocab_size: int = 300, kind: str = "bpe"
+) -> Path:
+    """Write ``folder/eval/*.parquet`` and ``folder/tokenizer/`` (``kind`` bpe or unigram, trained
+    here with ``vocab_size``); returns the folder."""
     rng = random.Random(seed)
     (folder / "eval").mkdir(parents=True, exist_ok=True)
     prompt = PromptConfig()
@@ -95,7 +104,7 @@ def make_prepared(folder: Path, n_train: int = 60, n_eval: int = 16, seed: int =
 
     corpus = list(items["text"]) + [f"[{d}] {t}" for d, t in zip(items["domain"], items["title"])]
     corpus += [prompt.mixed_seq.format(items="; ".join(corpus[:6])), "; "] * 3
-    write_tokenizer(folder / "tokenizer", corpus)
+    write_tokenizer(folder / "tokenizer", corpus, vocab_size, kind)
     return folder
 
 
@@ -141,3 +150,12 @@ def tiny_model(tiny_model_dir):
     from cprec.eval.encode import load_model
 
     return load_model(tiny_model_dir, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def eval_fixtures():
+    """The builders of this file, for tests that need another prepared folder or model (tests
+    cannot import ``conftest`` by name: several test folders have one)."""
+    import types
+
+    return types.SimpleNamespace(make_prepared=make_prepared, make_model_folder=make_model_folder)

@@ -102,3 +102,16 @@ def test_checkpoint_identity_changes_with_files(tmp_path):
     assert checkpoint_identity(tmp_path) == a
     (tmp_path / "model.safetensors").write_bytes(b"abcd")
     assert checkpoint_identity(tmp_path) != a
+
+
+def test_encoding_logs_progress_for_non_terminal_logs(tiny_model, caplog):
+    """A catalogue's encoding reports how far it is in the job log (not only in a tqdm bar, which
+    a log file never shows): a start line and one line per tenth, ending at N/N."""
+    seqs = [[1, 5 + i % 7, 6] for i in range(30)]
+    with caplog.at_level("INFO", logger="cprec.eval.encode"):
+        Encoder(tiny_model, 0, "last", batch_size=4).encode(seqs, desc="items (A)")
+    lines = [r.getMessage() for r in caplog.records if r.name == "cprec.eval.encode"]
+    assert lines[0] == "items (A): encoding 30 prompts"
+    assert lines[-1] == "items (A): 30/30 prompts (100%)"
+    assert len(lines) == 1 + 8  # 8 batches of 4 (the last of 2): every batch crosses a tenth here
+    assert all(line.startswith("items (A): ") for line in lines)

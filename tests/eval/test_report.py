@@ -16,6 +16,7 @@ from cprec.eval.report import (
     metric_key,
     open_tracker,
     report_metrics,
+    summary_lines,
     to_markdown,
     write_report,
 )
@@ -167,3 +168,17 @@ def test_interrupted_eval_continues_its_run(tmp_path):
     assert json.loads((tmp_path / TRACKING_FILE).read_text())["completed"] is True
     assert open_tracker(cfg).run_id != first.run_id
     assert isinstance(open_tracker(cfg, rank=1), NullTracker)
+
+
+def test_summary_lines_name_metric_and_k_in_every_line():
+    per_domain = {"movies": {"recall@10": 0.1, "ndcg@10": 0.05, "recall@50": 0.1391}, "overall": {}}
+    lines = summary_lines("popularity", per_domain, [1, 10, 50])
+    assert lines == [
+        "popularity recall@10: movies 0.1000, overall n/a",
+        "popularity ndcg@10: movies 0.0500, overall n/a",
+        "popularity recall@50: movies 0.1391, overall n/a",
+    ]
+    assert summary_lines("m", {"A": {"recall@5": 0.5, "ndcg@5": 0.25}}, [1, 5]) == [
+        "m recall@5: A 0.5000",
+        "m ndcg@5: A 0.2500",
+    ]

@@ -102,3 +102,135 @@ def test_find_checkpoint(tmp_path):
         find_checkpoint(load_config(None, [f"train.output_dir={tmp_path / 'nothing'}"]))
     with pytest.raises(FileNotFoundError, match="eval.checkpoint"):
         find_checkpoint(load_config(None, [f"eval.checkpoint={tmp_path / 'nope'}"]))
+
+
+def test_zero_shot_rows_are_optional_and_skip_their_encoding(tiny_prepared, tiny_model_dir, tmp_path, caplog):
+    """eval.rank_pretrained=false: no llm-pretrained rows, and the catalogue is encoded once (by the
+    fine-tuned model) instead of twice. Every summary line of the log names its metric and K."""
+    cfg = _cfg(
+        tiny_prepared,
+        tiny_model_dir,
+        tmp_path,
+        "eval.rank_pretrained=false",
+        "eval.baselines=[popularity]",
+        "tracking.backend=none",
+    )
+    with caplog.at_level("INFO", logger="cprec.eval.run"):
+        report = run(cfg)
+    assert set(report["results"]) == {"llm-finetuned", "popularity"}
+    assert "llm-pretrained" not in report["models"]
+    assert report["item_cache"] == {"hits": 0, "misses": 2}  # 2 domains x 1 model
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("llm-", "popularity"))]
+    assert {line.split(":")[0] for line in summary} == {
+        f"{m} {metric}@10" for m in ("llm-finetuned", "popularity") for metric in ("recall", "ndcg")
+    }
+
+
+def _model_with_tokenizer(prepared, folder, make_model_folder):
+    """An HF model folder as the trainer's export makes it: weights plus the tokenizer it used."""
+    from cprec.eval.encode import load_tokenizer
+
+    tok = load_tokenizer(prepared)
+    make_model_folder(folder, len(tok))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"vocab_size": 100, "kind": "bpe"}, {"vocab_size": 300, "kind": "unigram"}],
+    ids=["bpe-100", "unigram"],
+)
+def test_eval_refuses_a_folder_prepared_with_another_tokenizer(tiny_prepared, tmp_path, other, eval_fixtures):
+    """A checkpoint trained with one tokenizer, evaluated on a folder prepared with another: refused
+    before any compute (nothing written), naming both hashes; the override evaluates anyway."""
+    from cprec.data.tokenize import TokenizerMismatch, tokenizer_hash
+    from cprec.eval.encode import load_tokenizer
+
+    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model", eval_fixtures.make_model_folder)
+    foreign = eval_fixtures.make_prepared(tmp_path / "foreign", **other)
+    have, want = tokenizer_hash(load_tokenizer(tiny_prepared)), tokenizer_hash(load_tokenizer(foreign))
+    assert have != want
+    out = tmp_path / "eval"
+    cfg = _cfg(foreign, model_dir, out, "eval.finetune=false", "eval.baselines=[]", "tracking.backend=none")
+    with pytest.raises(
+        TokenizerMismatch, match=f"tokenizer hash {have}.*uses {want}.*allow_tokenizer_mismatch"
+    ):
+        run(cfg)
+    assert not out.exists()  # refused before anything was computed or written
+
+    allowed = _cfg(
+        foreign,
+        model_dir,
+        out,
+        "eval.finetune=false",
+        "eval.baselines=[]",
+        "tracking.backend=none",
+        "eval.allow_tokenizer_mismatch=true",
+    )
+    assert set(run(allowed)["results"]) == {"llm-pretrained"}
+
+
+def test_eval_accepts_the_folder_of_the_checkpoints_tokenizer(tiny_prepared, tmp_path, eval_fixtures):
+    model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model", eval_fixtures.make_model_folder)
+    cfg = _cfg(
+        tiny_prepared,
+        model_dir,
+        tmp_path / "eval",
+        "eval.finetune=false",
+        "eval.baselines=[]",
+        "tracking.backend=none",
+    )
+    assert set(run(cfg)["results"]) == {"llm-pretrained"}
+
+
+def test_report_counts_cold_targets_and_candidates_per_domain(tiny_prepared, tiny_model_dir, tmp_path):
+    """An item nobody trained on (text only) is a candidate and can be a target; the report says
+    how many of each domain's candidates and targets are cold."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_prepared, prepared)
+    items = pq.read_table(prepared / "eval" / "items.parquet").to_pydict()
+    for col, value in {"item": "a99", "domain": "A", "title": "cold tea", "text": "cold tea"}.items():
+        items[col].append(value)
+    pq.write_table(pa.table(items), prepared / "eval" / "items.parquet")
+    users = pq.read_table(prepared / "eval" / "users.parquet").to_pydict()
+    first_a = next(
+        i for i, (s, d) in enumerate(zip(users["split"], users["domain"])) if s == "test" and d == "A"
+    )
+    users["target"][first_a] = "a99"
+    pq.write_table(pa.table(users), prepared / "eval" / "users.parquet")
+
+    cfg = _cfg(
+        prepared,
+        tiny_model_dir,
+        tmp_path / "eval",
+        "eval.finetune=false",
+        "eval.baselines=[popularity]",
+        "tracking.backend=none",
+    )
+    report = run(cfg)
+    trained = {
+        i
+        for seq in pq.read_table(prepared / "eval" / "train_sequences.parquet")["items"].to_pylist()
+        for i in seq
+    }
+    for d in ("A", "B"):
+        cands = [i for i, dom in zip(items["item"], items["domain"]) if dom == d]
+        targets = [
+            t
+            for t, s, dom in zip(users["target"], users["split"], users["domain"])
+            if s == "test" and dom == d
+        ]
+        assert report["cold"][d] == {
+            "candidates": len(cands),
+            "cold_candidates": sum(i not in trained for i in cands),
+            "targets": len(targets),
+            "cold_targets": sum(t not in trained for t in targets),
+        }
+    assert report["cold"]["A"]["candidates"] == 13 and report["cold"]["A"]["cold_targets"] >= 1
+    assert "cold (in no training sequence): A " in (tmp_path / "eval" / "report.md").read_text()

@@ -132,3 +132,24 @@ def test_plan_start_resume_init_fresh(tmp_path, caplog):
     bad = load_config(None, [f"train.output_dir={tmp_path / 'y'}", f"train.init_from={tmp_path / 'nope'}"])
     with pytest.raises(FileNotFoundError, match="nope"):
         plan_start(bad)
+
+
+def test_tokenizer_identity_from_state_export_or_files(tmp_path):
+    """What a model folder was trained with: trainer_state.json (checkpoint), cprec_export.json
+    (an export), else its tokenizer files; None for a folder without any."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from cprec.data.tokenize import tokenizer_hash
+
+    assert ck.tokenizer_identity(tmp_path)[0] is None
+    (tmp_path / ck.EXPORT_FILE).write_text(json.dumps({"step": 3, "tokenizer_hash": "exp123"}))
+    assert ck.tokenizer_identity(tmp_path)[0] == "exp123"
+    (tmp_path / ck.STATE_FILE).write_text(json.dumps({"step": 3, "tokenizer_hash": "state456"}))
+    assert ck.tokenizer_identity(tmp_path)[0] == "state456"
+    bare = tmp_path / "hf" / "tokenizer"
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3, "salt": 4, "pan": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(str(bare))
+    assert ck.tokenizer_identity(bare.parent) == (tokenizer_hash(bare), str(bare))

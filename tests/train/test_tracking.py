@@ -83,3 +83,24 @@ def test_keys_from_user_data_are_sanitised(tmp_path):
     run = _client(default_uri(tmp_path)).get_run(tracker.run_id)
     assert run.data.params["data.domain_map.Children_s"] == "kids"
     assert run.data.metrics["tokens/Children_s/domain"] == 3.0
+
+
+def test_resumed_run_keeps_one_value_per_step(tmp_path):
+    """Killed at step 5 after its checkpoint at step 2, the job resumes from step 2 and replays
+    steps 3-5: the MLflow run must still hold exactly one loss per step (the first values)."""
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"train.output_dir={out}"])
+    first = make_tracker(cfg, out, rank=0)
+    for step in range(1, 6):
+        first.log_metrics({"loss": 10.0 - step, "lr": 0.1}, step)
+    # killed: no finish(); the rerun finds the run id in tracking.json
+    resumed = make_tracker(cfg, out, rank=0)
+    assert resumed.resumed and resumed.run_id == first.run_id
+    for step in range(3, 9):
+        resumed.log_metrics({"loss": 10.0 - step + 0.001, "lr": 0.1, "grad_norm": 1.0}, step)
+    client = _client(default_uri(out))
+    loss = [(m.step, m.value) for m in client.get_metric_history(first.run_id, "loss")]
+    assert sorted(s for s, _ in loss) == list(range(1, 9))  # 8 steps, 8 rows
+    assert dict(loss)[5] == 5.0 and dict(loss)[6] == pytest.approx(4.001)
+    assert len(client.get_metric_history(first.run_id, "lr")) == 8
+    assert [m.step for m in client.get_metric_history(first.run_id, "grad_norm")] == [3, 4, 5, 6, 7, 8]
