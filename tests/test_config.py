@@ -70,6 +70,9 @@ def test_typo_in_yaml_file(tmp_path):
         ("train.seq_len=abc", "train.seq_len"),
         ("train.micro_batch_size=1.5", "train.micro_batch_size"),
         ("tracking.backend=wandb", "tracking.backend"),
+        ("eval.sasrec_similarity=euclid", "eval.sasrec_similarity"),
+        ("eval.sasrec_heads=3", "eval.sasrec_heads"),
+        ("eval.sasrec_patience=-1", "eval.sasrec_patience"),
     ],
 )
 def test_invalid_value_names_field(override, field):

@@ -445,12 +445,33 @@ class EvalConfig:
     model.dtype), for models too large for plain PyTorch on one device; checkpoints are DeepSpeed's."""
     baselines: list[str] = field(default_factory=lambda: ["popularity", "sasrec"])
     """Baselines computed on the same split: popularity, sasrec."""
-    sasrec_epochs: int = 20
-    """SASRec training epochs."""
-    sasrec_hidden: int = 64
-    """SASRec hidden size."""
-    sasrec_max_len: int = 50
-    """SASRec maximum sequence length."""
+    sasrec_epochs: int = 200
+    """SASRec maximum training epochs (it stops earlier once validation NDCG@10 stops improving)."""
+    sasrec_patience: int = 5
+    """SASRec early stopping: validation evaluations without improvement before stopping (0 = run
+    all sasrec_epochs). Validation = the valid split's users, full ranking; the best epoch is tested."""
+    sasrec_eval_every: int = 1
+    """SASRec: epochs between two validation evaluations."""
+    sasrec_hidden: int = 50
+    """SASRec hidden size (item embedding dimension)."""
+    sasrec_max_len: int = 200
+    """SASRec maximum sequence length (the last N items of a history)."""
+    sasrec_layers: int = 2
+    """SASRec self-attention blocks."""
+    sasrec_heads: int = 1
+    """SASRec attention heads (must divide sasrec_hidden)."""
+    sasrec_dropout: float = 0.2
+    """SASRec dropout rate."""
+    sasrec_lr: float = 1e-3
+    """SASRec Adam learning rate."""
+    sasrec_batch_size: int = 128
+    """SASRec training sequences per batch."""
+    sasrec_negatives: int = 128
+    """SASRec sampled softmax: uniform negatives per training sequence, shared by its positions."""
+    sasrec_similarity: str = "cosine"
+    """SASRec user-item similarity: cosine (L2-normalised, as the published sampled-softmax SASRec) or dot."""
+    sasrec_temperature: float = 0.05
+    """SASRec softmax temperature (logits = similarity / temperature; use 1.0 with dot)."""
     seed: int = 0
     """Seed for negatives sampling and fine-tuning."""
 
@@ -464,8 +485,14 @@ class EvalConfig:
             "max_history_items",
             "batch_size",
             "finetune_batch_size",
+            "sasrec_epochs",
+            "sasrec_eval_every",
             "sasrec_hidden",
             "sasrec_max_len",
+            "sasrec_layers",
+            "sasrec_heads",
+            "sasrec_batch_size",
+            "sasrec_negatives",
         ):
             _check(getattr(self, name) > 0, f"eval.{name}", "must be > 0")
         _check(self.max_users >= 0, "eval.max_users", "must be >= 0")
@@ -483,6 +510,14 @@ class EvalConfig:
         _check(self.finetune_checkpoint_every >= 0, "eval.finetune_checkpoint_every", "must be >= 0")
         for b in self.baselines:
             _one_of(b, "eval.baselines", ("popularity", "sasrec"))
+        _check(self.sasrec_patience >= 0, "eval.sasrec_patience", "must be >= 0")
+        _check(
+            self.sasrec_hidden % self.sasrec_heads == 0, "eval.sasrec_heads", "must divide eval.sasrec_hidden"
+        )
+        _check(0 <= self.sasrec_dropout < 1, "eval.sasrec_dropout", "must be in [0, 1)")
+        _check(self.sasrec_lr >= 0, "eval.sasrec_lr", "must be >= 0")
+        _one_of(self.sasrec_similarity, "eval.sasrec_similarity", ("cosine", "dot"))
+        _check(self.sasrec_temperature > 0, "eval.sasrec_temperature", "must be > 0")
 
 
 # ----------------------------------------------------------------------------------- tracking

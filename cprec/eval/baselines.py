@@ -8,19 +8,25 @@
   blocks (pre-LayerNorm, GELU feed-forward, dropout), trained on the training sequences with all
   domains' items in one id space (mixed sequences), predicting each next item. The loss is a
   sampled softmax: cross-entropy over the true next item and ``n_negatives`` items drawn uniformly
-  per batch and shared by all positions (a shared negative equal to the positive is masked). At eval
-  the output at the last history position scores every item of the target's domain (dot product
-  with the shared item embeddings). Items in items.parquet that never occur in training keep their
-  random initial embedding (cold items).
+  per sequence and shared by its positions (a negative equal to the positive is masked), on cosine
+  similarity / ``temperature`` (or a raw dot product). The defaults are the published
+  sampled-softmax SASRec of the HSTU paper's ML-1M baseline (``benchmarks/sasrec_ml1m.py`` checks
+  we match it). Training stops once NDCG@10 of the *validation* users (the valid split, full
+  ranking, ``cprec.eval.ranking``) has not improved for ``patience`` evaluations, and the weights
+  of the best evaluation are restored: the model is tested from its best epoch. At eval the state
+  at the last history position scores every item of the target's domain. Items in items.parquet
+  that never occur in training keep their initial embedding (cold items).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cprec.eval.inputs import Catalogue
-from cprec.eval.ranking import DomainTask, ScoreFn
+from cprec.eval.ranking import DomainTask, ScoreFn, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +75,107 @@ def popularity_score_fn(scores: np.ndarray) -> ScoreFn:
 
 
 # ------------------------------------------------------------------------------------- SASRec
+SIMILARITIES = ("dot", "cosine")
+VALID_METRIC = "ndcg@10"
+"""What early stopping watches: NDCG@10 over the validation users (full ranking, pooled)."""
+
+
 @dataclass
 class SASRecConfig:
-    hidden: int = 64
-    max_len: int = 50
+    """SASRec settings (``eval.sasrec_*``). The defaults are those of the published sampled-softmax
+    SASRec on ML-1M (generative-recommenders, ``configs/ml-1m/sasrec-sampled-softmax-n128-final.gin``):
+    50 dims, 2 blocks, 1 head, dropout 0.2, 200 items, 128 negatives, cosine similarity / 0.05."""
+
+    hidden: int = 50
+    max_len: int = 200
     layers: int = 2
     heads: int = 1
     dropout: float = 0.2
-    epochs: int = 20
+    epochs: int = 200
+    """Maximum epochs; training stops earlier once validation NDCG@10 stops improving."""
+    patience: int = 5
+    """Validation evaluations without improvement before stopping (0 = always run ``epochs``)."""
+    eval_every: int = 1
+    """Epochs between validation evaluations (the last epoch is always evaluated)."""
     batch_size: int = 128
     lr: float = 1e-3
-    n_negatives: int = 256
+    n_negatives: int = 128
+    similarity: str = "cosine"
+    """dot (raw dot product) or cosine (L2-normalised user states and item embeddings)."""
+    temperature: float = 0.05
+    """Logits are similarities divided by this (use 1.0 with dot)."""
     seed: int = 0
+
+    def __post_init__(self):
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"SASRec similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
+        positive = (
+            "hidden",
+            "max_len",
+            "layers",
+            "heads",
+            "epochs",
+            "eval_every",
+            "batch_size",
+            "n_negatives",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SASRec {name} must be > 0, got {getattr(self, name)}")
+        for name, ok in (
+            ("patience", self.patience >= 0),
+            ("lr", self.lr >= 0),
+            ("temperature", self.temperature > 0),
+        ):
+            if not ok:
+                raise ValueError(f"SASRec {name} out of range: {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise ValueError(f"SASRec hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+
+
+def sasrec_config(ecfg) -> SASRecConfig:
+    """The SASRec settings of an ``EvalConfig`` (its ``sasrec_*`` fields and ``seed``)."""
+    return SASRecConfig(
+        hidden=ecfg.sasrec_hidden,
+        max_len=ecfg.sasrec_max_len,
+        layers=ecfg.sasrec_layers,
+        heads=ecfg.sasrec_heads,
+        dropout=ecfg.sasrec_dropout,
+        epochs=ecfg.sasrec_epochs,
+        patience=ecfg.sasrec_patience,
+        eval_every=ecfg.sasrec_eval_every,
+        batch_size=ecfg.sasrec_batch_size,
+        lr=ecfg.sasrec_lr,
+        n_negatives=ecfg.sasrec_negatives,
+        similarity=ecfg.sasrec_similarity,
+        temperature=ecfg.sasrec_temperature,
+        seed=ecfg.seed,
+    )
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm causal self-attention + feed-forward block. Attention runs through
+    ``scaled_dot_product_attention`` (a fused kernel on CPU too); dropout acts on the embeddings
+    and on both residual branches, not on the attention probabilities, which on CPU would cost
+    about as much as the attention itself."""
+
+    def __init__(self, cfg: SASRecConfig):
+        super().__init__()
+        d = cfg.hidden
+        self.heads = cfg.heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, L, D/heads]
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D)))
+        return x + self.drop(self.ff(self.ln2(x)))
 
 
 class SASRec(nn.Module):
@@ -92,19 +187,18 @@ class SASRec(nn.Module):
         self.n_items = n_items
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
-        layer = nn.TransformerEncoderLayer(
-            cfg.hidden,
-            cfg.heads,
-            dim_feedforward=cfg.hidden,
-            dropout=cfg.dropout,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
-        self.blocks = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        nn.init.normal_(self.item_emb.weight, std=cfg.hidden**-0.5)
+        # Small item embeddings (std 0.02, as the published sampled-softmax SASRec): Adam's fixed
+        # step size then moves them fast relative to their scale; with std hidden**-0.5 the model
+        # sat at popularity level for a dozen ML-1M epochs before using the sequence.
+        nn.init.trunc_normal_(self.item_emb.weight, std=0.02, a=-0.04, b=0.04)
+        nn.init.trunc_normal_(self.pos_emb.weight, std=cfg.hidden**-0.5)
+        for block in self.blocks:
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_normal_(m.weight)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
@@ -113,9 +207,19 @@ class SASRec(nn.Module):
         L = seq.shape[1]
         x = self.item_emb(seq) * math.sqrt(self.cfg.hidden) + self.pos_emb(torch.arange(L, device=seq.device))
         x = self.drop(x)
-        causal = torch.triu(torch.ones(L, L, dtype=torch.bool, device=seq.device), diagonal=1)
-        # Right padding: a real position never attends to the padding after it, so no padding mask.
-        return self.norm(self.blocks(x, mask=causal, is_causal=True))
+        # Right padding: a real position never attends to the padding after it, so the causal
+        # mask is the only one needed.
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def similarity_space(self, x: torch.Tensor) -> torch.Tensor:
+        """User states or item embeddings as compared: L2-normalised under cosine similarity."""
+        return F.normalize(x, dim=-1, eps=1e-6) if self.cfg.similarity == "cosine" else x
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Item embeddings of ``ids`` in the similarity space."""
+        return self.similarity_space(self.item_emb(ids))
 
     @torch.no_grad()
     def user_states(self, seqs: list[list[int]]) -> torch.Tensor:
@@ -123,7 +227,7 @@ class SASRec(nn.Module):
         batch = _pad(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
         h = self.forward(batch)
-        return h[torch.arange(len(seqs)), lengths - 1]
+        return self.similarity_space(h[torch.arange(len(seqs)), lengths - 1])
 
 
 def _pad(seqs: list[list[int]]) -> torch.Tensor:
@@ -147,65 +251,138 @@ def to_ids(items: list[str], catalogue: Catalogue) -> list[int]:
     return [r + 1 for r in (catalogue.index.get(i) for i in items) if r is not None]
 
 
-def train_sasrec(
-    train_sequences: list[tuple[str, list[str], list[str]]], catalogue: Catalogue, cfg: SASRecConfig
-) -> tuple[SASRec, dict]:
-    """Train on each user's last ``max_len + 1`` training items; returns the model and stats."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+def _training_sequences(
+    train_sequences: list[tuple[str, list[str], list[str]]], catalogue: Catalogue, max_len: int
+) -> list[list[int]]:
     seqs, unknown = [], 0
     for _, items, _ in train_sequences:
         ids = to_ids(items, catalogue)
         unknown += len(items) - len(ids)
         if len(ids) >= 2:
-            seqs.append(ids[-(cfg.max_len + 1) :])
+            seqs.append(ids[-(max_len + 1) :])
     if not seqs:
         raise ValueError("SASRec: no training sequence with at least 2 known items")
     if unknown:
         log.warning("SASRec: %d training items not in items.parquet were left out", unknown)
-    n_items = len(catalogue.items)
-    model = SASRec(n_items, cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    return seqs
+
+
+def _train_epoch(
+    model: SASRec,
+    opt: torch.optim.Optimizer,
+    seqs: list[list[int]],
+    rng: np.random.Generator,
+    bar: tqdm,
+) -> float:
+    """One pass over the sequences; returns the mean loss per sequence."""
+    cfg, n_items = model.cfg, model.n_items
     n_neg = min(cfg.n_negatives, n_items)
-    losses, t0 = [], time.perf_counter()
+    lengths = np.asarray([len(s) for s in seqs])
+    model.train()
+    total = 0.0
+    for batch in _length_buckets(lengths, cfg.batch_size, rng):
+        chunk = [seqs[i] for i in batch]
+        inp = _pad([s[:-1] for s in chunk])
+        tgt = _pad([s[1:] for s in chunk])  # [B, L]
+        h = model.similarity_space(model(inp))  # [B, L, H]
+        # Negatives drawn per sequence, shared by its positions: as many distinct negatives per
+        # step as per-position sampling gives, for the cost of one batched matmul.
+        neg = torch.from_numpy(rng.integers(1, n_items + 1, size=(len(chunk), n_neg)))  # [B, N]
+        pos_logit = (h * model.item_vectors(tgt)).sum(-1, keepdim=True)  # [B, L, 1]
+        neg_logit = h @ model.item_vectors(neg).transpose(1, 2)  # [B, L, N]
+        neg_logit = neg_logit.masked_fill(neg.unsqueeze(1) == tgt.unsqueeze(2), float("-inf"))
+        keep = tgt > 0
+        logits = torch.cat([pos_logit, neg_logit], dim=2)[keep] / cfg.temperature  # [P, 1 + N]
+        loss = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(chunk)
+        bar.update(1)
+    return total / len(seqs)
+
+
+def validation_metrics(model: SASRec, catalogue: Catalogue, valid: dict[str, DomainTask]) -> dict[str, float]:
+    """Full-ranking NDCG@10 and Recall@10 of the validation users, pooled over domains (the same
+    ranking code as the report)."""
+    was_training = model.training
+    model.eval()
+    res = evaluate(valid, sasrec_score_fn(model, catalogue), [10], batch_size=256)["overall"]
+    model.train(was_training)
+    return {"ndcg@10": res["ndcg@10"], "recall@10": res["recall@10"]}
+
+
+EvalHook = Callable[[int, dict, "SASRec"], None]
+"""Called after each validation evaluation with (epoch, metrics, model)."""
+
+
+def train_sasrec(
+    train_sequences: list[tuple[str, list[str], list[str]]],
+    catalogue: Catalogue,
+    cfg: SASRecConfig,
+    valid: dict[str, DomainTask] | None = None,
+    on_eval: EvalHook | None = None,
+) -> tuple[SASRec, dict]:
+    """Train on each user's last ``max_len + 1`` training items; returns the model and stats.
+
+    With validation tasks (``valid``: the valid split's users, never the test split's), NDCG@10 is
+    measured every ``eval_every`` epochs; training stops after ``patience`` evaluations without a
+    strict improvement, and the returned model holds the weights of the best evaluation. Without
+    them every epoch runs and the last weights are returned (``stats["early_stopping"]`` says so).
+    """
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    seqs = _training_sequences(train_sequences, catalogue, cfg.max_len)
+    model = SASRec(len(catalogue.items), cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    valid = {d: t for d, t in (valid or {}).items() if t.users}
+    n_valid = sum(len(t.users) for t in valid.values())
+    if not valid:
+        log.warning("SASRec: no validation users, so no early stopping: all %d epochs run", cfg.epochs)
+    losses, history, t0 = [], [], time.perf_counter()
+    best_value, best_epoch, best_state, since_best = -math.inf, 0, None, 0
     steps_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
     bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="sasrec", unit="step", disable=None)
-    model.train()
-    lengths = np.asarray([len(s) for s in seqs])
-    for _ in range(cfg.epochs):
-        epoch_loss = 0.0
-        for batch in _length_buckets(lengths, cfg.batch_size, rng):
-            chunk = [seqs[i] for i in batch]
-            inp = _pad([s[:-1] for s in chunk])
-            tgt = _pad([s[1:] for s in chunk])
-            h = model(inp)
-            keep = tgt > 0
-            h, pos = h[keep], tgt[keep]  # [P, H], [P]
-            neg = torch.from_numpy(rng.integers(1, n_items + 1, size=n_neg))
-            pos_logit = (h * model.item_emb(pos)).sum(-1, keepdim=True)
-            neg_logit = h @ model.item_emb(neg).t()
-            neg_logit = neg_logit.masked_fill(neg.unsqueeze(0) == pos.unsqueeze(1), float("-inf"))
-            logits = torch.cat([pos_logit, neg_logit], dim=1)
-            loss = F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            epoch_loss += float(loss.detach()) * len(chunk)
-            bar.update(1)
-        losses.append(epoch_loss / len(seqs))
+    for epoch in range(1, cfg.epochs + 1):
+        losses.append(_train_epoch(model, opt, seqs, rng, bar))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        msg = ""
+        if valid and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            metrics = validation_metrics(model, catalogue, valid)
+            history.append({"epoch": epoch, **metrics})
+            if on_eval is not None:
+                on_eval(epoch, metrics, model)
+            if metrics[VALID_METRIC] > best_value:
+                best_value, best_epoch, since_best = metrics[VALID_METRIC], epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+            msg = f", valid {VALID_METRIC} {metrics[VALID_METRIC]:.4f} (best {best_value:.4f} @ {best_epoch})"
         log.info(
-            "SASRec epoch %d/%d: loss %.4f (%.0f s)",
-            len(losses),
+            "SASRec epoch %d/%d: loss %.4f%s (%.0f s)",
+            epoch,
             cfg.epochs,
             losses[-1],
+            msg,
             time.perf_counter() - t0,
         )
+        if cfg.patience and since_best >= cfg.patience:
+            break
     bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
+    epochs_run = len(losses)
     stats = {
         "config": asdict(cfg),
         "sequences": len(seqs),
+        "valid_users": n_valid,
+        "early_stopping": f"on validation {VALID_METRIC}" if valid else "off: no validation users",
+        "epochs_run": epochs_run,
+        "best_epoch": best_epoch if valid else epochs_run,
+        f"best_valid_{VALID_METRIC}": best_value if valid else None,
+        "stopped_early": epochs_run < cfg.epochs,
+        "valid_history": history,
         "epoch_losses": losses,
         "seconds": time.perf_counter() - t0,
     }
@@ -213,13 +390,21 @@ def train_sasrec(
 
 
 def sasrec_key(
-    train_sequences: list[tuple[str, list[str], list[str]]], catalogue: Catalogue, cfg: SASRecConfig
+    train_sequences: list[tuple[str, list[str], list[str]]],
+    catalogue: Catalogue,
+    cfg: SASRecConfig,
+    valid: dict[str, DomainTask] | None = None,
 ) -> str:
-    """Hash of what decides a trained SASRec: the training sequences, the id space, the settings."""
+    """Hash of what decides a trained SASRec: the training sequences, the id space, the settings
+    and the validation users that pick its best epoch."""
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
     h.update(catalogue.subset_hash(list(range(len(catalogue.items)))).encode())
     for user, items, _ in train_sequences:
         h.update(("\x01" + user + "\x00" + "\x00".join(items)).encode())
+    for domain in sorted(valid or {}):
+        for u in valid[domain].users:
+            h.update(("\x02" + domain + "\x00" + u.user + "\x00" + u.target + "\x00").encode())
+            h.update("\x00".join(u.history).encode())
     return h.hexdigest()[:20]
 
 
@@ -228,16 +413,18 @@ def train_sasrec_cached(
     catalogue: Catalogue,
     cfg: SASRecConfig,
     cache_dir: str | Path,
+    valid: dict[str, DomainTask] | None = None,
+    on_eval: EvalHook | None = None,
 ) -> tuple[SASRec, dict]:
     """``train_sasrec``, or the model saved by an earlier run with the same key (see ``sasrec_key``)."""
-    path = Path(cache_dir) / f"sasrec-{sasrec_key(train_sequences, catalogue, cfg)}.pt"
+    path = Path(cache_dir) / f"sasrec-{sasrec_key(train_sequences, catalogue, cfg, valid)}.pt"
     if path.is_file():
         blob = torch.load(path, map_location="cpu", weights_only=True)
         model = SASRec(len(catalogue.items), cfg)
         model.load_state_dict(blob["model"])
         log.info("SASRec: reusing the model trained earlier (%s)", path.name)
         return model.eval(), {**json.loads(blob["stats"]), "cached": True}
-    model, stats = train_sasrec(train_sequences, catalogue, cfg)
+    model, stats = train_sasrec(train_sequences, catalogue, cfg, valid, on_eval)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "stats": json.dumps(stats)}, tmp)
@@ -246,7 +433,8 @@ def train_sasrec_cached(
 
 
 def sasrec_score_fn(model: SASRec, catalogue: Catalogue) -> ScoreFn:
-    """Score function: the user's last-position state against the domain's item embeddings."""
+    """Score function: the user's last-position state against the domain's item embeddings
+    (both in the similarity space: cosine or dot product)."""
 
     def score(task: DomainTask, batch: np.ndarray) -> torch.Tensor:
         seqs = []
@@ -255,7 +443,7 @@ def sasrec_score_fn(model: SASRec, catalogue: Catalogue) -> ScoreFn:
             seqs.append(ids or [0])  # no known history: the padding id alone (position 0 only)
         h = model.user_states(seqs)
         with torch.no_grad():
-            items = model.item_emb(torch.from_numpy(task.rows + 1))
+            items = model.item_vectors(torch.from_numpy(task.rows + 1))
         return h @ items.t()
 
     return score

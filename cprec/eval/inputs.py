@@ -88,6 +88,36 @@ def _read(path: Path) -> dict[str, list]:
     return {c: table.column(c).to_pylist() for c in _COLUMNS[path.name]}
 
 
+def _split_users(path: Path, split: str, cat: Catalogue, skipped: Counter) -> list[EvalUser]:
+    users = _read(path)
+    out = []
+    for u, sp, dom, hist, tgt in zip(*(users[c] for c in _COLUMNS["users.parquet"])):
+        if sp != split:
+            continue
+        row = cat.index.get(tgt)
+        if row is None:
+            skipped["target_not_in_items"] += 1
+            continue
+        if cat.domains[row] != dom:
+            raise ValueError(
+                f"{path}: user {u!r} target {tgt!r} has domain {dom!r} but items.parquet says "
+                f"{cat.domains[row]!r}"
+            )
+        out.append(EvalUser(str(u), str(dom), [str(h) for h in (hist or [])], str(tgt)))
+    return out
+
+
+def load_split_users(
+    prepared_dir: str | Path, split: str, catalogue: Catalogue
+) -> tuple[list[EvalUser], dict]:
+    """The users.parquet rows of another split against an already loaded catalogue (e.g. the
+    validation users that SASRec's early stopping watches while the report ranks the test users);
+    returns (users, skipped rows by reason). No rows is not an error here: the caller decides."""
+    skipped: Counter = Counter()
+    users = _split_users(Path(prepared_dir) / "eval" / "users.parquet", split, catalogue, skipped)
+    return users, dict(skipped)
+
+
 def load_inputs(prepared_dir: str | Path, split: str) -> EvalInputs:
     """Load and validate the eval inputs; keep users.parquet rows of ``split``."""
     folder = Path(prepared_dir) / "eval"
@@ -103,24 +133,9 @@ def load_inputs(prepared_dir: str | Path, split: str) -> EvalInputs:
     )
     skipped: Counter = Counter()
 
-    users = _read(folder / "users.parquet")
-    eval_users = []
-    for u, sp, dom, hist, tgt in zip(*(users[c] for c in _COLUMNS["users.parquet"])):
-        if sp != split:
-            continue
-        row = cat.index.get(tgt)
-        if row is None:
-            skipped["target_not_in_items"] += 1
-            continue
-        if cat.domains[row] != dom:
-            raise ValueError(
-                f"{folder / 'users.parquet'}: user {u!r} target {tgt!r} has domain {dom!r} but "
-                f"items.parquet says {cat.domains[row]!r}"
-            )
-        eval_users.append(EvalUser(str(u), str(dom), [str(h) for h in (hist or [])], str(tgt)))
+    eval_users = _split_users(folder / "users.parquet", split, cat, skipped)
     if not eval_users:
         raise ValueError(f"{folder / 'users.parquet'}: no usable rows with split={split!r}")
-
     seqs = _read(folder / "train_sequences.parquet")
     train = []
     for u, its, doms in zip(seqs["user"], seqs["items"], seqs["domains"]):

@@ -13,8 +13,10 @@
    per domain (``eval.finetune_scope``), plain PyTorch or DeepSpeed (``eval.finetune_deepspeed``),
    checkpointed every ``eval.finetune_checkpoint_every`` steps and resumed by a rerun, saved under
    ``<eval.output_dir>/finetuned/<scope>/``, ranked the same way.
-5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks
-   (a trained SASRec is kept in ``<eval.output_dir>/cache/`` keyed by its data and settings).
+5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks.
+   SASRec trains until NDCG@10 of the *valid* split's users stops improving (``eval.sasrec_patience``)
+   and is ranked from its best epoch (kept in ``<eval.output_dir>/cache/`` keyed by its data,
+   validation users and settings; per-evaluation metrics go to the tracker as ``sasrec/valid/*``).
 6. report.json / report.md / metrics.png in ``eval.output_dir``, logged through the training
    tracker (``tracking``; rank 0): config as params, every metric, per-step fine-tuning loss
    (``finetune/loss``), the report files, tags naming the checkpoint and its training run.
@@ -29,6 +31,7 @@ import gc
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,7 +51,7 @@ from cprec.eval.encode import (
     load_tokenizer,
 )
 from cprec.eval.finetune_state import model_identity
-from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs
+from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs, load_split_users
 from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, cold_counts, evaluate
 from cprec.eval.report import (
     build_report,
@@ -258,6 +261,15 @@ def finetuned_score_fn(
     return _by_domain(fns), details
 
 
+def validation_tasks(prepared: Path, inputs: EvalInputs, max_users: int, seed: int) -> dict[str, DomainTask]:
+    """Ranking tasks of the *valid* split (same catalogue, same per-domain cap as the report's
+    tasks): what SASRec's early stopping watches. Never the test split, whatever eval.split is."""
+    users, skipped = load_split_users(prepared, "valid", inputs.catalogue)
+    if skipped:
+        log.warning("validation users: skipped rows %s", skipped)
+    return build_tasks(replace(inputs, users=users), max_users, seed)
+
+
 # ---------------------------------------------------------------------------------------- job
 def run(cfg: Config) -> dict:
     """Run the evaluation job; returns the report dict (empty on ranks other than 0).
@@ -385,11 +397,20 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         models["popularity"] = {"source": "train_sequences.parquet item counts, ties by item id"}
     if "sasrec" in ecfg.baselines:
         t = time.perf_counter()
-        scfg = baselines.SASRecConfig(
-            hidden=ecfg.sasrec_hidden, max_len=ecfg.sasrec_max_len, epochs=ecfg.sasrec_epochs, seed=ecfg.seed
-        )
+        valid = validation_tasks(prepared, inputs, ecfg.max_users, ecfg.seed)
+        if ecfg.split == "valid":
+            log.warning("eval.split=valid: SASRec's best epoch is picked on the users it is reported on")
+
+        def log_valid(epoch: int, metrics: dict, _model) -> None:
+            tracker.log_metrics({f"sasrec/valid/{k}": v for k, v in metrics.items()}, step=epoch)
+
         sasrec, stats = baselines.train_sasrec_cached(
-            inputs.train_sequences, inputs.catalogue, scfg, out / "cache"
+            inputs.train_sequences,
+            inputs.catalogue,
+            baselines.sasrec_config(ecfg),
+            out / "cache",
+            valid=valid,
+            on_eval=log_valid,
         )
         seconds["train/sasrec"] = time.perf_counter() - t
         rank("sasrec", baselines.sasrec_score_fn(sasrec, inputs.catalogue))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import torch
 
 from cprec.eval.baselines import (
@@ -10,10 +13,12 @@ from cprec.eval.baselines import (
     popularity_counts,
     popularity_score_fn,
     popularity_scores,
+    sasrec_key,
     sasrec_score_fn,
     train_sasrec,
+    validation_metrics,
 )
-from cprec.eval.inputs import Catalogue, load_inputs
+from cprec.eval.inputs import Catalogue, load_inputs, load_split_users
 from cprec.eval.ranking import build_tasks, evaluate
 
 
@@ -68,3 +73,67 @@ def test_sasrec_state_dict_round_trip_and_causality():
     other = torch.tensor([[1, 2, 7, 9]])
     assert torch.allclose(m(seq)[0, :2], m(other)[0, :2], atol=1e-6)
     assert not torch.allclose(m(seq)[0, 2], m(other)[0, 2])
+
+
+def _valid_tasks(prepared, inputs):
+    users, skipped = load_split_users(prepared, "valid", inputs.catalogue)
+    assert not skipped
+    return build_tasks(replace(inputs, users=users))
+
+
+def test_sasrec_early_stopping_stops_on_a_plateau(tiny_prepared):
+    inputs = load_inputs(tiny_prepared, "test")
+    valid = _valid_tasks(tiny_prepared, inputs)
+    # lr 0: the weights never move, so validation NDCG@10 is the same every epoch: a plateau.
+    cfg = SASRecConfig(hidden=16, max_len=10, epochs=20, patience=2, lr=0.0, batch_size=16, n_negatives=8)
+    model, stats = train_sasrec(inputs.train_sequences, inputs.catalogue, cfg, valid)
+    assert stats["epochs_run"] == 3 and stats["best_epoch"] == 1 and stats["stopped_early"]
+    assert [h["epoch"] for h in stats["valid_history"]] == [1, 2, 3]
+    assert len({h["ndcg@10"] for h in stats["valid_history"]}) == 1
+    assert stats["valid_users"] == 16 and stats["early_stopping"] == "on validation ndcg@10"
+
+    # eval_every=3: evaluations at epochs 3, 6, 9 -> best 3, stop after 9.
+    cfg = replace(cfg, eval_every=3)
+    _, stats = train_sasrec(inputs.train_sequences, inputs.catalogue, cfg, valid)
+    assert [h["epoch"] for h in stats["valid_history"]] == [3, 6, 9]
+    assert stats["epochs_run"] == 9 and stats["best_epoch"] == 3
+
+    # No validation users: no early stopping, every epoch runs, the last one is kept.
+    _, stats = train_sasrec(inputs.train_sequences, inputs.catalogue, replace(cfg, epochs=4), None)
+    assert stats["epochs_run"] == 4 and stats["best_epoch"] == 4 and not stats["stopped_early"]
+    assert stats["early_stopping"].startswith("off") and stats["valid_history"] == []
+
+
+def test_sasrec_is_tested_from_its_best_epoch(tiny_prepared):
+    inputs = load_inputs(tiny_prepared, "test")
+    valid = _valid_tasks(tiny_prepared, inputs)
+    cfg = SASRecConfig(
+        hidden=16, max_len=10, epochs=60, patience=2, batch_size=16, n_negatives=8, lr=1e-2, dropout=0.1
+    )
+    seen: dict[int, tuple[dict, dict]] = {}
+
+    def keep(epoch, metrics, model):
+        seen[epoch] = (metrics, copy.deepcopy(model.state_dict()))
+
+    model, stats = train_sasrec(inputs.train_sequences, inputs.catalogue, cfg, valid, on_eval=keep)
+    best, last = stats["best_epoch"], stats["epochs_run"]
+    assert stats["stopped_early"] and last == max(seen) and last - best == cfg.patience
+    values = [seen[e][0]["ndcg@10"] for e in sorted(seen)]
+    assert best == 1 + values.index(max(values))  # the first epoch with the highest NDCG@10
+    assert stats["best_valid_ndcg@10"] == max(values) > seen[last][0]["ndcg@10"] - 1e-12
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in seen[best][1].items())  # the best weights...
+    assert not all(torch.equal(state[k], v) for k, v in seen[last][1].items())  # ...not the last
+    assert validation_metrics(model, inputs.catalogue, valid) == seen[best][0]
+
+
+def test_sasrec_key_covers_validation_users_and_settings(tiny_prepared):
+    inputs = load_inputs(tiny_prepared, "test")
+    valid = _valid_tasks(tiny_prepared, inputs)
+    cfg = SASRecConfig(hidden=16, max_len=10)
+    key = sasrec_key(inputs.train_sequences, inputs.catalogue, cfg, valid)
+    assert key != sasrec_key(inputs.train_sequences, inputs.catalogue, cfg, None)
+    assert key != sasrec_key(inputs.train_sequences, inputs.catalogue, replace(cfg, patience=1), valid)
+    assert key != sasrec_key(inputs.train_sequences, inputs.catalogue, replace(cfg, similarity="dot"), valid)
+    fewer = {d: replace(t, users=t.users[:-1]) for d, t in valid.items()}
+    assert key != sasrec_key(inputs.train_sequences, inputs.catalogue, cfg, fewer)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from cprec.config import load_config
-from cprec.eval.run import find_checkpoint, run
+from cprec.eval.inputs import load_inputs
+from cprec.eval.run import find_checkpoint, run, validation_tasks
 
 
 def _cfg(prepared, model_dir, out, *extra):
@@ -53,7 +54,10 @@ def test_eval_job_end_to_end(tiny_prepared, tiny_model_dir, tmp_path):
 
     # Second run: same checkpoint, same settings -> item cache hits, fine-tuned model reused.
     state_before = (out / "finetuned" / "all" / "finetune_state.json").read_text()
-    assert saved["models"]["sasrec"]["cached"] is False
+    sasrec = saved["models"]["sasrec"]
+    assert sasrec["cached"] is False and sasrec["valid_users"] == 16  # the valid split's 16 users
+    assert sasrec["epochs_run"] == 3 and 1 <= sasrec["best_epoch"] <= 3
+    assert [h["epoch"] for h in sasrec["valid_history"]] == [1, 2, 3]
     again = run(_cfg(tiny_prepared, tiny_model_dir, out))
     assert again["item_cache"] == {"hits": 4, "misses": 0}
     assert (out / "finetuned" / "all" / "finetune_state.json").read_text() == state_before
@@ -234,3 +238,15 @@ def test_report_counts_cold_targets_and_candidates_per_domain(tiny_prepared, tin
         }
     assert report["cold"]["A"]["candidates"] == 13 and report["cold"]["A"]["cold_targets"] >= 1
     assert "cold (in no training sequence): A " in (tmp_path / "eval" / "report.md").read_text()
+
+
+def test_sasrec_validation_tasks_come_from_the_valid_split(tiny_prepared):
+    test_inputs = load_inputs(tiny_prepared, "test")
+    tasks = validation_tasks(tiny_prepared, test_inputs, 0, 0)
+    want = {(u.user, u.target, tuple(u.history)) for u in load_inputs(tiny_prepared, "valid").users}
+    got = {(u.user, u.target, tuple(u.history)) for t in tasks.values() for u in t.users}
+    assert got == want
+    test_rows = {(u.user, u.target) for u in test_inputs.users}
+    assert not test_rows & {(user, target) for user, target, _ in got}  # no test target leaks in
+    capped = validation_tasks(tiny_prepared, test_inputs, 3, 0)
+    assert {d: len(t.users) for d, t in capped.items()} == {"A": 3, "B": 3}
