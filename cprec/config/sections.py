@@ -408,6 +408,9 @@ class EvalConfig:
     """Cut-offs for Recall/NDCG/MRR@K."""
     pooling: str = "last"
     """Embedding pooling: last (last non-pad token) or mean."""
+    dtype: str = "auto"
+    """Precision of the encoding passes and of fine-tuning's compute (master weights stay fp32):
+    auto (bf16 on GPUs and on CPUs with native bf16 - AVX512-BF16/AMX - else fp32), bf16 or fp32."""
     max_history_items: int = 20
     """User prompt uses the last K history items."""
     batch_size: int = 64
@@ -481,6 +484,7 @@ class EvalConfig:
         _check(self.n_negatives > 0, "eval.n_negatives", "must be > 0")
         _check(len(self.ks) > 0 and all(k > 0 for k in self.ks), "eval.ks", "positive cut-offs")
         _one_of(self.pooling, "eval.pooling", ("last", "mean"))
+        _one_of(self.dtype, "eval.dtype", ("auto", "bf16", "fp32"))
         for name in (
             "max_history_items",
             "batch_size",

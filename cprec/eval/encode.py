@@ -132,6 +132,27 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX): bf16 then runs 2-10x faster
+    than fp32; without those instructions bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """``eval.dtype`` -> torch dtype: ``auto`` is bf16 on GPUs and on CPUs with native bf16."""
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp32":
+        return torch.float32
+    device = device or default_device()
+    fast = device.type == "cuda" or cpu_has_fast_bf16()
+    return torch.bfloat16 if fast else torch.float32
+
+
 def load_model(folder: str | Path, device: torch.device | None = None, dtype: torch.dtype | None = None):
     """An HF causal LM from a local folder; default dtype bf16 on GPU, fp32 on CPU.
 

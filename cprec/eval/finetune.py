@@ -63,7 +63,7 @@ from tqdm import tqdm
 from cprec import dist
 from cprec.config import Config, EvalConfig
 from cprec.eval import finetune_state as fs
-from cprec.eval.encode import PromptBuilder, embed, pad_batch
+from cprec.eval.encode import PromptBuilder, embed, pad_batch, resolve_dtype
 from cprec.eval.finetune_state import (  # noqa: F401 (re-exported for callers of this module)
     STATE_FILE,
     CheckpointPolicy,
@@ -297,6 +297,8 @@ class FineTuner:
         self.metric, self.desc = metric, desc
         self.step, self.losses, self.resumed_from = 0, [], 0
         self.last_checkpoint: Path | None = None
+        # bf16 autocast on GPUs and bf16-capable CPUs (eval.dtype); master weights stay fp32.
+        self.bf16 = resolve_dtype(cfg.dtype, next(model.parameters()).device) == torch.bfloat16
         torch.manual_seed(cfg.seed)
         if cfg.lora_rank > 0:
             log.info("LoRA rank %d on %d projections", cfg.lora_rank, apply_lora(model, cfg.lora_rank))
@@ -391,7 +393,7 @@ class FineTuner:
             self.engine.step()
         else:
             device = next(self.model.parameters()).device
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.module(**{k: t.to(device) for k, t in batch.items()})
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -563,6 +565,7 @@ def settings_key(cfg: EvalConfig, base_id: str, scope: str, data_id: str = "") -
         "temperature",
         "lora_rank",
         "pooling",
+        "dtype",
         "max_history_items",
         "seed",
     )

@@ -49,6 +49,7 @@ from cprec.eval.encode import (
     encode_users,
     load_model,
     load_tokenizer,
+    resolve_dtype,
 )
 from cprec.eval.finetune_state import model_identity
 from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs, load_split_users
@@ -164,6 +165,7 @@ class LLMSide:
         self.tokenizer = load_tokenizer(prepared)
         self.cache = ItemEmbeddingCache(Path(cfg.eval.output_dir) / "cache")
         self.pad_id = special_ids(self.tokenizer)["pad_id"]
+        self.dtype = resolve_dtype(cfg.eval.dtype)  # of the encoding passes (fine-tuning keeps fp32)
 
     def builder(self, model) -> PromptBuilder:
         vocab = int(model.config.vocab_size)
@@ -251,9 +253,9 @@ def finetuned_score_fn(
             del model
             gc.collect()
         details[scope] = {k: v for k, v in state.items() if k != "losses"} | {"folder": str(folder)}
-        model = load_model(folder)
+        model = load_model(folder, dtype=side.dtype)
         scope_tasks = tasks if domains is None else {d: tasks[d] for d in domains}
-        fn = side.score_fn(model, model_identity(folder), scope_tasks)
+        fn = side.score_fn(model, f"{model_identity(folder)}:{side.dtype}", scope_tasks)
         for d in scope_tasks:
             fns[d] = fn
         del model
@@ -369,8 +371,8 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
 
     if ecfg.rank_pretrained:
         t = time.perf_counter()
-        model = load_model(hf_dir)
-        fn = side.score_fn(model, ckpt["id"], tasks)
+        model = load_model(hf_dir, dtype=side.dtype)
+        fn = side.score_fn(model, f"{ckpt['id']}:{side.dtype}", tasks)
         del model
         gc.collect()
         seconds["encode/llm-pretrained"] = time.perf_counter() - t

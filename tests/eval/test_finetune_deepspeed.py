@@ -45,6 +45,7 @@ def _cfg(tmp_path, stage: int, *extra):
         [
             f"train.zero_stage={stage}",
             "model.dtype=fp32",
+            "eval.dtype=fp32",  # both engines in fp32: the comparison is of engines, not precision
             f"eval.output_dir={tmp_path}",
             "eval.finetune_epochs=0.4",  # ceil(0.4 * 60 pairs / 8) = 3 steps
             "eval.finetune_batch_size=8",
