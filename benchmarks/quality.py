@@ -55,6 +55,8 @@ MODELS = {
 # on 2 CPU cores (most of it SmolLM2 forward/backward passes); `tiny` only proves every stage runs.
 SIZES = {
     "full": {
+        # The demo's own settings (configs/demo_ml1m.yaml), so its stages are shared with `cprec demo`,
+        # with more eval users per domain for tighter intervals.
         "every": [
             "data.max_doc_tokens=256",
             "train.seq_len=256",
@@ -62,9 +64,12 @@ SIZES = {
             "train.max_steps=30",
             "train.schedule.warmup_steps=5",
             "train.checkpoint.every_steps=15",
-            "eval.max_users=150",
+            "eval.max_users=200",
             "eval.max_history_items=10",
-            "eval.finetune_epochs=0.03",
+            "eval.finetune_epochs=0.005",
+            "eval.finetune_batch_size=8",
+            "eval.finetune_negatives=3",
+            "eval.finetune_lr=2e-5",
         ],
         "anneal": ["train.max_steps=8", "train.schedule.decay_steps=8"],
         "rows": ("base", "stable", "anneal", "domain_only", "mixed_only"),
@@ -93,9 +98,11 @@ NO_ABLATION = {"ml1m-single"}
 SCRATCH_EXTRA = {"food-kitchen": ["data.tokenizer.vocab_size=4000"]}
 
 
-def run_one(dataset: str, model: str, size: str, out_root: Path) -> dict:
+def run_one(dataset: str, model: str, size: str, out_root: Path, rows: tuple[str, ...] | None = None) -> dict:
     stable, anneal, extra = DATASETS[dataset]
-    s = SIZES[size]
+    s = dict(SIZES[size])
+    if rows:
+        s["rows"] = tuple(r for r in s["rows"] if r in rows)
     over = [*extra, *MODELS[model], *(SCRATCH_EXTRA.get(dataset, []) if model == "scratch-tiny" else [])]
     plan = StudyPlan(
         stable_config=stable,
@@ -159,9 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="full")
     p.add_argument("--out", default="out/quality", help="working folder of every study")
     p.add_argument("--only", nargs="*", default=None, help="DATASET:MODEL pairs to run (default all)")
+    p.add_argument("--rows", default="", help="comma-separated subset of the study rows (default all)")
     p.add_argument("--results", default=str(RESULTS), help="JSON written here")
     p.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    p.add_argument(
+        "--merge", action="store_true", help="keep the other studies already in --results (runs in parts)"
+    )
     p.add_argument("--no-sasrec-reference", action="store_true", help="skip the SASRec ML-1M reference")
+    p.add_argument(
+        "--sasrec-json", default="", help="take the SASRec ML-1M reference from this sasrec_ml1m.py result"
+    )
     args = p.parse_args(argv)
     setup_logging("INFO")
     pairs = [(d, m) for d in DATASETS for m in MODELS]
@@ -175,12 +189,25 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "size": args.size,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "studies": [run_one(d, m, args.size, out_root) for d, m in pairs],
+        "rows": args.rows or "all",
+        "studies": [
+            run_one(d, m, args.size, out_root, tuple(filter(None, args.rows.split(",")))) for d, m in pairs
+        ],
     }
-    if not args.no_sasrec_reference:
+    if args.sasrec_json:
+        results["sasrec_ml1m"] = json.loads(Path(args.sasrec_json).read_text(encoding="utf-8"))
+    elif not args.no_sasrec_reference:
         results["sasrec_ml1m"] = sasrec_reference(out_root, args.size)
     results["wall_seconds"] = time.perf_counter() - t
     path = Path(args.results)
+    if args.merge and path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        done = {(s["dataset"], s["model"]) for s in results["studies"]}
+        keep = [s for s in old.get("studies", []) if (s["dataset"], s["model"]) not in done]
+        results["studies"] = keep + results["studies"]
+        if results.get("sasrec_ml1m") is None:
+            results["sasrec_ml1m"] = old.get("sasrec_ml1m")
+        results["wall_seconds"] += old.get("wall_seconds", 0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1), encoding="utf-8")
     md = table(results)
