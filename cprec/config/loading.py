@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from cprec.atomic import write_text
 from cprec.config.sections import Config
 
 
@@ -209,10 +210,7 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the effective config as YAML next to an output."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_hash(cfg: Any) -> str:

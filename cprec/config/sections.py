@@ -444,8 +444,9 @@ class EvalConfig:
     """Save a resumable fine-tuning checkpoint every N steps under <output_dir>/finetuned/<scope>/checkpoints/
     (0 = only the final one); train.checkpoint.keep_last of them are kept. A rerun resumes from the latest."""
     finetune_deepspeed: bool = False
-    """Fine-tune through a DeepSpeed engine built like training's (train.zero_stage, train.offload_optimizer,
-    model.dtype), for models too large for plain PyTorch on one device; checkpoints are DeepSpeed's."""
+    """Fine-tune with training's train.zero_stage, train.offload_optimizer and model.dtype, for models too
+    large for one device; false = ZeRO stage 0 in fp32 (every rank holds the model). Both run in a DeepSpeed
+    engine (cprec.runtime.engine) and write DeepSpeed checkpoints."""
     baselines: list[str] = field(default_factory=lambda: ["popularity", "sasrec"])
     """Baselines computed on the same split: popularity, sasrec."""
     sasrec_epochs: int = 200

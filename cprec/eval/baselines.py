@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cprec.atomic import atomic_path
 from cprec.eval.inputs import Catalogue
 from cprec.eval.ranking import DomainTask, ScoreFn, evaluate
 
@@ -426,9 +427,8 @@ def train_sasrec_cached(
         return model.eval(), {**json.loads(blob["stats"]), "cached": True}
     model, stats = train_sasrec(train_sequences, catalogue, cfg, valid, on_eval)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "stats": json.dumps(stats)}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "stats": json.dumps(stats)}, tmp)
     return model, {**stats, "cached": False}
 
 

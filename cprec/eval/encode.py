@@ -36,6 +36,7 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
+from cprec.atomic import atomic_path
 from cprec.config import PromptConfig
 from cprec.eval.inputs import Catalogue
 
@@ -340,9 +341,8 @@ class ItemEmbeddingCache:
     def save(self, key: str, items: list[str], embeddings: torch.Tensor) -> Path:
         self.folder.mkdir(parents=True, exist_ok=True)
         p = self.path(key)
-        tmp = p.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"items": list(items), "embeddings": embeddings.contiguous()}, tmp)
-        tmp.replace(p)
+        with atomic_path(p) as tmp:
+            torch.save({"items": list(items), "embeddings": embeddings.contiguous()}, tmp)
         return p
 
 

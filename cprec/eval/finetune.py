@@ -26,28 +26,27 @@ by (seed, rank, epoch); step s reads batch ``s mod batches_per_epoch`` of epoch
 ``s // batches_per_epoch`` (an incomplete tail batch is dropped); the negatives of step s are drawn
 from a generator seeded by (seed, rank, s). Resuming at step s therefore needs no replay.
 
-Engines: plain PyTorch (default; under torch.distributed each rank trains on every world-th pair
-and gradients are all-reduced before each step, which is what DDP does), or a DeepSpeed engine
-built by `cprec.train.engine` from ``train.zero_stage``, ``train.offload_optimizer`` and
-``model.dtype`` (``eval.finetune_deepspeed``) for models too large for one device.
+Engine: always a `cprec.runtime.engine` DeepSpeed engine (`engine_spec`). By default ZeRO stage 0
+in fp32 (the plain path: every rank holds the model, trains on every world-th pair, and DeepSpeed
+averages the gradients; bf16 autocast on a GPU); with ``eval.finetune_deepspeed`` training's
+``train.zero_stage``, ``train.offload_optimizer`` and ``model.dtype``, for models too large for one
+device.
 
 Checkpoints (`cprec.eval.finetune_state`): every ``eval.finetune_checkpoint_every`` steps and at the
 end, under ``<eval.output_dir>/finetuned/<scope>/checkpoints/``; a rerun resumes the latest one and
-ends with the same weights and losses as an uninterrupted run. The finished model is saved like a
-training export: an HF folder ``<eval.output_dir>/finetuned/<scope>/`` plus ``finetune_state.json``
+ends with the same weights and losses as an uninterrupted run. The finished model is exported from
+the final checkpoint like a training export: an HF folder ``<eval.output_dir>/finetuned/<scope>/``
+plus ``finetune_state.json``
 (steps, losses, pairs, settings). A later eval with the same base checkpoint and settings finds
-``"completed": true`` there and reuses the model. Test hook: ``CPREC_FINETUNE_KILL_AT_STEP=N`` kills
-the process (SIGKILL) right after step N.
+``"completed": true`` there and reuses the model. Tests interrupt a run through the one
+fault-injection seam, `cprec.runtime.faults` (called after every step).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import math
-import os
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -60,7 +59,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from cprec import dist
 from cprec.config import Config, EvalConfig
 from cprec.eval import finetune_state as fs
 from cprec.eval.encode import PromptBuilder, embed, pad_batch, resolve_dtype
@@ -68,16 +66,16 @@ from cprec.eval.finetune_state import (  # noqa: F401 (re-exported for callers o
     STATE_FILE,
     CheckpointPolicy,
     load_state,
-    save_finetuned,
 )
 from cprec.eval.inputs import Catalogue
-from cprec.eval.lora import apply_lora, merge_lora
-from cprec.train import checkpoint as ckpt_io
-from cprec.train.tracking import NullTracker, Tracker
+from cprec.eval.lora import apply_lora
+from cprec.runtime import checkpoint as ckpt_io
+from cprec.runtime import dist, faults
+from cprec.runtime.engine import EngineSpec, init_engine, start_distributed
+from cprec.runtime.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
-KILL_ENV = "CPREC_FINETUNE_KILL_AT_STEP"
 BETAS = (0.9, 0.999)
 GRAD_CLIP = 1.0
 
@@ -214,21 +212,6 @@ def make_batch(
     }
 
 
-def contrastive_loss(
-    model,
-    builder: PromptBuilder,
-    catalogue: Catalogue,
-    pairs: list[Pair],
-    negatives: list[list[int]],
-    cfg: EvalConfig,
-    pad_id: int,
-) -> torch.Tensor:
-    """The InfoNCE loss of one batch (see the module docstring)."""
-    device = next(model.parameters()).device
-    batch = make_batch(builder, catalogue, pairs, negatives, pad_id)
-    return ContrastiveModel(model, cfg)(**{k: t.to(device) for k, t in batch.items()})
-
-
 # ------------------------------------------------------------------------------------ training
 def _freeze_output_head(model: nn.Module) -> None:
     head, inp = model.get_output_embeddings(), model.get_input_embeddings()
@@ -236,32 +219,36 @@ def _freeze_output_head(model: nn.Module) -> None:
         head.weight.requires_grad_(False)
 
 
-def deepspeed_engine(module: nn.Module, cfg: Config, world_size: int):
-    """A DeepSpeed engine for fine-tuning: training's ZeRO stage, offload and dtype; the fine-tuning
-    LR, batch size, betas, clipping, and no weight decay (so it matches the plain path). Call
-    `cprec.train.engine.start_distributed` first."""
-    from cprec.train import engine as eng
-
+def engine_spec(cfg: Config, world_size: int) -> EngineSpec:
+    """The fine-tuning engine: the fine-tuning LR and batch size, AdamW betas 0.9/0.999, clipping at
+    1, no weight decay; with ``eval.finetune_deepspeed`` training's ZeRO stage, offload and
+    ``model.dtype`` (models too large for one device), else ZeRO stage 0 in fp32 (every rank holds
+    the whole model; DeepSpeed averages the gradients over the ranks)."""
     ecfg = cfg.eval
-    train = dataclasses.replace(
-        cfg.train,
-        lr=ecfg.finetune_lr,
-        weight_decay=0.0,
-        betas=list(BETAS),
-        grad_clip=GRAD_CLIP,
+    sharded = ecfg.finetune_deepspeed
+    return EngineSpec(
         micro_batch_size=ecfg.finetune_batch_size,
-        grad_accum=1,
-        global_batch_size=0,
+        world_size=world_size,
+        zero_stage=cfg.train.zero_stage if sharded else 0,
+        offload_optimizer=cfg.train.offload_optimizer if sharded else False,
+        dtype=cfg.model.dtype if sharded else "fp32",
+        lr=ecfg.finetune_lr,
+        betas=BETAS,
+        weight_decay=0.0,
+        grad_clip=GRAD_CLIP,
     )
-    geo = eng.BatchGeometry(world_size, ecfg.finetune_batch_size, 1, train.seq_len)
-    return eng.init_engine(module, dataclasses.replace(cfg, train=train), geo)
+
+
+def deepspeed_engine(module: nn.Module, cfg: Config, world_size: int):
+    """A DeepSpeed engine for fine-tuning (call `cprec.runtime.engine.start_distributed` first)."""
+    return init_engine(module, engine_spec(cfg, world_size))
 
 
 class FineTuner:
-    """One fine-tuning run: model (+LoRA), optimizer or DeepSpeed engine, step, losses.
+    """One fine-tuning run: model (+LoRA) in a DeepSpeed engine, step, losses, checkpoints.
 
-    ``engine_cfg`` (the job's `Config`) selects the DeepSpeed path; its trained weights then live
-    in the final checkpoint (see `finetune_to_folder`), not in ``model``.
+    The trained weights live in the engine's checkpoints (see `finetune_to_folder`); under ZeRO-3
+    ``model`` itself only holds partitions.
     """
 
     def __init__(
@@ -270,56 +257,46 @@ class FineTuner:
         builder: PromptBuilder,
         catalogue: Catalogue,
         pairs: list[Pair],
-        cfg: EvalConfig,
+        cfg: Config,
         pad_id: int,
         *,
-        engine_cfg: Config | None = None,
         tracker: Tracker | None = None,
         metric: str = "finetune/loss",
         desc: str = "finetune",
     ):
         if not pairs:
             raise ValueError("fine-tuning has no training pairs (eval/train_sequences.parquet gives none)")
-        if engine_cfg is not None:  # DeepSpeed needs a process group, even for one process
-            from cprec.train.engine import start_distributed
-
-            start_distributed()
-        self.distributed = tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1
-        self.rank, self.world = (tdist.get_rank(), tdist.get_world_size()) if self.distributed else (0, 1)
+        ecfg = cfg.eval
+        info = start_distributed()  # DeepSpeed needs a process group, even for one process
+        self.rank, self.world = info.rank, info.world_size
         self.model, self.builder, self.catalogue = model, builder, catalogue
-        self.cfg, self.pad_id = cfg, pad_id
+        self.cfg, self.pad_id = ecfg, pad_id
         self.n_pairs = len(pairs)
         self.mine = pairs[self.rank :: self.world] or pairs[:1]
         self.steps = max(
-            1, math.ceil(cfg.finetune_epochs * len(pairs) / (cfg.finetune_batch_size * self.world))
+            1, math.ceil(ecfg.finetune_epochs * len(pairs) / (ecfg.finetune_batch_size * self.world))
         )
         self.tracker = tracker or NullTracker()
         self.metric, self.desc = metric, desc
         self.step, self.losses, self.resumed_from = 0, [], 0
         self.last_checkpoint: Path | None = None
-        # bf16 autocast on GPUs and bf16-capable CPUs (eval.dtype); master weights stay fp32.
-        self.bf16 = resolve_dtype(cfg.dtype, next(model.parameters()).device) == torch.bfloat16
-        torch.manual_seed(cfg.seed)
-        if cfg.lora_rank > 0:
-            log.info("LoRA rank %d on %d projections", cfg.lora_rank, apply_lora(model, cfg.lora_rank))
+        torch.manual_seed(ecfg.seed)
+        if ecfg.lora_rank > 0:
+            log.info("LoRA rank %d on %d projections", ecfg.lora_rank, apply_lora(model, ecfg.lora_rank))
         _freeze_output_head(model)
-        self.module = ContrastiveModel(model, cfg)
-        self.sampler = NegativeSampler(catalogue, cfg.seed)
-        self.engine = self.optimizer = None
-        if engine_cfg is not None:
-            self.engine = deepspeed_engine(self.module, engine_cfg, self.world)
-            self.checkpointer = self.engine
-            self.engine_info = {
-                "deepspeed": True,
-                "zero_stage": engine_cfg.train.zero_stage,
-                "offload_optimizer": engine_cfg.train.offload_optimizer,
-                "dtype": engine_cfg.model.dtype,
-            }
-        else:
-            self.params = [p for p in model.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.AdamW(self.params, lr=cfg.finetune_lr, betas=BETAS, weight_decay=0.0)
-            self.checkpointer = fs.TorchCheckpointer(model, self.optimizer)
-            self.engine_info = {"deepspeed": False}
+        self.sampler = NegativeSampler(catalogue, ecfg.seed)
+        spec = engine_spec(cfg, self.world)
+        self.engine = init_engine(ContrastiveModel(model, ecfg), spec)
+        # The plain path (ZeRO-0, fp32 master weights) computes in bf16 under autocast on GPUs and on
+        # bf16-capable CPUs (eval.dtype); the DeepSpeed path follows model.dtype instead.
+        bf16 = resolve_dtype(ecfg.dtype, self.engine.device) == torch.bfloat16
+        self.autocast = not ecfg.finetune_deepspeed and bf16
+        self.engine_info = {
+            "deepspeed": True,
+            "zero_stage": spec.zero_stage,
+            "offload_optimizer": spec.offload_optimizer,
+            "dtype": spec.dtype,
+        }
 
     # ---------------------------------------------------------------- state
     def position(self, step: int) -> dict:
@@ -331,7 +308,7 @@ class FineTuner:
         }
 
     def state_dict(self) -> dict:
-        """Step, losses so far, RNG streams and data position (weights/optimizer: the checkpointer)."""
+        """Step, losses so far, RNG streams and data position (weights/optimizer: the engine)."""
         return {
             "step": self.step,
             "losses": list(self.losses),
@@ -357,7 +334,7 @@ class FineTuner:
             "run_id": self.tracker.run_id,
         }
         self.last_checkpoint = fs.save_checkpoint(
-            self.checkpointer,
+            self.engine,
             policy.folder,
             self.step,
             state,
@@ -372,7 +349,7 @@ class FineTuner:
         ckpt, state = fs.find_resumable(policy.folder, self._compat(policy))
         if ckpt is None:
             return False
-        self.load_state_dict(fs.load_checkpoint(self.checkpointer, ckpt, self.rank))
+        self.load_state_dict(fs.load_checkpoint(self.engine, ckpt, self.rank))
         self.resumed_from, self.last_checkpoint = self.step, ckpt
         log.info("fine-tuning resumes from %s (step %d of %d)", ckpt, self.step, self.steps)
         return True
@@ -387,37 +364,21 @@ class FineTuner:
         return make_batch(self.builder, self.catalogue, pairs, negs, self.pad_id)
 
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
-        if self.engine is not None:
+        with torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.engine(**{k: t.to(self.engine.device) for k, t in batch.items()})
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            device = next(self.model.parameters()).device
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                loss = self.module(**{k: t.to(device) for k, t in batch.items()})
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.distributed:
-                for p in self.params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    tdist.all_reduce(p.grad)
-                    p.grad /= self.world
-            torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
-            self.optimizer.step()
+        self.engine.backward(loss)
+        self.engine.step()
         value = loss.detach().float().reshape(1)
-        if self.distributed:  # the logged loss is the mean over ranks
+        if self.world > 1:  # the logged loss is the mean over ranks
             tdist.all_reduce(value)
             value /= self.world
         return float(value)
 
-    def train(self, policy: CheckpointPolicy | None = None, stop_after: int | None = None) -> dict:
+    def train(self, policy: CheckpointPolicy, stop_after: int | None = None) -> dict:
         """Train to the end (or stop after step ``stop_after``, as if interrupted); returns stats."""
-        if policy is not None:
-            self.resume(policy)
-        kill_at = int(os.environ.get(KILL_ENV, "-1"))
+        self.resume(policy)
         t0 = time.perf_counter()
-        self._trainable().train()
+        self.engine.train()
         bar = tqdm(total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0)
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
             loss = self._train_step(self._batch(self.step))
@@ -426,18 +387,12 @@ class FineTuner:
             self.tracker.log_metrics({self.metric: loss}, self.step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if policy is not None and (
-                self.step == self.steps or (policy.every and self.step % policy.every == 0)
-            ):
+            if self.step == self.steps or (policy.every and self.step % policy.every == 0):
                 self.save(policy)
-            if self.step == kill_at:
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.step_done("finetune", self.step)
         bar.close()
-        self._trainable().eval()
+        self.engine.eval()
         return self.stats(time.perf_counter() - t0)
-
-    def _trainable(self) -> nn.Module:
-        return self.engine if self.engine is not None else self.module
 
     def stats(self, seconds: float) -> dict:
         losses = self.losses or [float("nan")]
@@ -455,35 +410,10 @@ class FineTuner:
         }
 
     def close(self) -> None:
-        """Release a DeepSpeed engine (its hooks hold the model)."""
+        """Release the engine (its hooks hold the model)."""
         if self.engine is not None and hasattr(self.engine, "destroy"):
             self.engine.destroy()
         self.engine = None
-
-
-def finetune(
-    model,
-    builder: PromptBuilder,
-    catalogue: Catalogue,
-    pairs: list[Pair],
-    cfg: EvalConfig,
-    pad_id: int,
-    desc: str = "finetune",
-    *,
-    checkpoints: CheckpointPolicy | None = None,
-    tracker: Tracker | None = None,
-    stop_after: int | None = None,
-) -> dict:
-    """Train ``model`` in place (plain PyTorch) on the pairs; returns stats (steps, losses, seconds).
-
-    With ``checkpoints`` it resumes the latest compatible checkpoint and saves new ones. LoRA
-    adapters are merged into ``model`` once the run is complete.
-    """
-    tuner = FineTuner(model, builder, catalogue, pairs, cfg, pad_id, tracker=tracker, desc=desc)
-    stats = tuner.train(checkpoints, stop_after)
-    if stats["completed"] and cfg.lora_rank > 0:
-        merge_lora(model)
-    return stats
 
 
 def finetune_to_folder(
@@ -504,21 +434,13 @@ def finetune_to_folder(
     stop_after: int | None = None,
 ) -> dict | None:
     """Fine-tune ``model`` (loaded from ``base_dir``), resuming and checkpointing under ``folder``,
-    and save the result there (HF folder + ``finetune_state.json``, rank 0). Returns the saved
-    state, or None when stopped early by ``stop_after``. Every rank calls this."""
+    and export the result there from the final checkpoint (HF folder + ``finetune_state.json``,
+    rank 0). Returns the saved state, or None when stopped early by ``stop_after``. Every rank
+    calls this."""
     ecfg = cfg.eval
     fs.clear_state(folder)
     tuner = FineTuner(
-        model,
-        builder,
-        catalogue,
-        pairs,
-        ecfg,
-        pad_id,
-        engine_cfg=cfg if ecfg.finetune_deepspeed else None,
-        tracker=tracker,
-        metric=metric,
-        desc=desc,
+        model, builder, catalogue, pairs, cfg, pad_id, tracker=tracker, metric=metric, desc=desc
     )
     policy = CheckpointPolicy(
         Path(folder), key, ecfg.finetune_checkpoint_every, cfg.train.checkpoint.keep_last
@@ -526,18 +448,12 @@ def finetune_to_folder(
     try:
         stats = tuner.train(policy, stop_after)
     finally:
-        deepspeed_path = tuner.engine is not None
         tuner.close()
     if not stats["completed"]:
         return None
     if dist.is_main():
-        if deepspeed_path:
-            fs.export_deepspeed(tuner.last_checkpoint, Path(base_dir), ecfg.lora_rank, Path(folder))
-            fs.mark_complete(Path(folder), key, stats, skipped)
-        else:
-            if ecfg.lora_rank > 0:
-                merge_lora(model)
-            fs.save_finetuned(model, Path(folder), key, stats, skipped)
+        fs.export_finetuned(tuner.last_checkpoint, Path(base_dir), ecfg.lora_rank, Path(folder))
+        fs.mark_complete(Path(folder), key, stats, skipped)
     dist.barrier()
     return fs.load_state(folder)
 

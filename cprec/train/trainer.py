@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,15 +27,17 @@ import torch
 import torch.distributed as tdist
 from tqdm import tqdm
 
-from cprec import dist, lifetime
+from cprec import lifetime
 from cprec.config import Config, config_hash, config_to_dict, save_config
 from cprec.data import shards
-from cprec.train import checkpoint as ckpt_io
-from cprec.train import engine as eng
+from cprec.runtime import checkpoint as ckpt_io
+from cprec.runtime import dist, faults
+from cprec.runtime import engine as eng
+from cprec.runtime.tracking import Tracker, make_tracker
 from cprec.train import mfu as mfu_mod
 from cprec.train import skips
+from cprec.train.geometry import BatchGeometry, batch_geometry, engine_spec
 from cprec.train.schedule import Schedule, build_schedule, phase_steps
-from cprec.train.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ class Run:
     tracker: Tracker
     schedule: Schedule
     meter: StepMeter
-    geo: eng.BatchGeometry
+    geo: BatchGeometry
     step: int
     phase_start: int
     end_step: int
@@ -243,15 +244,12 @@ def train_loop(r: Run) -> Path | None:
     batches = iter(r.loader)
     rank0 = dist.is_main()
     bar = tqdm(total=r.end_step, initial=r.step, desc=f"{r.cfg.train.phase}", disable=not rank0)
-    kill_at = int(os.environ.get("CPREC_KILL_AT_STEP", "-1"))  # crash injection for resume tests
     stop_signal = StopSignal()  # a SLURM time limit / preemption: save at the step's end, then exit
-    step_sleep = float(os.environ.get("CPREC_STEP_SLEEP", "0"))  # slows steps down for the signal test
     r.meter.start_window()
     while r.step < r.end_step:
         lr = r.schedule(r.step)
         eng.set_lr(r.engine, lr)
         loss_sum, local_tokens = 0.0, 0
-        time.sleep(step_sleep)
         for _ in range(r.geo.grad_accum):
             batch = next(batches)
             loss = r.engine(**model_inputs(batch, r.engine.device))
@@ -271,8 +269,7 @@ def train_loop(r: Run) -> Path | None:
         every = r.cfg.train.checkpoint.every_steps
         if r.step == r.end_step or (every and r.step % every == 0) or stop:
             save(r, permanent=r.step == r.end_step)
-        if r.step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+        faults.step_done("train", r.step)  # the tests' fault-injection seam (a no-op otherwise)
         if stop:
             log.warning("stop requested (SIGTERM/SIGUSR1): saved step %d, exiting; rerun to resume", r.step)
             break
@@ -375,7 +372,7 @@ def setup(cfg: Config) -> Run | None:
     out = Path(cfg.train.output_dir)
     prepared, manifest = read_manifest(cfg)
     vocab = int(manifest["tokenizer"]["vocab_size"])
-    geo = eng.batch_geometry(cfg.train, info.world_size)
+    geo = batch_geometry(cfg.train, info.world_size)
     ckpt_io.clean_leftovers(out)
     plan = plan_start(cfg)
     check_tokenizer(cfg, manifest, plan, prepared / "manifest.json")
@@ -392,7 +389,7 @@ def setup(cfg: Config) -> Run | None:
     universal = universal and cfg.train.zero_stage > 0
     ckpt_io.seed_everything(cfg.train.seed)
     module, flops_per_token = build_module(cfg, manifest["tokenizer"])
-    engine = eng.init_engine(module, cfg, geo, universal=universal)
+    engine = eng.init_engine(module, engine_spec(cfg, geo), universal=universal)
     if plan.checkpoint is not None:
         if universal:
             log.warning(
@@ -515,7 +512,7 @@ def _run_phase(cfg: Config) -> Path:
             r.tracker.finish("KILLED")
             return out
         if dist.is_main() and final is not None and (r is not None or not (out / "final").is_dir()):
-            from cprec.train.export import export_checkpoint
+            from cprec.runtime.export import export_checkpoint
 
             export_checkpoint(final, out / "final")
         dist.barrier()

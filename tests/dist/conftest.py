@@ -74,7 +74,7 @@ def killed_run(train_yaml, runs_root) -> Path:
     proc = train(
         train_yaml,
         [f"train.output_dir={out}", "train.log_every=1"],
-        env={"CPREC_KILL_AT_STEP": str(KILL_AT)},
+        faults=["--kill-after", f"train:{KILL_AT}"],
         expect_ok=False,
     )
     assert proc.returncode != 0, "the kill hook did not stop the run"

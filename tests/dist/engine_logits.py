@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from cprec import dist
+from cprec.runtime import dist
 from cprec.config import config_from_dict
-from cprec.train import checkpoint as ckpt_io
-from cprec.train import engine as eng
+from cprec.runtime import checkpoint as ckpt_io
+from cprec.runtime import engine as eng
+from cprec.train.geometry import batch_geometry, engine_spec
 from cprec.train.trainer import build_module
 
 
@@ -28,7 +29,7 @@ def main(ckpt: Path, out: Path) -> None:
     cfg = config_from_dict(state["config"])
     tok = {"vocab_size": state["vocab_size"], **state["tokenizer_ids"]}
     module, _ = build_module(cfg, tok)
-    engine = eng.init_engine(module, cfg, eng.batch_geometry(cfg.train, info.world_size))
+    engine = eng.init_engine(module, engine_spec(cfg, batch_geometry(cfg.train, info.world_size)))
     ckpt_io.load(engine, ckpt, universal=False)
     engine.eval()
     g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_launch import REPO, losses, torchrun
+from train_launch import REPO, cprec_args, losses, torchrun
 
 from cprec.lifetime import LOCK_FILE, FolderLock, pid_alive
 
@@ -44,10 +44,10 @@ def test_killed_launcher_takes_its_ranks_and_a_second_job_is_refused(train_yaml,
     seconds instead of training on as orphans. Before that, a second `cprec train` on the running
     job's folder is refused, naming the holder; after it, the dead job's lock is stale and taken over."""
     out = runs_root / "orphans"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CPREC_STEP_SLEEP="0.5")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    cmd += ["-m", "cprec.cli", "train", str(train_yaml), f"train.output_dir={out}", "train.max_steps=200"]
-    cmd += ["tracking.backend=none"]
+    args = ["train", str(train_yaml), f"train.output_dir={out}", "train.max_steps=200", "tracking.backend=none"]
+    cmd += cprec_args(args, faults=["--sleep-each", "train:0.5"])  # a job that keeps running
     launcher = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

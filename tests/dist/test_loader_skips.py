@@ -11,7 +11,7 @@ import pytest
 from train_launch import metrics, train
 
 from cprec.data.docstream import epoch_units
-from cprec.train import checkpoint as ck
+from cprec.runtime import checkpoint as ck
 
 pytestmark = pytest.mark.dist
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import KILL_AT, copy_run
-from train_launch import losses, metrics, torchrun, train
+from train_launch import cprec_args, losses, metrics, torchrun, train
 
-from cprec.train import checkpoint as ck
+from cprec.runtime import checkpoint as ck
 from cprec.train.schedule import wsa_lr
 
 pytestmark = pytest.mark.dist
@@ -129,7 +129,7 @@ def test_anneal_branches_from_stable_checkpoint(train_yaml, stable_run, runs_roo
 def test_export_matches_engine_logits(stable_run, runs_root):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cprec.train.export import run as export
+    from cprec.runtime.export import run as export
 
     out = export(str(stable_run), str(runs_root / "export"))  # a run folder resolves to its final
     worker = torchrun(
@@ -206,9 +206,10 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(train_yaml, stable_run
     import time
 
     out = runs_root / "sigterm"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CPREC_STEP_SLEEP="0.5")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
-    cmd += ["-m", "cprec.cli", "train", str(train_yaml), f"train.output_dir={out}", "tracking.backend=none"]
+    args = ["train", str(train_yaml), f"train.output_dir={out}", "tracking.backend=none"]
+    cmd += cprec_args(args, faults=["--sleep-each", "train:0.5"])  # steps slow enough for the signal
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and losses(out)):

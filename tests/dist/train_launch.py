@@ -9,6 +9,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+FAULT_CLI = REPO / "tests" / "fault_cli.py"
+
+
+def cprec_args(args: list[str], faults: list[str] | None = None) -> list[str]:
+    """torchrun's script part for ``cprec ARGS``; with ``faults`` (e.g. ``["--kill-after", "train:5"]``)
+    through tests/fault_cli.py, which installs them at `cprec.runtime.faults` in every rank."""
+    return [str(FAULT_CLI), *faults, "--", *args] if faults else ["-m", "cprec.cli", *args]
 
 
 def torchrun(
@@ -48,12 +55,13 @@ def train(
     env: dict | None = None,
     expect_ok: bool = True,
     gpu: bool = False,
+    faults: list[str] | None = None,
 ):
     """``cprec train CONFIG overrides`` on ``nproc`` CPU ranks; fails the test with the log tail on error."""
     out_dir = next(o.split("=", 1)[1] for o in overrides if o.startswith("train.output_dir="))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     proc = torchrun(
-        ["-m", "cprec.cli", "train", str(config), *overrides],
+        cprec_args(["train", str(config), *overrides], faults),
         nproc=nproc,
         env=env,
         log=Path(out_dir).parent / f"{Path(out_dir).name}.{nproc}ranks.log",

@@ -1,22 +1,23 @@
 """Worker for test_dist.py, launched by torchrun with 2 ranks (gloo on CPU).
 
-Encodes prompts with the item encoder spread over the ranks, fine-tunes a few steps with
-all-reduced gradients, and has rank 0 save what the test compares: the gathered embeddings and
-every rank's parameter checksum after fine-tuning.
+Encodes prompts with the item encoder spread over the ranks, fine-tunes a few steps in a ZeRO-0
+engine (DeepSpeed averages the gradients), and has rank 0 save what the test compares: the
+gathered embeddings and every rank's parameter checksum after fine-tuning.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
 
-from cprec.config import EvalConfig, PromptConfig
-from cprec.dist import destroy_distributed, init_distributed
+from cprec.config import PromptConfig, load_config
 from cprec.eval.encode import Encoder, PromptBuilder, load_model, load_tokenizer
-from cprec.eval.finetune import build_pairs, finetune
+from cprec.eval.finetune import build_pairs, finetune_to_folder
 from cprec.eval.inputs import load_inputs
+from cprec.runtime.dist import destroy_distributed, init_distributed
 
 
 def main(prepared: str, model_dir: str, out: str) -> None:
@@ -30,8 +31,21 @@ def main(prepared: str, model_dir: str, out: str) -> None:
     emb = Encoder(model, 0, "last", batch_size=4).encode(seqs)
 
     pairs, _ = build_pairs(inputs.train_sequences, inputs.catalogue)
-    cfg = EvalConfig(finetune_epochs=0.3, finetune_batch_size=4, finetune_negatives=2, finetune_lr=1e-3)
-    stats = finetune(model, builder, inputs.catalogue, pairs, cfg, pad_id=0)
+    overrides = ["eval.finetune_epochs=0.3", "eval.finetune_batch_size=4", "eval.finetune_negatives=2"]
+    cfg = load_config(None, [*overrides, "eval.finetune_lr=1e-3", "model.dtype=fp32"])
+    folder = Path(out).with_name("finetuned")
+    stats = finetune_to_folder(
+        model,
+        builder,
+        inputs.catalogue,
+        pairs,
+        cfg,
+        0,
+        base_dir=Path(model_dir),
+        folder=folder,
+        key={},
+        skipped={},
+    )
     checksum = torch.tensor([sum(float(p.double().sum()) for p in model.parameters())], dtype=torch.float64)
     sums = [torch.zeros(1, dtype=torch.float64) for _ in range(info.world_size)]
     tdist.all_gather(sums, checksum)

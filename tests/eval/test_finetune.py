@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from cprec.config import EvalConfig, PromptConfig
+from cprec.config import EvalConfig, PromptConfig, load_config
 from cprec.eval.encode import PromptBuilder, load_model
 from cprec.eval.finetune import (
+    ContrastiveModel,
     NegativeSampler,
     build_pairs,
-    contrastive_loss,
-    finetune,
+    finetune_to_folder,
     load_state,
-    save_finetuned,
-    settings_key,
+    make_batch,
 )
 from cprec.eval.inputs import Catalogue, load_inputs
 from cprec.eval.lora import LoRALinear, apply_lora, merge_lora
@@ -48,33 +47,47 @@ def test_negatives_stay_in_domain_and_avoid_history(tiny_prepared):
 
 
 def _probe_loss(model, builder, cat, pairs, negs, cfg):
+    batch = make_batch(builder, cat, pairs, negs, pad_id=0)
     with torch.no_grad():
-        return float(contrastive_loss(model, builder, cat, pairs, negs, cfg, pad_id=0))
+        return float(ContrastiveModel(model, cfg)(**batch))
 
 
-def test_finetuning_lowers_the_contrastive_loss(tiny_model_dir, tiny_tokenizer, tiny_prepared, tmp_path):
+def _tune(model_dir, folder, builder, cat, pairs, *overrides):
+    """The real fine-tuning entry (a ZeRO-0 engine on one process), exported into ``folder``."""
+    cfg = load_config(None, ["model.dtype=fp32", *overrides])
+    model = load_model(model_dir, torch.device("cpu"))
+    key = {"test": folder.name}
+    return finetune_to_folder(
+        model, builder, cat, pairs, cfg, 0, base_dir=model_dir, folder=folder, key=key, skipped={}
+    )
+
+
+def test_finetuning_lowers_the_contrastive_loss(
+    tiny_model_dir, tiny_tokenizer, tiny_prepared, tmp_path, one_process_group
+):
     inputs = load_inputs(tiny_prepared, "test")
     cat = inputs.catalogue
     pairs, _ = build_pairs(inputs.train_sequences, cat)
-    cfg = EvalConfig(
-        finetune_epochs=4, finetune_lr=2e-3, finetune_batch_size=8, finetune_negatives=4, temperature=0.1
-    )
-    model = load_model(tiny_model_dir, torch.device("cpu"))
+    cfg = EvalConfig(finetune_negatives=4, temperature=0.1)
     builder = PromptBuilder(tiny_tokenizer, PromptConfig(), cfg.max_history_items)
     probe = pairs[:16]
     negs = [NegativeSampler(cat, 123).sample(p, 4) for p in probe]
-    before = _probe_loss(model, builder, cat, probe, negs, cfg)
-    stats = finetune(model, builder, cat, pairs, cfg, pad_id=0)
-    after = _probe_loss(model, builder, cat, probe, negs, cfg)
-    assert stats["steps"] == 30 and stats["pairs"] == 60
+    before = _probe_loss(load_model(tiny_model_dir, torch.device("cpu")), builder, cat, probe, negs, cfg)
+    settings = ["eval.finetune_epochs=4", "eval.finetune_lr=2e-3", "eval.finetune_batch_size=8"]
+    state = _tune(
+        tiny_model_dir,
+        tmp_path / "ft",
+        builder,
+        cat,
+        pairs,
+        *settings,
+        "eval.finetune_negatives=4",
+        "eval.temperature=0.1",
+    )
+    assert state["steps"] == 30 and state["pairs"] == 60
+    assert state["completed"] and state["key"] == {"test": "ft"} and load_state(tmp_path / "ft") == state
+    after = _probe_loss(load_model(tmp_path / "ft", torch.device("cpu")), builder, cat, probe, negs, cfg)
     assert after < 0.8 * before, (before, after)
-
-    key = settings_key(cfg, "base-id", "all")
-    save_finetuned(model, tmp_path / "ft", key, {k: v for k, v in stats.items()}, {})
-    state = load_state(tmp_path / "ft")
-    assert state["completed"] and state["key"] == key and (tmp_path / "ft" / "config.json").is_file()
-    reloaded = load_model(tmp_path / "ft", torch.device("cpu"))
-    assert abs(_probe_loss(reloaded, builder, cat, probe, negs, cfg) - after) < 1e-4
 
 
 def test_in_batch_only_loss_masks_duplicate_positives(tiny_model, tiny_tokenizer, tiny_prepared):
@@ -110,12 +123,16 @@ def test_lora_trains_adapters_only_and_merges_exactly(tiny_model):
         torch.testing.assert_close(tiny_model(ids).logits, adapted, atol=1e-4, rtol=1e-4)
 
 
-def test_lora_finetune_saves_plain_model(tiny_model, tiny_tokenizer, tiny_prepared, tmp_path):
+def test_lora_finetune_saves_plain_model(
+    tiny_model_dir, tiny_tokenizer, tiny_prepared, tmp_path, one_process_group
+):
     inputs = load_inputs(tiny_prepared, "test")
     pairs, _ = build_pairs(inputs.train_sequences, inputs.catalogue)
-    cfg = EvalConfig(finetune_epochs=0.2, finetune_batch_size=4, finetune_negatives=2, lora_rank=2)
     builder = PromptBuilder(tiny_tokenizer, PromptConfig(), 5)
-    finetune(tiny_model, builder, inputs.catalogue, pairs, cfg, pad_id=0)
-    tiny_model.save_pretrained(str(tmp_path))
-    reloaded = load_model(tmp_path, torch.device("cpu"))
-    assert {k for k, _ in reloaded.named_parameters()} == {k for k, _ in tiny_model.named_parameters()}
+    settings = ["eval.finetune_epochs=0.2", "eval.finetune_batch_size=4", "eval.finetune_negatives=2"]
+    _tune(tiny_model_dir, tmp_path / "ft", builder, inputs.catalogue, pairs, *settings, "eval.lora_rank=2")
+    reloaded = load_model(tmp_path / "ft", torch.device("cpu"))
+    base = load_model(tiny_model_dir, torch.device("cpu"))
+    assert {k for k, _ in reloaded.named_parameters()} == {k for k, _ in base.named_parameters()}
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(reloaded.state_dict()[k], v)]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)  # adapters merged, q/v only

@@ -1,42 +1,20 @@
-"""Fine-tuning through a real DeepSpeed engine (one process, gloo, DS_ACCELERATOR=cpu, torch AdamW):
-same step-0 loss as plain PyTorch, weights that move, DeepSpeed checkpoints that resume exactly,
-and the eval job end to end with ``eval.finetune_deepspeed``."""
+"""Fine-tuning through a real sharded DeepSpeed engine (one process, gloo, DS_ACCELERATOR=cpu, torch
+AdamW): same step-0 loss as the default ZeRO-0 engine, weights that move, DeepSpeed checkpoints that
+resume exactly, and the eval job end to end with ``eval.finetune_deepspeed``."""
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import torch
 
 from cprec.config import PromptConfig, load_config
-from cprec.dist import destroy_distributed
 from cprec.eval.encode import PromptBuilder, load_model
-from cprec.eval.finetune import build_pairs, finetune, finetune_to_folder
+from cprec.eval.finetune import build_pairs, finetune_to_folder
 from cprec.eval.finetune_state import load_state
 from cprec.eval.inputs import load_inputs
-from cprec.train import checkpoint as ck
+from cprec.runtime import checkpoint as ck
 
 pytest.importorskip("deepspeed")
-
-
-@pytest.fixture
-def one_process_group(monkeypatch):
-    """The variables a launcher would set (restored afterwards); the group is destroyed at the end."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"DS_ACCELERATOR": "cpu", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    for k, v in {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(k, v)
-    yield
-    destroy_distributed()
-    # DeepSpeed caches the world group it cloned; a later engine in this process needs a fresh one.
-    import deepspeed.comm.comm as ds_comm
-    import deepspeed.utils.groups as ds_groups
-
-    ds_groups._WORLD_GROUP = None
-    ds_comm.cdb = None
 
 
 def _cfg(tmp_path, stage: int, *extra):
@@ -68,9 +46,8 @@ def test_deepspeed_finetune_matches_plain_and_resumes(
     pairs, skipped = build_pairs(inputs.train_sequences, cat)
     builder = PromptBuilder(tiny_tokenizer, PromptConfig(), 5)
     cfg = _cfg(tmp_path, stage)
-    plain = finetune(load_model(tiny_model_dir, torch.device("cpu")), builder, cat, pairs, cfg.eval, 0)
 
-    def tune(folder, stop_after=None):
+    def tune(folder, stop_after=None, cfg=cfg):
         model = load_model(tiny_model_dir, torch.device("cpu"))
         return finetune_to_folder(
             model, builder, cat, pairs, cfg, 0, base_dir=tiny_model_dir, folder=folder,
@@ -79,7 +56,9 @@ def test_deepspeed_finetune_matches_plain_and_resumes(
 
     ref = tune(tmp_path / "ref")
     assert ref["steps"] == 3 and ref["engine"]["deepspeed"] and ref["engine"]["zero_stage"] == stage
-    # Same weights, same batch: the engine's step-0 loss is the plain path's.
+    # Same weights, same batch: the sharded engine's step-0 loss is the default ZeRO-0 path's.
+    plain = tune(tmp_path / "plain", cfg=_cfg(tmp_path, stage, "eval.finetune_deepspeed=false"))
+    assert plain["engine"]["zero_stage"] == 0 and plain["engine"]["dtype"] == "fp32"
     assert ref["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)
     last = ck.latest_checkpoint(tmp_path / "ref")
     assert last.name == "step_0000003" and list(last.glob("*zero_pp_rank_0_*optim_states.pt"))

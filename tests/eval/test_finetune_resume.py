@@ -4,9 +4,9 @@ eval job killed in the middle of fine-tuning and run again."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +15,23 @@ from safetensors.torch import load_file
 from cprec.config import EvalConfig, PromptConfig, load_config
 from cprec.eval.encode import PromptBuilder, load_model
 from cprec.eval.finetune import (
-    KILL_ENV,
     CheckpointPolicy,
+    FineTuner,
     batch_rows,
     build_pairs,
-    finetune,
     pairs_identity,
     settings_key,
 )
-from cprec.eval.finetune_state import MODEL_FILE, OPTIMIZER_FILE, load_state
+from cprec.eval.finetune_state import load_state
 from cprec.eval.inputs import load_inputs
-from cprec.train import checkpoint as ck
-from cprec.train.tracking import TRACKING_FILE, default_uri
+from cprec.runtime import checkpoint as ck
+from cprec.runtime.tracking import TRACKING_FILE, default_uri
 
 SETTINGS = dict(
     finetune_epochs=1.0, finetune_batch_size=8, finetune_negatives=2, finetune_lr=1e-3, max_history_items=5
 )
+FAULT_CLI = Path(__file__).resolve().parents[1] / "fault_cli.py"
+MODEL_STATES = "mp_rank_00_model_states.pt"  # a ZeRO-0 engine's weights + AdamW state
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,17 @@ def setup(tiny_prepared, tiny_tokenizer):
     return inputs.catalogue, pairs, PromptBuilder(tiny_tokenizer, PromptConfig(), 5)
 
 
-def _tune(model_dir, setup, cfg, policy, stop_after=None):
+def _tune(model_dir, setup, ecfg, policy, stop_after=None):
+    """The fine-tuning loop on a fresh copy of the model; under ZeRO-0 the engine trains ``model``
+    in place, so it holds the trained weights afterwards."""
     cat, pairs, builder = setup
     model = load_model(model_dir, torch.device("cpu"))
-    stats = finetune(model, builder, cat, pairs, cfg, pad_id=0, checkpoints=policy, stop_after=stop_after)
+    cfg = load_config(None, ["model.dtype=fp32"])
+    tuner = FineTuner(model, builder, cat, pairs, type(cfg)(**{**vars(cfg), "eval": ecfg}), pad_id=0)
+    try:
+        stats = tuner.train(policy, stop_after)
+    finally:
+        tuner.close()
     return model, stats
 
 
@@ -65,7 +73,7 @@ def test_settings_key_follows_the_training_pairs(setup):
 
 
 @pytest.mark.parametrize("lora", [0, 2])
-def test_resumed_finetune_equals_uninterrupted(tiny_model_dir, setup, tmp_path, lora):
+def test_resumed_finetune_equals_uninterrupted(tiny_model_dir, setup, tmp_path, lora, one_process_group):
     cfg = EvalConfig(**SETTINGS, lora_rank=lora)
     key = {"base": "x", "lora": lora}
     full, ref = _tune(tiny_model_dir, setup, cfg, CheckpointPolicy(tmp_path / "a", key, every=2, keep_last=2))
@@ -76,14 +84,16 @@ def test_resumed_finetune_equals_uninterrupted(tiny_model_dir, setup, tmp_path, 
     assert [p.name for p in ck.list_checkpoints(cdir)] == ["step_0000004", "step_0000006", "step_0000008"]
     assert (cdir / "latest").read_text() == "step_0000008"
     last = cdir / "step_0000008"
-    assert {p.name for p in last.iterdir()} == {MODEL_FILE, OPTIMIZER_FILE, "rank_00000.pt", ck.STATE_FILE}
+    assert {p.name for p in last.iterdir()} == {MODEL_STATES, "rank_00000.pt", ck.STATE_FILE}
     state = ck.read_state(last)
     assert (state["kind"], state["step"], state["steps"], state["key"]) == ("finetune", 8, 8, key)
     assert state["data"] == {"epoch": 1, "batch_in_epoch": 1, "batches_per_epoch": 7}
     assert state["losses"] == ref["losses"]
-    weights = torch.load(last / MODEL_FILE, weights_only=True)
-    assert all("lora_" in k for k in weights) == bool(lora)  # LoRA: only the adapters are saved
-    assert not any(k.endswith("lm_head.weight") for k in weights)  # untied head: frozen, not saved
+    saved = torch.load(last / MODEL_STATES, map_location="cpu", weights_only=False)
+    trainable = [n for n, p in full.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in trainable) == bool(lora)  # LoRA: only the adapters train
+    assert not any(n.endswith("lm_head.weight") for n in trainable)  # untied head: frozen
+    assert len(saved["optimizer"]["state"]) == len(trainable)  # AdamW state for those alone
 
     # Interrupted after step 5 (last checkpoint: step 4), then run again on a fresh model.
     policy = CheckpointPolicy(tmp_path / "b", key, every=2, keep_last=2)
@@ -98,7 +108,9 @@ def test_resumed_finetune_equals_uninterrupted(tiny_model_dir, setup, tmp_path, 
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
-def test_checkpoints_of_other_settings_are_not_resumed(tiny_model_dir, setup, tmp_path, caplog):
+def test_checkpoints_of_other_settings_are_not_resumed(
+    tiny_model_dir, setup, tmp_path, caplog, one_process_group
+):
     cfg = EvalConfig(**SETTINGS)
     _tune(tiny_model_dir, setup, cfg, CheckpointPolicy(tmp_path, {"base": "old"}, every=2), stop_after=3)
     assert ck.latest_checkpoint(tmp_path).name == "step_0000002"
@@ -137,15 +149,12 @@ def test_eval_job_killed_during_finetuning_resumes_on_rerun(tiny_prepared, tiny_
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "killed"
     ref = run(load_config(None, _overrides(tiny_prepared, tiny_model_dir, ref_out)))
 
-    # The same job in a child process, SIGKILLed right after fine-tuning step 5.
-    code = (
-        "import sys; from cprec.config import load_config; from cprec.eval.run import run; "
-        "run(load_config(None, sys.argv[1:]))"
-    )
-    env = {**os.environ, KILL_ENV: "5", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    # The same job in a child process, SIGKILLed right after fine-tuning step 5 (`cprec.runtime.faults`).
+    base_yaml = tmp_path / "eval.yaml"
+    base_yaml.write_text("eval: {}\n")  # `cprec eval` takes a config file; the overrides say the rest
+    cmd = [sys.executable, str(FAULT_CLI), "--kill-after", "finetune:5", "--", "eval"]
     proc = subprocess.run(
-        [sys.executable, "-c", code, *_overrides(tiny_prepared, tiny_model_dir, out)],
-        env=env,
+        [*cmd, str(base_yaml), *_overrides(tiny_prepared, tiny_model_dir, out)],
         capture_output=True,
         text=True,
         timeout=300,

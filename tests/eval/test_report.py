@@ -20,7 +20,7 @@ from cprec.eval.report import (
     to_markdown,
     write_report,
 )
-from cprec.train.tracking import TRACKING_FILE, NullTracker, default_uri, mlflow_key
+from cprec.runtime.tracking import TRACKING_FILE, NullTracker, default_uri, mlflow_key
 
 
 def _report(protocol="full", recall_a=0.25) -> dict:

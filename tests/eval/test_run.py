@@ -92,16 +92,30 @@ def test_sampled_protocol_per_domain_finetune_valid_split(tiny_prepared, tiny_mo
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _complete(step_dir):
+    step_dir.mkdir(parents=True)
+    (step_dir / "trainer_state.json").write_text('{"format_version": 1}')
+    return step_dir
+
+
 def test_find_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
-    (run_dir / "checkpoints" / "step_0000010").mkdir(parents=True)
+    _complete(run_dir / "checkpoints" / "step_0000010")
     (run_dir / "checkpoints" / "latest").write_text("step_0000010\n")
     cfg = load_config(None, [f"train.output_dir={run_dir}"])
     assert find_checkpoint(cfg) == run_dir / "checkpoints" / "step_0000010"
+    # The pointer lags after a crash between the rename and its update: the newest complete folder
+    # wins, as in training (one resolver for both jobs); an unfinished save is not picked.
+    _complete(run_dir / "checkpoints" / "step_0000012")
+    (run_dir / "checkpoints" / "step_0000014").mkdir()
+    assert find_checkpoint(cfg) == run_dir / "checkpoints" / "step_0000012"
     (run_dir / "final").mkdir()
+    (run_dir / "final" / "config.json").write_text("{}")
     assert find_checkpoint(cfg) == run_dir / "final"
     explicit = load_config(None, [f"eval.checkpoint={run_dir / 'checkpoints'}"])
-    assert find_checkpoint(explicit) == run_dir / "checkpoints" / "step_0000010"
+    assert find_checkpoint(explicit) == run_dir / "checkpoints" / "step_0000012"
+    pointer = load_config(None, [f"eval.checkpoint={run_dir / 'checkpoints' / 'latest'}"])
+    assert find_checkpoint(pointer) == run_dir / "checkpoints" / "step_0000010"
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_checkpoint(load_config(None, [f"train.output_dir={tmp_path / 'nothing'}"]))
     with pytest.raises(FileNotFoundError, match="eval.checkpoint"):

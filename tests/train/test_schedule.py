@@ -7,13 +7,13 @@ import math
 import pytest
 
 from cprec.config import load_config
+from cprec.train.geometry import BatchGeometry
 from cprec.train.schedule import (
     SHAPES,
     build_schedule,
     decay_factor,
     phase_steps,
     steps_for_tokens,
-    tokens_per_step,
     wsa_lr,
 )
 
@@ -92,7 +92,7 @@ def test_bad_arguments():
 
 
 def test_tokens_to_steps():
-    assert tokens_per_step(2, 4, 3, 128) == 2 * 4 * 3 * 128
+    assert BatchGeometry(2, 4, 3, 128).tokens_per_step == 2 * 4 * 3 * 128
     assert steps_for_tokens(1000, 100) == 10
     assert steps_for_tokens(1001, 100) == 11  # rounded up: never fewer tokens than asked
     assert steps_for_tokens(0, 100) == 0
@@ -100,7 +100,7 @@ def test_tokens_to_steps():
 
 def test_build_schedule_from_config():
     cfg = load_config(None, ["train.seq_len=64", "train.micro_batch_size=2", "train.max_tokens=1280"])
-    per_step = tokens_per_step(1, 2, 1, 64)
+    per_step = BatchGeometry(1, 2, 1, 64).tokens_per_step
     assert phase_steps(cfg.train, per_step) == 10
     stable = build_schedule(cfg.train, per_step, phase_start=0)
     assert stable.decay_start is None and stable(500) == cfg.train.lr

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cprec.config import load_config
-from cprec.train import checkpoint as ck
+from cprec.runtime import checkpoint as ck
 from cprec.train.trainer import plan_start
 
 

@@ -38,12 +38,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cprec import dist
+from cprec import atomic
+from cprec.runtime import dist
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
-EXPORT_FILE = "cprec_export.json"  # provenance written into an HF export (`cprec.train.export`)
+EXPORT_FILE = "cprec_export.json"  # provenance written into an HF export (`cprec.runtime.export`)
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
 
@@ -62,12 +63,6 @@ def rank_file(rank: int) -> str:
 
 
 # ----------------------------------------------------------------------------- finding things
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def is_complete(ckpt: Path) -> bool:
     """A checkpoint is complete when its folder holds trainer_state.json (written before the rename)."""
     return ckpt.is_dir() and (ckpt / STATE_FILE).is_file() and _STEP_RE.match(ckpt.name) is not None
@@ -91,8 +86,23 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from: a step folder, a run folder, or a ``latest``/``final`` pointer file.
+def is_hf_folder(folder: Path) -> bool:
+    """A Hugging Face model folder (an export, a fine-tuned model, a base model)."""
+    return (folder / "config.json").is_file()
+
+
+def resolve_checkpoint(path: str | Path, *, hf_ok: bool = False) -> Path:
+    """The one answer to "which checkpoint does this path mean" (training's init_from, `cprec
+    export`, the eval job):
+
+    - a pointer file ``checkpoints/latest|final`` -> the step folder it names;
+    - a checkpoint folder (``step_XXXXXXX`` or any folder with trainer_state.json) -> itself;
+    - a run folder, or its ``checkpoints/`` folder -> its phase-end checkpoint (``final`` pointer),
+      else its newest complete one. The highest complete step folder, not the ``latest`` pointer:
+      a crash between the rename and the pointer update leaves a folder the pointer lags behind;
+    - with ``hf_ok`` (readers that take HF weights, i.e. the eval job): an HF model folder is itself,
+      and a run folder's exported ``final/`` is preferred over its DeepSpeed checkpoints (which
+      its ``checkpoints/`` folder still names).
 
     Raises FileNotFoundError/ValueError that name the path when nothing usable is there.
     """
@@ -108,16 +118,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 f"checkpoint pointer {p} does not exist: has the run in {p.parent.parent} saved a checkpoint?"
             )
         raise FileNotFoundError(f"checkpoint not found: {p}")
-    if is_complete(p):
+    if hf_ok and is_hf_folder(p):
         return p
-    if (p / "checkpoints").is_dir():  # a run folder: its phase-end checkpoint, else its latest
-        final = p / "checkpoints" / "final"
+    if (p / STATE_FILE).is_file():
+        return p
+    run_dir = p.parent if p.name == "checkpoints" and not (p / "checkpoints").is_dir() else p
+    if hf_ok and run_dir == p and is_hf_folder(p / "final"):
+        return run_dir / "final"
+    if checkpoints_dir(run_dir).is_dir():
+        final = checkpoints_dir(run_dir) / "final"
         if final.is_file():
             return resolve_checkpoint(final)
-        latest = latest_checkpoint(p)
+        latest = latest_checkpoint(run_dir)
         if latest is not None:
             return latest
-        raise FileNotFoundError(f"run folder {p} holds no complete checkpoint")
+        raise FileNotFoundError(f"run folder {run_dir} holds no complete checkpoint")
     if _STEP_RE.match(p.name):
         raise ValueError(f"{p} is an incomplete checkpoint (no {STATE_FILE}); was the save interrupted?")
     raise ValueError(f"{p} is neither a checkpoint folder (step_XXXXXXX) nor a run folder with checkpoints/")
@@ -251,9 +266,9 @@ def save(
     if dist.is_main():
         os.replace(inner, final_path)
         shutil.rmtree(tmp_parent, ignore_errors=True)
-        _write_text_atomic(ckpt_dir / "latest", name)
+        atomic.write_text(ckpt_dir / "latest", name)
         if permanent:
-            _write_text_atomic(ckpt_dir / "final", name)
+            atomic.write_text(ckpt_dir / "final", name)
         pruned = prune(ckpt_dir, keep_last)
         log.info("saved checkpoint %s%s", final_path, " (permanent)" if permanent else "")
     dist.barrier()
@@ -283,21 +298,19 @@ def ensure_universal(ckpt: Path) -> Path:
 
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-        tmp = ckpt / ".tmp-universal"
-        shutil.rmtree(tmp, ignore_errors=True)
         log.info("converting %s to a universal checkpoint for a different world size", ckpt)
-        ds_to_universal(
-            argparse.Namespace(
-                input_folder=str(ckpt),
-                output_folder=str(tmp),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=True,
+        with atomic.atomic_path(out) as tmp:
+            ds_to_universal(
+                argparse.Namespace(
+                    input_folder=str(ckpt),
+                    output_folder=str(tmp),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
             )
-        )
-        os.replace(tmp, out)
         # The converter also leaves a 'latest_universal' pointer naming its temp folder; we load by tag.
         (ckpt / "latest_universal").unlink(missing_ok=True)
     dist.barrier()

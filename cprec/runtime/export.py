@@ -1,4 +1,4 @@
-"""`cprec export CKPT OUT`: a (ZeRO-sharded) training checkpoint -> a Hugging Face model folder.
+"""`cprec export CKPT OUT`: a (ZeRO-sharded) DeepSpeed checkpoint -> a Hugging Face model folder.
 
 The fp32 master weights are gathered from every rank's ZeRO shard (DeepSpeed's ``zero_to_fp32``
 reader, no GPU and no process group needed), the wrapper's ``hf_model.`` prefix is stripped, and
@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from cprec import atomic
 from cprec.config import config_from_dict
-from cprec.train.checkpoint import EXPORT_FILE, read_state, resolve_checkpoint
+from cprec.runtime.checkpoint import EXPORT_FILE, read_state, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +79,19 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
             f"checkpoint {ckpt} does not fit the model in its config: missing {missing[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok_dir = ckpt / "tokenizer"
-    if tok_dir.is_dir():
-        for f in tok_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    else:
-        log.warning("%s has no tokenizer/ folder; the export has no tokenizer", ckpt)
-    keys = ("step", "phase", "tokens_seen", "run_id", "config_hash", "tokenizer_hash")
-    provenance = {k: trainer_state.get(k) for k in keys}
-    provenance["checkpoint"] = str(ckpt.resolve())
-    (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic.atomic_path(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok_dir = ckpt / "tokenizer"
+        if tok_dir.is_dir():
+            for f in tok_dir.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            log.warning("%s has no tokenizer/ folder; the export has no tokenizer", ckpt)
+        keys = ("step", "phase", "tokens_seen", "run_id", "config_hash", "tokenizer_hash")
+        provenance = {k: trainer_state.get(k) for k in keys}
+        provenance["checkpoint"] = str(ckpt.resolve())
+        (tmp / EXPORT_FILE).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
     log.info("exported %s (step %s) to %s", ckpt, trainer_state.get("step"), out)
     return out
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cprec.config import load_config
-from cprec.train.tracking import PARENT_TAG, TRACKING_FILE, NullTracker, default_uri, make_tracker
+from cprec.runtime.tracking import PARENT_TAG, TRACKING_FILE, NullTracker, default_uri, make_tracker
 
 pytest.importorskip("mlflow")
 

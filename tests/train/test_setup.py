@@ -1,14 +1,13 @@
-"""DeepSpeed config built from our typed config; batch geometry errors; compatibility checks."""
+"""Training's batch geometry errors; checkpoint compatibility and tokenizer checks before compute."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from torch import nn
 
 from cprec.config import load_config
-from cprec.train.engine import batch_geometry, deepspeed_config, param_groups
+from cprec.train.geometry import batch_geometry
 from cprec.train.trainer import StartPlan, check_compatible, check_tokenizer
 
 
@@ -24,43 +23,6 @@ def test_geometry_from_accum_and_global_batch():
         batch_geometry(fixed.train, 3)
     with pytest.raises(ValueError, match="train.global_batch_size"):
         load_config(None, ["train.micro_batch_size=3", "train.global_batch_size=8"])
-
-
-def test_deepspeed_config_fields():
-    cfg = load_config(
-        None,
-        [
-            "train.micro_batch_size=2",
-            "train.grad_accum=4",
-            "train.grad_clip=0.5",
-            "train.offload_optimizer=true",
-        ],
-    )
-    ds = deepspeed_config(cfg.train, cfg.model, batch_geometry(cfg.train, 2), gpu=False)
-    assert ds["train_batch_size"] == 16
-    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
-    assert ds["gradient_clipping"] == 0.5
-    zero = ds["zero_optimization"]
-    assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"]
-    assert zero["offload_optimizer"]["device"] == "cpu"
-    assert ds["bf16"]["enabled"] is True
-    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["torch_adam"] is True
-    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
-    assert "scheduler" not in ds  # the LR comes from the WSA function
-
-    fp32 = load_config(None, ["model.dtype=fp32", "train.zero_stage=0"])
-    ds = deepspeed_config(fp32.train, fp32.model, batch_geometry(fp32.train, 1), gpu=True)
-    assert ds["bf16"]["enabled"] is False and ds["optimizer"]["params"]["torch_adam"] is False
-    bad = load_config(None, ["train.zero_stage=0", "train.offload_optimizer=true"])
-    with pytest.raises(ValueError, match="train.offload_optimizer"):
-        deepspeed_config(bad.train, bad.model, batch_geometry(bad.train, 1), gpu=False)
-
-
-def test_param_groups_skip_decay_on_vectors():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    groups = param_groups(model, 0.1)
-    assert [len(g["params"]) for g in groups] == [1, 3]  # weight | bias, norm weight, norm bias
-    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
 
 
 def _state(**over):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +58,16 @@ def init_distributed() -> DistInfo:
 
 
 def destroy_distributed() -> None:
+    """Take the process group down, and DeepSpeed's cached handles of it, so that a later job in
+    the same process (an eval run after another) can start a fresh one."""
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm.comm as ds_comm
+        import deepspeed.utils.groups as ds_groups
+
+        ds_groups._WORLD_GROUP = None
+        ds_comm.cdb = None
 
 
 def barrier() -> None:

@@ -1,0 +1,191 @@
+"""DeepSpeed engine from an explicit optimizer/precision spec: the DeepSpeed JSON, initialisation.
+
+Both jobs build their engine here: training from `cprec.train.geometry.engine_spec` (train.* and
+model.dtype), contrastive fine-tuning from its own settings (`cprec.eval.finetune`). The spec says
+everything the engine needs, so no job fakes another job's config to get one. There is no
+DeepSpeed LR scheduler: the caller sets the LR (`set_lr`) when it has a schedule. On a CPU-only
+machine (``DS_ACCELERATOR=cpu``) the engine uses gloo and torch's AdamW, which avoids building
+DeepSpeed's C++ Adam. ZeRO stage 0 on one process is the plain single-device path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+from cprec.runtime.dist import DistInfo, dist_info, init_distributed
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a DeepSpeed engine is built from: batch, optimizer, precision, ZeRO stage."""
+
+    micro_batch_size: int
+    """Rows per rank per forward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    world_size: int = 1
+    """Ranks the batch is spread over."""
+    zero_stage: int = 0
+    """ZeRO stage 0-3 (0 = every rank holds everything; gradients are averaged over the ranks)."""
+    offload_optimizer: bool = False
+    """Optimizer state in CPU memory (ZeRO-Offload; needs zero_stage >= 1)."""
+    dtype: str = "fp32"
+    """Parameter/compute precision: bf16 | fp32."""
+    lr: float = 1e-3
+    """Initial AdamW learning rate (the caller may set another every step)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices (never on norms, biases and other 1-D parameters)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 = off)."""
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "grad_accum", "world_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine spec field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"engine spec field 'zero_stage' must be 0-3, got {self.zero_stage}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"engine spec field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("config field 'train.offload_optimizer': needs train.zero_stage >= 1")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.world_size * self.micro_batch_size * self.grad_accum
+
+
+def on_gpu() -> bool:
+    """True when DeepSpeed will run on CUDA (not forced to CPU and a GPU is visible)."""
+    return os.environ.get("DS_ACCELERATOR", "") != "cpu" and torch.cuda.is_available()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only, none on norms, biases and other 1-D params."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def deepspeed_config(spec: EngineSpec, gpu: bool) -> dict:
+    """The DeepSpeed JSON for one engine (ZeRO stage, bf16, accumulation, clipping, AdamW, offload)."""
+    zero: dict = {"stage": spec.zero_stage}
+    if spec.zero_stage == 3:
+        # Lets save_16bit_model / exports gather full weights; small params stay unpartitioned.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if spec.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    cfg = {
+        "train_batch_size": spec.global_batch_size,
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum,
+        "gradient_clipping": spec.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": spec.dtype == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": spec.lr,
+                "betas": list(spec.betas),
+                "eps": 1e-8,
+                "weight_decay": spec.weight_decay,
+                # torch's AdamW on CPU (no 50 s C++ op build); DeepSpeed's fused Adam on GPU.
+                "torch_adam": not gpu,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.offload_optimizer and not gpu:
+        # ZeRO-Offload insists on DeepSpeedCPUAdam unless told otherwise; torch's AdamW is fine on CPU.
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+_local_rendezvous = False
+"""True once `start_distributed` chose MASTER_PORT itself (a plain process, no launcher)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_distributed() -> DistInfo:
+    """Bring up the process group for torchrun, the deepspeed launcher, srun, or a plain process.
+
+    torchrun and the deepspeed launcher export RANK/WORLD_SIZE/MASTER_*; `cprec.runtime.dist` maps
+    SLURM's variables onto those; a plain single process gets a local rendezvous on a free port.
+    """
+    import deepspeed
+
+    global _local_rendezvous
+    info = dist_info()
+    if info.world_size == 1 and not tdist.is_initialized():
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(k, v)
+        if _local_rendezvous or "MASTER_PORT" not in os.environ:
+            # Our own rendezvous (not a launcher's): a fresh port each time, since a job run earlier
+            # in this process may have left its port in TIME_WAIT.
+            os.environ["MASTER_PORT"] = str(_free_port())
+            _local_rendezvous = True
+    init_distributed()
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+    if on_gpu():
+        torch.cuda.set_device(dist_info().local_rank)
+    return dist_info()
+
+
+def init_engine(model: nn.Module, spec: EngineSpec, universal: bool = False):
+    """Wrap ``model`` in a DeepSpeed engine (call `start_distributed` first).
+
+    ``universal`` sets DeepSpeed's ``checkpoint.load_universal`` so the next ``load_checkpoint``
+    reads a universal checkpoint (resume on a different world size).
+    """
+    import deepspeed
+
+    ds_cfg = deepspeed_config(spec, on_gpu())
+    if universal:
+        ds_cfg["checkpoint"] = {"load_universal": True}
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, spec.weight_decay), config=ds_cfg
+    )
+    log.info(
+        "DeepSpeed engine: ZeRO-%d, %s, %d rank(s) x %d rows x %d accum = %d rows/step",
+        spec.zero_stage,
+        spec.dtype,
+        spec.world_size,
+        spec.micro_batch_size,
+        spec.grad_accum,
+        spec.global_batch_size,
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    """Write the scheduled LR into every optimizer param group (DeepSpeed has no scheduler here)."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def num_params(engine) -> int:
+    """Total parameter count, correct under ZeRO-3 (partitioned params report their full size)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
