@@ -42,9 +42,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from cprec.data.docstream import ShardChecks
-from cprec.data.loader import PackedLoader, resolve_shards, shard_checks
-from cprec.data.packing import padding_efficiency
+from cprec.stream.docstream import ShardChecks
+from cprec.stream.loader import PackedLoader, resolve_shards, shard_checks
+from cprec.stream.packing import padding_efficiency
 
 log = logging.getLogger("benchmarks.loader")
 

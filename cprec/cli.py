@@ -19,7 +19,7 @@ CONFIG is a YAML file (see configs/); append dotted overrides such as train.lr=1
 # export takes (checkpoint, out); demo takes (out, size, overrides); eval --compare takes paths.
 COMMANDS = {
     "prepare": (
-        "cprec.data.prepare:run",
+        "cprec.prepare.pipeline:run",
         "Read interaction logs, split leave-one-out, render prompts, tokenize, write WebDataset "
         "shards + manifest + eval inputs into data.output_dir.",
     ),

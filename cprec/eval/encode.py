@@ -47,13 +47,13 @@ class PromptBuilder:
     """Token ids of item and user prompts (see the module docstring for the exact format).
 
     Rendering, cutting and encoding go through the same code as the pre-training documents
-    (``cprec.data.prompts.PromptRenderer``, ``truncate_to_budget``, ``cprec.data.tokenize.text_codec``),
+    (``cprec.prepare.prompts.PromptRenderer``, ``truncate_to_budget``, ``cprec.prepare.tokenize.text_codec``),
     so a user prompt has the ids a pre-training document with that history would have had.
     """
 
     def __init__(self, tokenizer, prompt: PromptConfig, max_history_items: int, max_len: int = 0):
-        from cprec.data.prompts import PromptRenderer
-        from cprec.data.tokenize import special_ids, text_codec
+        from cprec.prepare.prompts import PromptRenderer
+        from cprec.prepare.tokenize import special_ids, text_codec
 
         self.prompt = prompt
         self.max_history_items = max_history_items
@@ -82,8 +82,8 @@ class PromptBuilder:
         return [self._finish(i[:budget]) for i in self._ids(texts)]
 
     def _mixed_items(self, catalogue: Catalogue, rows: list[int]) -> list[str]:
-        from cprec.data.prompts import truncate_to_budget
-        from cprec.data.schema import Item
+        from cprec.prepare.prompts import truncate_to_budget
+        from cprec.prepare.schema import Item
 
         todo = sorted({r for r in rows if r not in self._mixed_cache})
         if todo:
@@ -117,7 +117,7 @@ class PromptBuilder:
 
 def load_tokenizer(prepared_dir: str | Path):
     """The prepared folder's ``tokenizer/`` (an HF tokenizer folder)."""
-    from cprec.data.tokenize import load_tokenizer as load
+    from cprec.prepare.tokenize import load_tokenizer as load
 
     folder = Path(prepared_dir) / "tokenizer"
     if not folder.is_dir():

@@ -29,8 +29,8 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from cprec import dist, lifetime
+from cprec import manifest as prepared_manifest
 from cprec.config import Config, config_hash, config_to_dict, save_config
-from cprec.data import shards
 from cprec.train import checkpoint as ckpt_io
 from cprec.train import engine as eng
 from cprec.train import mfu as mfu_mod
@@ -92,12 +92,12 @@ def read_manifest(cfg: Config) -> tuple[Path, dict]:
     path = folder / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `cprec prepare` first (or set train.loader.shards)")
-    return folder, shards.read_manifest(folder)
+    return folder, prepared_manifest.read_manifest(folder)
 
 
 def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path: Path) -> None:
     """The shards, the model's own tokenizer and the checkpoint must all use the same tokenizer."""
-    from cprec.data.tokenize import require_same_tokenizer, tokenizer_hash
+    from cprec.prepare.tokenize import require_same_tokenizer, tokenizer_hash
 
     want, shards_what = manifest["tokenizer"]["hash"], f"the shards in {manifest_path}"
     if cfg.model.name_or_path:
@@ -369,7 +369,7 @@ def build_module(cfg: Config, tok: dict) -> tuple[torch.nn.Module, float]:
 
 def setup(cfg: Config) -> Run | None:
     """Everything before the loop: plan, engine, checkpoint load, loader, tracker."""
-    from cprec.data.loader import build_loader
+    from cprec.stream.loader import build_loader
 
     info = dist.dist_info()
     out = Path(cfg.train.output_dir)

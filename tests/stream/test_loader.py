@@ -18,9 +18,10 @@ import webdataset as wds
 from shard_factory import write_prepared
 
 from cprec.config import load_config
-from cprec.data.docstream import ShardError, epoch_units, iter_tar_samples
-from cprec.data.loader import PackedLoader, build_loader, resolve_shards
-from cprec.data.packing import IGNORE_INDEX
+from cprec.stream.docstream import epoch_units
+from cprec.stream.loader import PackedLoader, build_loader, resolve_shards
+from cprec.stream.packing import IGNORE_INDEX
+from cprec.stream.tars import ShardError, iter_tar_samples
 
 
 def make_loader(root: Path, **kw) -> PackedLoader:
@@ -260,7 +261,7 @@ def test_resume_on_another_world_size_restarts_the_epoch_with_a_warning(tmp_path
     assert saved_epoch >= 1
 
     single = make_loader(tmp_path, rank=0, world_size=1, num_workers=0)
-    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="cprec.stream.loader"):
         single.load_state_dict(states)
     msg = caplog.text
     assert "world_size: 2 -> 1" in msg
@@ -278,7 +279,7 @@ def test_state_of_the_same_layout_on_another_rank_is_refused_exactly(tmp_path, c
     it = iter(a)
     next(it)
     b = make_loader(tmp_path, rank=1, world_size=2)
-    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="cprec.stream.loader"):
         b.load_state_dict(a.state_dict())
     assert "rank: 0 -> 1" in caplog.text
 
@@ -290,7 +291,7 @@ def test_mixing_weights_are_realised_and_logged(tmp_path, caplog):
     loader = make_loader(tmp_path, mixing=weights, num_workers=2, seq_len=64, batch_size=4, log_every=20)
     assert loader.targets() == pytest.approx(weights)
     it = iter(loader)
-    with caplog.at_level(logging.INFO, logger="cprec.data.loader"):
+    with caplog.at_level(logging.INFO, logger="cprec.stream.loader"):
         for _ in range(60):
             next(it)
     loader.close()
@@ -326,7 +327,7 @@ def test_new_weights_on_resume_keep_positions_and_apply(tmp_path, caplog):
         next(it)
     state = old.state_dict()
     new = make_loader(tmp_path, mixing={"A/domain": 0.9, "B/domain": 0.1})
-    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="cprec.stream.loader"):
         new.load_state_dict(state)
     assert "mixing weights changed" in caplog.text and "epoch granularity" not in caplog.text
     it = iter(new)
@@ -420,7 +421,7 @@ def test_sha256_is_checked_while_streaming(tmp_path):
 
 
 def test_shard_buffer_is_reused_and_grows(tmp_path):
-    from cprec.data.docstream import ShardBuffer
+    from cprec.stream.tars import ShardBuffer
 
     small, big = tmp_path / "small.tar", tmp_path / "big.tar"
     small.write_bytes(b"a" * 1000)

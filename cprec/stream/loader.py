@@ -3,7 +3,7 @@
 ``build_loader(cfg, rank, world_size)`` -> ``PackedLoader``, an infinite iterable of packed batches
 (the contract in ARCHITECTURE.md) with ``state_dict``/``load_state_dict``.
 
-How the work is split (details in ``cprec.data.docstream``):
+How the work is split (details in ``cprec.stream.docstream``):
 
 - Each epoch the shards are permuted with the seed and dealt to the ``world_size x num_workers``
   global workers (shards left over after the last full round are split at sample level), so over
@@ -42,9 +42,9 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from cprec.data import shards
-from cprec.data.docstream import Chunk, Doc, ShardChecks, WorkerSource
-from cprec.data.packing import collate_rows, make_packer
+from cprec import manifest as contract
+from cprec.stream.docstream import Chunk, Doc, ShardChecks, WorkerSource
+from cprec.stream.packing import collate_rows, make_packer
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def _identity(x):
 # -------------------------------------------------------------------------------- shard source
 def read_manifest(folder: Path) -> dict:
     """``manifest.json`` of a prepared folder (read and version-checked by the writer's own
-    `shards.read_manifest`), which must list at least one shard."""
-    manifest = shards.read_manifest(folder)
+    `cprec.manifest.read_manifest`), which must list at least one shard."""
+    manifest = contract.read_manifest(folder)
     if not manifest.get("shards"):
         raise ValueError(f"{folder / 'manifest.json'}: lists no shards")
     return manifest

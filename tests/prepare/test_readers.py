@@ -21,9 +21,10 @@ from raw_fixtures import (
 )
 
 from cprec.config import ColumnsConfig, DataConfig
-from cprec.data.food_kitchen import load_plain_dict
-from cprec.data.readers import open_text, parse_time, read_source
-from cprec.data.schema import TEST_TARGET, VALID_TARGET, IssueLog
+from cprec.prepare.readers import read_source
+from cprec.prepare.readers.food_kitchen import load_plain_dict
+from cprec.prepare.readers.records import open_text, parse_time
+from cprec.prepare.schema import TEST_TARGET, VALID_TARGET, IssueLog
 
 
 def events_of(ds) -> list[tuple]:
