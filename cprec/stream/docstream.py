@@ -35,6 +35,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -55,6 +56,27 @@ class ShardChecks(NamedTuple):
     """Expected sha256 hex digest per shard URL (same order as the URLs)."""
     vocab_size: int | None
     """Token ids must be in ``[0, vocab_size)``."""
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What every reader of one rank's loader shares, fixed for the loader's life (derived from its
+    ``LoaderSettings`` and the manifest by ``PackedLoader``; pickled into each worker process)."""
+
+    urls: tuple[str, ...]
+    """Shard URLs, in manifest order."""
+    n_global: int
+    """Readers over all ranks: ``world_size x num_workers``."""
+    seed: int
+    """Seed of the shard permutation and the shuffle buffers."""
+    shuffle_buffer: int
+    """Documents per reader's shuffle buffer."""
+    on_corrupt: str
+    """fail or skip, for a bad shard or sample."""
+    checks: ShardChecks | None = None
+    """sha256 and vocabulary checks (None: read unverified)."""
+    weights: dict[str, float] | None = None
+    """Normalised token weight per stream; None = the natural mix (one reader over all streams)."""
 
 
 class Doc(NamedTuple):
@@ -138,23 +160,12 @@ def epoch_units(n_shards: int, n_global: int, seed: int, epoch: int) -> list[lis
 class StreamReader:
     """One global worker's documents of one stream (``stream=None``: all), shuffled, epoch after epoch."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        worker: int,
-        n_global: int,
-        seed: int,
-        stream: str | None,
-        buffer_size: int,
-        on_corrupt: str,
-        start_epoch: int = 0,
-        checks: ShardChecks | None = None,
-    ):
-        self.urls, self.worker, self.n_global, self.seed = urls, worker, n_global, seed
-        self.stream, self.buffer_size, self.on_corrupt = stream, buffer_size, on_corrupt
-        self.checks = checks
+    def __init__(self, plan: ReadPlan, worker: int, stream: str | None, start_epoch: int = 0):
+        self.urls, self.worker, self.n_global, self.seed = plan.urls, worker, plan.n_global, plan.seed
+        self.stream, self.buffer_size, self.on_corrupt = stream, plan.shuffle_buffer, plan.on_corrupt
+        self.checks = plan.checks
         self._shard_buffer = ShardBuffer()
-        self.rng = random.Random(seed_int(seed, "shuffle", worker, stream))
+        self.rng = random.Random(seed_int(plan.seed, "shuffle", worker, stream))
         self.epoch, self.unit, self.offset = start_epoch, 0, 0
         self.exhausted = False
         self.epoch_docs = 0
@@ -349,33 +360,12 @@ class StreamReader:
 class WorkerSource:
     """A global worker's document stream: natural order, or mixed by weight over per-stream readers."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        worker: int,
-        n_global: int,
-        seed: int,
-        weights: dict[str, float] | None,
-        buffer_size: int,
-        on_corrupt: str,
-        start_epochs: dict[str, int] | None = None,
-        checks: ShardChecks | None = None,
-    ):
+    def __init__(self, plan: ReadPlan, worker: int, start_epochs: dict[str, int] | None = None):
         self.worker = worker
-        self.weights = dict(weights) if weights else {"*": 1.0}
+        self.weights = dict(plan.weights) if plan.weights else {"*": 1.0}
         start_epochs = start_epochs or {}
         self.readers = {
-            s: StreamReader(
-                urls,
-                worker,
-                n_global,
-                seed,
-                None if s == "*" else s,
-                buffer_size,
-                on_corrupt,
-                int(start_epochs.get(s, 0)),
-                checks,
-            )
+            s: StreamReader(plan, worker, None if s == "*" else s, int(start_epochs.get(s, 0)))
             for s in self.weights
         }
         self.tokens = {s: 0 for s in self.weights}

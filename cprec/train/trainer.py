@@ -370,6 +370,7 @@ def build_module(cfg: Config, tok: dict) -> tuple[torch.nn.Module, float]:
 def setup(cfg: Config) -> Run | None:
     """Everything before the loop: plan, engine, checkpoint load, loader, tracker."""
     from cprec.stream.loader import build_loader
+    from cprec.stream.settings import loader_settings
 
     info = dist.dist_info()
     out = Path(cfg.train.output_dir)
@@ -407,8 +408,7 @@ def setup(cfg: Config) -> Run | None:
     # An anneal branch reads its own mixture from the start; a seed of its own keeps it from
     # replaying the exact first batches the stable run saw.
     seed = cfg.train.seed + (step if plan.kind == "init" else 0)
-    loader_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-    loader = build_loader(loader_cfg, info.rank, info.world_size)
+    loader = build_loader(loader_settings(cfg, seed=seed), info.rank, info.world_size)
     if plan.kind == "resume":
         restore_rank_state(plan, loader, info.rank, universal)
         truncate_metrics(out, step)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ from cprec.config import load_config
 from cprec.stream.docstream import epoch_units
 from cprec.stream.loader import PackedLoader, build_loader, resolve_shards
 from cprec.stream.packing import IGNORE_INDEX
+from cprec.stream.settings import LoaderSettings, loader_settings
 from cprec.stream.tars import ShardError, iter_tar_samples
 
 
@@ -28,7 +30,8 @@ def make_loader(root: Path, **kw) -> PackedLoader:
     urls, manifest = resolve_shards(str(root))
     opts = dict(seq_len=32, batch_size=2, seed=7, shuffle_buffer=16, chunk_docs=8, log_every=0)
     opts.update(kw)
-    return PackedLoader(urls, manifest=manifest, **opts)
+    rank, world_size = opts.pop("rank", 0), opts.pop("world_size", 1)
+    return PackedLoader(urls, LoaderSettings(**opts), manifest=manifest, rank=rank, world_size=world_size)
 
 
 def one_epoch(loader: PackedLoader, epoch: int = 0) -> list[str]:
@@ -159,7 +162,7 @@ def test_build_loader_from_config_yields_contract_batches(tmp_path):
     cfg = load_config(
         None, [f"data.output_dir={tmp_path}", "train.seq_len=64", "train.micro_batch_size=3", "train.seed=1"]
     )
-    loader = build_loader(cfg, rank=0, world_size=1)
+    loader = build_loader(loader_settings(cfg), rank=0, world_size=1)
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (3, 64) and batch["input_ids"].dtype == torch.int64
     assert batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
@@ -176,12 +179,61 @@ def test_build_loader_from_config_yields_contract_batches(tmp_path):
     loader.close()
 
 
+def test_loader_settings_are_read_from_the_config_once(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"data.output_dir={tmp_path}",
+            "train.seq_len=48",
+            "train.micro_batch_size=3",
+            "train.seed=5",
+            "train.log_every=2",
+            "train.loader.shuffle_buffer=7",
+            "train.loader.num_workers=1",
+            "train.loader.packing=bestfit",
+            "train.loader.bestfit_buffer=9",
+            "train.loader.on_corrupt=skip",
+            "train.loader.verify=false",
+            "train.loader.mixing={A/domain: 2.0, B/domain: 1.0}",
+        ],
+    )
+    s = loader_settings(cfg)
+    assert s == LoaderSettings(
+        shards=str(tmp_path),
+        seq_len=48,
+        batch_size=3,
+        seed=5,
+        mixing={"A/domain": 2.0, "B/domain": 1.0},
+        shuffle_buffer=7,
+        num_workers=1,
+        packing="bestfit",
+        bestfit_buffer=9,
+        on_corrupt="skip",
+        verify=False,
+        log_every=200,
+    )
+    assert loader_settings(cfg, seed=11).seed == 11 and loader_settings(cfg).seed == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 1
+    with pytest.raises(ValueError, match="train.loader.on_corrupt"):
+        LoaderSettings(on_corrupt="ignore")
+    # What the worker processes get: the same values, in one read plan.
+    write_prepared(tmp_path, n_shards=2)
+    loader = build_loader(s, rank=1, world_size=2)
+    plan = loader.plan
+    assert (plan.n_global, plan.seed, plan.shuffle_buffer, plan.on_corrupt) == (2, 5, 7, "skip")
+    assert plan.checks is None and plan.weights == pytest.approx({"A/domain": 2 / 3, "B/domain": 1 / 3})
+    assert loader.packer.kind == "bestfit"
+
+
 def test_pipe_and_brace_urls(tmp_path):
     info = write_prepared(tmp_path, n_shards=4)
     spec = f"pipe:cat {tmp_path}/shards/shard-{{000000..000003}}.tar"
     urls, manifest = resolve_shards(spec)
     assert len(urls) == 4 and all(u.startswith("pipe:cat ") for u in urls) and manifest is None
-    loader = PackedLoader(urls, seq_len=32, batch_size=2, shuffle_buffer=8, chunk_docs=8, log_every=0)
+    loader = PackedLoader(
+        urls, LoaderSettings(seq_len=32, batch_size=2, shuffle_buffer=8, chunk_docs=8, log_every=0)
+    )
     assert sorted(one_epoch(loader)) == sorted(info["docs"])
     # A local brace spec finds the manifest one folder up.
     urls, manifest = resolve_shards(f"{tmp_path}/shards/shard-{{000000..000003}}.tar")
@@ -346,7 +398,7 @@ def test_unknown_mixing_stream_is_a_clear_error(tmp_path):
         make_loader(tmp_path, mixing={"A/domain": 0.0})
     urls, _ = resolve_shards(f"{tmp_path}/shards/shard-{{000000..000001}}.tar")
     with pytest.raises(ValueError, match="manifest"):
-        PackedLoader(urls, mixing={"A/domain": 1.0})
+        PackedLoader(urls, LoaderSettings(mixing={"A/domain": 1.0}))
 
 
 # ---------------------------------------------------------------------------- corrupt shards
@@ -391,7 +443,8 @@ def test_corrupt_and_missing_shards_are_skipped_with_a_warning_and_a_count(tmp_p
     # Through pipe: and worker processes the count still reaches the loader.
     spec = f"pipe:cat {tmp_path}/shards/shard-{{000000..000003}}.tar"
     urls, _ = resolve_shards(spec)
-    loader = PackedLoader(urls, num_workers=2, on_corrupt="skip", seq_len=32, batch_size=2, log_every=0)
+    settings = LoaderSettings(num_workers=2, on_corrupt="skip", seq_len=32, batch_size=2, log_every=0)
+    loader = PackedLoader(urls, settings)
     it = iter(loader)
     for _ in range(30):
         next(it)
