@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -188,14 +189,18 @@ def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling:
 class EncodeProgress:
     """Progress of one encoding pass, on rank 0 only: a tqdm bar on a terminal (``disable=None``, as
     elsewhere) and, because job logs are not terminals and a catalogue can take minutes, an INFO
-    line at every tenth of the way (``items (A): 3840/38396 prompts (10%)``)."""
+    line at the start, at the end and at every tenth of the way that comes ``MIN_INTERVAL_S`` or
+    more after the last line (``items (A): 3840/38396 prompts (10%)``): a pass of a few seconds
+    logs two lines, a long one a line per tenth."""
 
     STEPS = 10
+    MIN_INTERVAL_S = 10.0
 
     def __init__(self, total: int, desc: str):
         rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
         self.active = rank == 0 and total > 0
         self.total, self.desc, self.done, self._next = total, desc, 0, 1
+        self._last = time.monotonic()
         self.bar = tqdm(
             total=total, desc=desc, unit="prompt", disable=None if self.active else True, leave=False
         )
@@ -206,10 +211,12 @@ class EncodeProgress:
         self.done += n
         self.bar.update(n)
         if self.active and self.done * self.STEPS >= self._next * self.total:
-            log.info(
-                "%s: %d/%d prompts (%d%%)", self.desc, self.done, self.total, 100 * self.done // self.total
-            )
             self._next = self.done * self.STEPS // self.total + 1
+            now = time.monotonic()
+            if self.done >= self.total or now - self._last >= self.MIN_INTERVAL_S:
+                pct = 100 * self.done // self.total
+                log.info("%s: %d/%d prompts (%d%%)", self.desc, self.done, self.total, pct)
+                self._last = now
 
     def close(self) -> None:
         self.bar.close()
