@@ -70,6 +70,35 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def _names_folder(spec: str) -> Path | None:
+    """The prepared folder ``spec`` names itself (the folder or its manifest.json), else None."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    return path.parent if path.name == contract.MANIFEST and path.is_file() else None
+
+
+def _manifest_near(urls: list[str]) -> Path | None:
+    """For local shards, the folder next to the first one or one up that holds a manifest.json."""
+    first = urls[0] if urls else ""
+    if first and (":" not in first.split("/", 1)[0] or first.startswith("file:")):
+        local = Path(first.removeprefix("file:")).expanduser()
+        for folder in (local.parent, local.parent.parent):
+            if (folder / contract.MANIFEST).is_file():
+                return folder
+    return None
+
+
+def manifest_folder(spec: str) -> Path | None:
+    """The prepared folder whose manifest.json describes the shards ``spec`` names (None: none found).
+
+    The loader and the trainer's tokenizer check both ask here, so they read the same manifest.
+    """
+    if not spec:
+        return None
+    return _names_folder(spec) or _manifest_near(expand_urls(spec))
+
+
 def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     """Shard URLs and manifest (if one is found) for a prepared folder, its manifest.json, or a spec.
 
@@ -79,23 +108,15 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     """
     if not spec:
         raise ValueError("config field 'train.loader.shards': empty, and data.output_dir is empty too")
-    path = Path(spec).expanduser()
-    if path.is_dir() or (path.name == "manifest.json" and path.is_file()):
-        folder = path if path.is_dir() else path.parent
+    folder = _names_folder(spec)
+    if folder is not None:
         manifest = read_manifest(folder)
         return [str(folder / s["path"]) for s in manifest["shards"]], manifest
     urls = expand_urls(spec)
     if not urls:
         raise ValueError(f"config field 'train.loader.shards': {spec!r} names no shard")
-    manifest = None
-    first = urls[0]
-    if ":" not in first.split("/", 1)[0] or first.startswith("file:"):
-        local = Path(first.removeprefix("file:")).expanduser()
-        for folder in (local.parent, local.parent.parent):
-            if (folder / "manifest.json").is_file():
-                manifest = read_manifest(folder)
-                break
-    return urls, manifest
+    folder = _manifest_near(urls)
+    return urls, (read_manifest(folder) if folder is not None else None)
 
 
 def shard_checks(urls: list[str], manifest: dict | None, verify: bool = True) -> ShardChecks | None:

@@ -86,9 +86,11 @@ def plan_start(cfg: Config) -> StartPlan:
 
 
 def read_manifest(cfg: Config) -> tuple[Path, dict]:
-    """The prepared folder the shards come from and its manifest.json."""
-    spec = cfg.train.loader.shards
-    folder = Path(spec if spec and Path(spec).is_dir() else cfg.data.output_dir)
+    """The prepared folder the shards come from and its manifest.json (the one the loader reads)."""
+    from cprec.stream.loader import manifest_folder
+
+    spec = cfg.train.loader.shards or cfg.data.output_dir
+    folder = manifest_folder(spec) or Path(cfg.data.output_dir)  # remote shards: the local manifest
     path = folder / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `cprec prepare` first (or set train.loader.shards)")

@@ -17,7 +17,7 @@ from shard_factory import write_prepared
 
 from cprec.config import load_config
 from cprec.stream.docstream import epoch_units
-from cprec.stream.loader import PackedLoader, build_loader, resolve_shards
+from cprec.stream.loader import PackedLoader, build_loader, manifest_folder, resolve_shards
 from cprec.stream.packing import IGNORE_INDEX
 from cprec.stream.settings import LoaderSettings, loader_settings
 from cprec.stream.tars import ShardError, iter_tar_samples
@@ -501,3 +501,26 @@ def test_prepared_folder_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format_version": 1, "shards": []}')
     with pytest.raises(ValueError, match="lists no shards"):
         resolve_shards(str(tmp_path))
+
+
+def test_the_manifest_of_a_shard_spec_is_found_in_one_place(tmp_path):
+    """The loader and the trainer's tokenizer check read the same manifest for any shard spec."""
+    from cprec.train.trainer import read_manifest as trainer_manifest
+
+    write_prepared(tmp_path / "other", n_shards=2)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "manifest.json").write_text('{"format_version": 1, "tokenizer": {"hash": "x"}}')
+    brace = f"{tmp_path}/other/shards/shard-{{000000..000001}}.tar"
+    assert manifest_folder(str(tmp_path / "other")) == tmp_path / "other"
+    assert manifest_folder(str(tmp_path / "other" / "manifest.json")) == tmp_path / "other"
+    assert manifest_folder(brace) == tmp_path / "other"
+    assert manifest_folder(f"pipe:cat {brace}") is None
+    _, manifest = resolve_shards(brace)
+
+    def cfg(shards: str):
+        return load_config(None, [f"data.output_dir={tmp_path / 'local'}", f"train.loader.shards={shards}"])
+
+    # Shards of another prepared folder: their own manifest, not data.output_dir's.
+    assert trainer_manifest(cfg(brace)) == (tmp_path / "other", manifest)
+    # Remote shards (no manifest beside them): the local prepared folder's.
+    assert trainer_manifest(cfg(f"pipe:cat {brace}"))[0] == tmp_path / "local"
