@@ -285,3 +285,18 @@ def test_item_rows_without_id_or_repeated_are_counted(tmp_path):
     ds = read_source(cfg_for("recbole", path=str(folder)), issues)
     assert issues.item_issues == {"item_row_without_id": 1, "duplicate_item_row": 1}
     assert ds.items["m1"].title == TITLES["m1"][0]
+
+
+def test_every_source_the_config_accepts_has_one_reader():
+    """The registry and data.source's allowed values list the same sources."""
+    import re
+
+    from cprec.config import DataConfig
+    from cprec.prepare.readers import SOURCES
+
+    for name in SOURCES:
+        DataConfig(source=name)
+    with pytest.raises(ValueError, match="data.source") as err:
+        DataConfig(source="no_such_source")
+    allowed = re.search(r"one of \[(.*)\]", str(err.value)).group(1)
+    assert set(re.findall(r"'(\w+)'", allowed)) == set(SOURCES)
