@@ -23,7 +23,7 @@ def demo(tmp_path_factory):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=900,
+        timeout=1800,  # ~10 min alone; a shared machine can take twice that
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-5000:]
