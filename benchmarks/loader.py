@@ -27,6 +27,7 @@ result says so):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import json
@@ -42,9 +43,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from cprec.data.docstream import ShardChecks
-from cprec.data.loader import PackedLoader, resolve_shards, shard_checks
-from cprec.data.packing import padding_efficiency
+from cprec.stream.docstream import ShardChecks
+from cprec.stream.loader import PackedLoader, resolve_shards, shard_checks
+from cprec.stream.packing import padding_efficiency
+from cprec.stream.settings import LoaderSettings
 
 log = logging.getLogger("benchmarks.loader")
 
@@ -98,7 +100,7 @@ def write_synthetic(folder: Path, n_docs: int, seed: int = 0, shard_docs: int = 
 
 def bench_reader(urls: list[str], manifest: dict | None, max_docs: int) -> tuple[dict, np.ndarray]:
     """The shard reader alone (no workers, no packing); also returns the document lengths in order."""
-    loader = PackedLoader(urls, manifest=manifest, shuffle_buffer=1000, seed=0, log_every=0)
+    loader = PackedLoader(urls, LoaderSettings(shuffle_buffer=1000, seed=0, log_every=0), manifest=manifest)
     lengths = []
     t0 = time.perf_counter()
     for doc in loader.iter_documents():
@@ -126,9 +128,7 @@ def bench_webdataset(urls: list[str], max_docs: int) -> dict:
 
 def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int, mixing=None) -> dict:
     """Full pipeline for ``n_docs`` documents: batches out, timed from the first call."""
-    loader = PackedLoader(
-        urls,
-        manifest=manifest,
+    settings = LoaderSettings(
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         seed=0,
@@ -136,9 +136,10 @@ def bench_loader(urls, manifest, packing: str, workers: int, args, n_docs: int, 
         bestfit_buffer=args.bestfit_buffer,
         shuffle_buffer=1000,
         num_workers=workers,
-        mixing=mixing,
+        mixing=mixing or {},
         log_every=0,
     )
+    loader = PackedLoader(urls, settings, manifest=manifest)
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -184,14 +185,12 @@ def _time_epoch(urls, manifest, variant: str, args, reader_only: bool) -> tuple[
     machine the wall time also counts the other jobs on the core."""
     loader = PackedLoader(
         urls,
+        LoaderSettings(
+            seq_len=args.seq_len, batch_size=args.batch_size, seed=0, shuffle_buffer=1000, log_every=0
+        ),
         manifest=manifest,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        seed=0,
-        shuffle_buffer=1000,
-        log_every=0,
     )
-    loader.checks = _checks(urls, manifest, variant)
+    loader.plan = dataclasses.replace(loader.plan, checks=_checks(urls, manifest, variant))
     n = 0
     t0, c0 = time.perf_counter(), time.process_time()
     if reader_only:

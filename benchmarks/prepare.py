@@ -1,6 +1,6 @@
 """Data preparation throughput on food-kitchen, and the cost of a cache hit relative to a full run.
 
-Runs ``cprec.data.prepare.run`` twice on the same config into a temporary folder: the first run
+Runs ``cprec.prepare.pipeline.run`` twice on the same config into a temporary folder: the first run
 does everything (read, split, train the tokenizer, tokenize in workers, write shards); the second
 finds the same content hash and returns (the baseline it is compared with is the first run, in
 the same process). Reports sequences/s and tokens/s of the first run, the tokenize+write stage on
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from cprec.config import load_config
-from cprec.data import prepare
+from cprec.prepare import pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("benchmarks.prepare")
@@ -58,7 +58,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     capture = _StageCapture()
-    logging.getLogger("cprec.data.prepare").addHandler(capture)
+    logging.getLogger("cprec.prepare.pipeline").addHandler(capture)
 
     with tempfile.TemporaryDirectory(prefix="cprec-bench-prepare-") as tmp:
         out_dir = Path(tmp) / "prepared"
@@ -71,12 +71,12 @@ def main() -> int:
         load_start = os.getloadavg()
 
         t = time.perf_counter()
-        prepare.run(cfg)
+        pipeline.run(cfg)
         first = time.perf_counter() - t
         stages = dict(capture.stages)
 
         t = time.perf_counter()
-        prepare.run(cfg)
+        pipeline.run(cfg)
         hit = time.perf_counter() - t
 
         t = time.perf_counter()

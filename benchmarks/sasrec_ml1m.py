@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from cprec.config import load_config
-from cprec.data import prepare
 from cprec.eval import baselines
 from cprec.eval.inputs import load_inputs
 from cprec.eval.ranking import build_tasks, evaluate
 from cprec.eval.run import validation_tasks
+from cprec.prepare import pipeline
 
 log = logging.getLogger("benchmarks.sasrec_ml1m")
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def run_sasrec_ml1m(out_dir: str | Path, overrides: list[str] | tuple[str, ...] 
     )
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    prepared = prepare.run(cfg)
+    prepared = pipeline.run(cfg)
     seconds["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -99,7 +99,7 @@ def run_cprec(args, overrides: list[str], work: Path) -> dict:
 # ------------------------------------------------------------------------------- HF Trainer
 def read_documents(prepared: Path, max_docs: int, seq_len: int) -> list[list[int]]:
     """Documents (token ids) of the shards in manifest order, cut to ``seq_len``."""
-    from cprec.data.docstream import decode_ids, iter_tar_samples
+    from cprec.stream.tars import decode_ids, iter_tar_samples
 
     manifest = json.loads((prepared / "manifest.json").read_text())
     docs: list[list[int]] = []

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 DESCRIPTION = """CPRec: all-domain continual pre-training of LLMs for recommendation.
 
@@ -19,7 +20,7 @@ CONFIG is a YAML file (see configs/); append dotted overrides such as train.lr=1
 # export takes (checkpoint, out); demo takes (out, size, overrides); eval --compare takes paths.
 COMMANDS = {
     "prepare": (
-        "cprec.data.prepare:run",
+        "cprec.prepare.pipeline:run",
         "Read interaction logs, split leave-one-out, render prompts, tokenize, write WebDataset "
         "shards + manifest + eval inputs into data.output_dir.",
     ),
@@ -111,6 +112,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library warnings the user of cprec cannot act on: (category, message regex, module regex, why).
+# Filtered once at start-up of every cprec process (torchrun ranks and the study's stages are
+# `python -m cprec.cli` processes too); anything else still shows.
+LIBRARY_WARNINGS = [
+    (
+        FutureWarning,
+        r"`torch\.distributed\.\w+` is deprecated",
+        r"torch\.distributed",
+        # DeepSpeed's ZeRO stage 3 calls the deprecated reduce_scatter_tensor/all_gather_into_tensor
+        # on every step, and something resets the warnings registry each time: one line per step.
+        "DeepSpeed ZeRO-3 collectives",
+    ),
+]
+
+
+def filter_library_warnings() -> None:
+    """Ignore ``LIBRARY_WARNINGS`` (placed in front, so they win over the default filters)."""
+    for category, message, module, _why in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
@@ -158,6 +180,7 @@ def _call(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    filter_library_warnings()
     setup_logging(args.log_level)
     from cprec.lifetime import die_with_launcher
 

@@ -88,8 +88,8 @@ def _stage(name: str) -> float:
 
 def run_study(plan: StudyPlan) -> dict:
     """Run every stage of ``plan`` (skipping what is complete); returns the study dict."""
-    from cprec.data.prepare import run as prepare
     from cprec.eval.run import run as evaluate
+    from cprec.prepare.pipeline import run as prepare
 
     out = plan.out
     prepared = out / "prepared"

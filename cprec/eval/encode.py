@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,13 +49,13 @@ class PromptBuilder:
     """Token ids of item and user prompts (see the module docstring for the exact format).
 
     Rendering, cutting and encoding go through the same code as the pre-training documents
-    (``cprec.data.prompts.PromptRenderer``, ``truncate_to_budget``, ``cprec.data.tokenize.text_codec``),
+    (``cprec.prepare.prompts.PromptRenderer``, ``truncate_to_budget``, ``cprec.prepare.tokenize.text_codec``),
     so a user prompt has the ids a pre-training document with that history would have had.
     """
 
     def __init__(self, tokenizer, prompt: PromptConfig, max_history_items: int, max_len: int = 0):
-        from cprec.data.prompts import PromptRenderer
-        from cprec.data.tokenize import special_ids, text_codec
+        from cprec.prepare.prompts import PromptRenderer
+        from cprec.prepare.tokenize import special_ids, text_codec
 
         self.prompt = prompt
         self.max_history_items = max_history_items
@@ -83,8 +84,8 @@ class PromptBuilder:
         return [self._finish(i[:budget]) for i in self._ids(texts)]
 
     def _mixed_items(self, catalogue: Catalogue, rows: list[int]) -> list[str]:
-        from cprec.data.prompts import truncate_to_budget
-        from cprec.data.schema import Item
+        from cprec.prepare.prompts import truncate_to_budget
+        from cprec.prepare.schema import Item
 
         todo = sorted({r for r in rows if r not in self._mixed_cache})
         if todo:
@@ -118,7 +119,7 @@ class PromptBuilder:
 
 def load_tokenizer(prepared_dir: str | Path):
     """The prepared folder's ``tokenizer/`` (an HF tokenizer folder)."""
-    from cprec.data.tokenize import load_tokenizer as load
+    from cprec.prepare.tokenize import load_tokenizer as load
 
     folder = Path(prepared_dir) / "tokenizer"
     if not folder.is_dir():
@@ -210,14 +211,18 @@ def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling:
 class EncodeProgress:
     """Progress of one encoding pass, on rank 0 only: a tqdm bar on a terminal (``disable=None``, as
     elsewhere) and, because job logs are not terminals and a catalogue can take minutes, an INFO
-    line at every tenth of the way (``items (A): 3840/38396 prompts (10%)``)."""
+    line at the start, at the end and at every tenth of the way that comes ``MIN_INTERVAL_S`` or
+    more after the last line (``items (A): 3840/38396 prompts (10%)``): a pass of a few seconds
+    logs two lines, a long one a line per tenth."""
 
     STEPS = 10
+    MIN_INTERVAL_S = 10.0
 
     def __init__(self, total: int, desc: str):
         rank = tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
         self.active = rank == 0 and total > 0
         self.total, self.desc, self.done, self._next = total, desc, 0, 1
+        self._last = time.monotonic()
         self.bar = tqdm(
             total=total, desc=desc, unit="prompt", disable=None if self.active else True, leave=False
         )
@@ -228,10 +233,12 @@ class EncodeProgress:
         self.done += n
         self.bar.update(n)
         if self.active and self.done * self.STEPS >= self._next * self.total:
-            log.info(
-                "%s: %d/%d prompts (%d%%)", self.desc, self.done, self.total, 100 * self.done // self.total
-            )
             self._next = self.done * self.STEPS // self.total + 1
+            now = time.monotonic()
+            if self.done >= self.total or now - self._last >= self.MIN_INTERVAL_S:
+                pct = 100 * self.done // self.total
+                log.info("%s: %d/%d prompts (%d%%)", self.desc, self.done, self.total, pct)
+                self._last = now
 
     def close(self) -> None:
         self.bar.close()

@@ -37,7 +37,6 @@ from pathlib import Path
 import torch
 
 from cprec.config import Config, save_config
-from cprec.data.tokenize import special_ids
 from cprec.eval import baselines, finetune
 from cprec.eval.encode import (
     Encoder,
@@ -63,6 +62,7 @@ from cprec.eval.report import (
     write_report,
 )
 from cprec.lifetime import hold_folder
+from cprec.prepare.tokenize import special_ids
 from cprec.runtime.checkpoint import resolve_checkpoint, tokenizer_identity
 from cprec.runtime.dist import barrier, destroy_distributed, dist_info, init_distributed
 from cprec.runtime.tracking import NullTracker, Tracker
@@ -117,8 +117,8 @@ def check_tokenizer(cfg: Config, checkpoint: Path, prepared: Path) -> None:
     """The checkpoint must have been trained with the prepared folder's tokenizer (the one the
     prompts are encoded with): the same check as training's, before any compute, unless
     ``eval.allow_tokenizer_mismatch`` (a deliberate transfer, then a warning naming both)."""
-    from cprec.data.shards import read_manifest
-    from cprec.data.tokenize import TokenizerMismatch, require_same_tokenizer, tokenizer_hash
+    from cprec.manifest import read_manifest
+    from cprec.prepare.tokenize import TokenizerMismatch, require_same_tokenizer, tokenizer_hash
 
     have, source = tokenizer_identity(checkpoint)
     if have is None:

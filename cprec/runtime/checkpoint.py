@@ -157,7 +157,7 @@ def tokenizer_identity(folder: str | Path) -> tuple[str | None, str]:
     ``trainer_state.json`` of a checkpoint, ``cprec_export.json`` of an export made here, else the
     tokenizer files in the folder (or its ``tokenizer/``) hashed by behaviour; (None, reason) when
     the folder carries no tokenizer at all (e.g. a bare HF model folder)."""
-    from cprec.data.tokenize import tokenizer_hash
+    from cprec.prepare.tokenize import tokenizer_hash
 
     folder = Path(folder)
     for name in (STATE_FILE, EXPORT_FILE):

@@ -28,8 +28,8 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from cprec import lifetime
+from cprec import manifest as prepared_manifest
 from cprec.config import Config, config_hash, config_to_dict, save_config
-from cprec.data import shards
 from cprec.runtime import checkpoint as ckpt_io
 from cprec.runtime import dist, faults
 from cprec.runtime import engine as eng
@@ -87,18 +87,20 @@ def plan_start(cfg: Config) -> StartPlan:
 
 
 def read_manifest(cfg: Config) -> tuple[Path, dict]:
-    """The prepared folder the shards come from and its manifest.json."""
-    spec = cfg.train.loader.shards
-    folder = Path(spec if spec and Path(spec).is_dir() else cfg.data.output_dir)
+    """The prepared folder the shards come from and its manifest.json (the one the loader reads)."""
+    from cprec.stream.loader import manifest_folder
+
+    spec = cfg.train.loader.shards or cfg.data.output_dir
+    folder = manifest_folder(spec) or Path(cfg.data.output_dir)  # remote shards: the local manifest
     path = folder / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `cprec prepare` first (or set train.loader.shards)")
-    return folder, shards.read_manifest(folder)
+    return folder, prepared_manifest.read_manifest(folder)
 
 
 def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path: Path) -> None:
     """The shards, the model's own tokenizer and the checkpoint must all use the same tokenizer."""
-    from cprec.data.tokenize import require_same_tokenizer, tokenizer_hash
+    from cprec.prepare.tokenize import require_same_tokenizer, tokenizer_hash
 
     want, shards_what = manifest["tokenizer"]["hash"], f"the shards in {manifest_path}"
     if cfg.model.name_or_path:
@@ -366,7 +368,8 @@ def build_module(cfg: Config, tok: dict) -> tuple[torch.nn.Module, float]:
 
 def setup(cfg: Config) -> Run | None:
     """Everything before the loop: plan, engine, checkpoint load, loader, tracker."""
-    from cprec.data.loader import build_loader
+    from cprec.stream.loader import build_loader
+    from cprec.stream.settings import loader_settings
 
     info = dist.dist_info()
     out = Path(cfg.train.output_dir)
@@ -404,8 +407,7 @@ def setup(cfg: Config) -> Run | None:
     # An anneal branch reads its own mixture from the start; a seed of its own keeps it from
     # replaying the exact first batches the stable run saw.
     seed = cfg.train.seed + (step if plan.kind == "init" else 0)
-    loader_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-    loader = build_loader(loader_cfg, info.rank, info.world_size)
+    loader = build_loader(loader_settings(cfg, seed=seed), info.rank, info.world_size)
     if plan.kind == "resume":
         restore_rank_state(plan, loader, info.rank, universal)
         truncate_metrics(out, step)

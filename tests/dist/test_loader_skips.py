@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from train_launch import metrics, train
 
-from cprec.data.docstream import epoch_units
+from cprec.stream.docstream import epoch_units
 from cprec.runtime import checkpoint as ck
 
 pytestmark = pytest.mark.dist

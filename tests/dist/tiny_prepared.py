@@ -36,7 +36,7 @@ def write_jsonl_logs(folder: Path, n_users: int = 60, seed: int = 0) -> tuple[Pa
 def write_tiny_prepared(root: Path) -> Path:
     """Run `cprec prepare` on the JSONL fixture into ``root/prepared``; returns that folder."""
     from cprec.config import load_config
-    from cprec.data.prepare import run as prepare
+    from cprec.prepare.pipeline import run as prepare
 
     events, catalogue = write_jsonl_logs(root / "raw")
     cfg = load_config(

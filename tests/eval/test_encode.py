@@ -7,6 +7,7 @@ import torch
 
 from cprec.config import PromptConfig
 from cprec.eval.encode import (
+    EncodeProgress,
     Encoder,
     ItemEmbeddingCache,
     PromptBuilder,
@@ -104,14 +105,23 @@ def test_checkpoint_identity_changes_with_files(tmp_path):
     assert checkpoint_identity(tmp_path) != a
 
 
-def test_encoding_logs_progress_for_non_terminal_logs(tiny_model, caplog):
+def test_encoding_logs_progress_for_non_terminal_logs(tiny_model, caplog, monkeypatch):
     """A catalogue's encoding reports how far it is in the job log (not only in a tqdm bar, which
-    a log file never shows): a start line and one line per tenth, ending at N/N."""
+    a log file never shows): a start line and one line per tenth (when the pass is slow enough for
+    them to be MIN_INTERVAL_S apart), ending at N/N."""
     seqs = [[1, 5 + i % 7, 6] for i in range(30)]
-    with caplog.at_level("INFO", logger="cprec.eval.encode"):
-        Encoder(tiny_model, 0, "last", batch_size=4).encode(seqs, desc="items (A)")
-    lines = [r.getMessage() for r in caplog.records if r.name == "cprec.eval.encode"]
+
+    def lines_with(interval: float) -> list[str]:
+        monkeypatch.setattr(EncodeProgress, "MIN_INTERVAL_S", interval)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="cprec.eval.encode"):
+            Encoder(tiny_model, 0, "last", batch_size=4).encode(seqs, desc="items (A)")
+        return [r.getMessage() for r in caplog.records if r.name == "cprec.eval.encode"]
+
+    lines = lines_with(0.0)  # a slow pass: every tenth is logged
     assert lines[0] == "items (A): encoding 30 prompts"
     assert lines[-1] == "items (A): 30/30 prompts (100%)"
     assert len(lines) == 1 + 8  # 8 batches of 4 (the last of 2): every batch crosses a tenth here
     assert all(line.startswith("items (A): ") for line in lines)
+    # A quick pass (the demo's catalogues): its start and its end only.
+    assert lines_with(1e9) == ["items (A): encoding 30 prompts", "items (A): 30/30 prompts (100%)"]

@@ -162,8 +162,8 @@ def _model_with_tokenizer(prepared, folder, make_model_folder):
 def test_eval_refuses_a_folder_prepared_with_another_tokenizer(tiny_prepared, tmp_path, other, eval_fixtures):
     """A checkpoint trained with one tokenizer, evaluated on a folder prepared with another: refused
     before any compute (nothing written), naming both hashes; the override evaluates anyway."""
-    from cprec.data.tokenize import TokenizerMismatch, tokenizer_hash
     from cprec.eval.encode import load_tokenizer
+    from cprec.prepare.tokenize import TokenizerMismatch, tokenizer_hash
 
     model_dir = _model_with_tokenizer(tiny_prepared, tmp_path / "model", eval_fixtures.make_model_folder)
     foreign = eval_fixtures.make_prepared(tmp_path / "foreign", **other)

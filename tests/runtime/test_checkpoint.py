@@ -140,7 +140,7 @@ def test_tokenizer_identity_from_state_export_or_files(tmp_path):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from cprec.data.tokenize import tokenizer_hash
+    from cprec.prepare.tokenize import tokenizer_hash
 
     assert ck.tokenizer_identity(tmp_path)[0] is None
     (tmp_path / ck.EXPORT_FILE).write_text(json.dumps({"step": 3, "tokenizer_hash": "exp123"}))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cprec.data.prompts import plan_windows
-from cprec.data.schema import Interactions
+from cprec.prepare.prompts import plan_windows
+from cprec.prepare.schema import Interactions
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ _ENCODE = None
 
 def _init_worker(state: EncoderState) -> None:
     global _STATE, _ENCODE
-    from cprec.data.tokenize import text_codec
+    from cprec.prepare.tokenize import text_codec
 
     _STATE = state
     _ENCODE = text_codec(state.tokenizer_dir)[0]

@@ -1,9 +1,12 @@
 """The training input pipeline: prepared shards -> packed batches for one rank, resumable exactly.
 
-``build_loader(cfg, rank, world_size)`` -> ``PackedLoader``, an infinite iterable of packed batches
-(the contract in ARCHITECTURE.md) with ``state_dict``/``load_state_dict``.
+``build_loader(loader_settings(cfg), rank, world_size)`` -> ``PackedLoader``, an infinite iterable
+of packed batches (the contract in README "Architecture") with ``state_dict``/``load_state_dict``.
 
-How the work is split (details in ``cprec.data.docstream``):
+The settings travel as one frozen ``LoaderSettings`` (``cprec.stream.settings``); what the worker
+processes need of them, with the shard list and the manifest's checks, is one ``ReadPlan``.
+
+How the work is split (details in ``cprec.stream.docstream``):
 
 - Each epoch the shards are permuted with the seed and dealt to the ``world_size x num_workers``
   global workers (shards left over after the last full round are split at sample level), so over
@@ -42,13 +45,15 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
-from cprec.data import shards
-from cprec.data.docstream import Chunk, Doc, ShardChecks, WorkerSource
-from cprec.data.packing import collate_rows, make_packer
+from cprec import manifest as contract
+from cprec.stream.docstream import Chunk, Doc, ReadPlan, ShardChecks, WorkerSource
+from cprec.stream.packing import collate_rows, make_packer
+from cprec.stream.settings import LoaderSettings
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+_DEFAULTS = LoaderSettings()
 
 
 def _identity(x):
@@ -58,11 +63,40 @@ def _identity(x):
 # -------------------------------------------------------------------------------- shard source
 def read_manifest(folder: Path) -> dict:
     """``manifest.json`` of a prepared folder (read and version-checked by the writer's own
-    `shards.read_manifest`), which must list at least one shard."""
-    manifest = shards.read_manifest(folder)
+    `cprec.manifest.read_manifest`), which must list at least one shard."""
+    manifest = contract.read_manifest(folder)
     if not manifest.get("shards"):
         raise ValueError(f"{folder / 'manifest.json'}: lists no shards")
     return manifest
+
+
+def _names_folder(spec: str) -> Path | None:
+    """The prepared folder ``spec`` names itself (the folder or its manifest.json), else None."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    return path.parent if path.name == contract.MANIFEST and path.is_file() else None
+
+
+def _manifest_near(urls: list[str]) -> Path | None:
+    """For local shards, the folder next to the first one or one up that holds a manifest.json."""
+    first = urls[0] if urls else ""
+    if first and (":" not in first.split("/", 1)[0] or first.startswith("file:")):
+        local = Path(first.removeprefix("file:")).expanduser()
+        for folder in (local.parent, local.parent.parent):
+            if (folder / contract.MANIFEST).is_file():
+                return folder
+    return None
+
+
+def manifest_folder(spec: str) -> Path | None:
+    """The prepared folder whose manifest.json describes the shards ``spec`` names (None: none found).
+
+    The loader and the trainer's tokenizer check both ask here, so they read the same manifest.
+    """
+    if not spec:
+        return None
+    return _names_folder(spec) or _manifest_near(expand_urls(spec))
 
 
 def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
@@ -74,23 +108,15 @@ def resolve_shards(spec: str) -> tuple[list[str], dict | None]:
     """
     if not spec:
         raise ValueError("config field 'train.loader.shards': empty, and data.output_dir is empty too")
-    path = Path(spec).expanduser()
-    if path.is_dir() or (path.name == "manifest.json" and path.is_file()):
-        folder = path if path.is_dir() else path.parent
+    folder = _names_folder(spec)
+    if folder is not None:
         manifest = read_manifest(folder)
         return [str(folder / s["path"]) for s in manifest["shards"]], manifest
     urls = expand_urls(spec)
     if not urls:
         raise ValueError(f"config field 'train.loader.shards': {spec!r} names no shard")
-    manifest = None
-    first = urls[0]
-    if ":" not in first.split("/", 1)[0] or first.startswith("file:"):
-        local = Path(first.removeprefix("file:")).expanduser()
-        for folder in (local.parent, local.parent.parent):
-            if (folder / "manifest.json").is_file():
-                manifest = read_manifest(folder)
-                break
-    return urls, manifest
+    folder = _manifest_near(urls)
+    return urls, (read_manifest(folder) if folder is not None else None)
 
 
 def shard_checks(urls: list[str], manifest: dict | None, verify: bool = True) -> ShardChecks | None:
@@ -159,43 +185,25 @@ class DocumentDataset(IterableDataset):
 
     def __init__(
         self,
-        urls: list[str],
+        plan: ReadPlan,
         *,
         rank: int,
-        world_size: int,
         num_workers: int,
-        seed: int,
-        weights: dict[str, float] | None,
-        buffer_size: int,
-        on_corrupt: str,
         chunk_docs: int,
         restore: list[tuple[dict | None, int]],
         start_epochs: dict[str, int] | None,
         rotation: int,
-        checks: ShardChecks | None = None,
     ):
         super().__init__()
-        self.checks = checks
-        self.urls, self.rank, self.world_size = urls, rank, world_size
+        self.plan, self.rank = plan, rank
         self.num_workers = max(1, num_workers)
-        self.seed, self.weights, self.buffer_size = seed, weights, buffer_size
-        self.on_corrupt, self.chunk_docs = on_corrupt, chunk_docs
+        self.chunk_docs = chunk_docs
         self.restore, self.start_epochs, self.rotation = restore, start_epochs, rotation
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
         w = ((info.id if info else 0) + self.rotation) % self.num_workers
-        source = WorkerSource(
-            self.urls,
-            self.rank * self.num_workers + w,
-            self.world_size * self.num_workers,
-            self.seed,
-            self.weights,
-            self.buffer_size,
-            self.on_corrupt,
-            self.start_epochs,
-            self.checks,
-        )
+        source = WorkerSource(self.plan, self.rank * self.num_workers + w, self.start_epochs)
         snapshot, skip = self.restore[w]
         if snapshot is not None:
             source.load_state_dict(snapshot)
@@ -232,42 +240,38 @@ class PackedLoader:
     def __init__(
         self,
         urls: list[str],
+        settings: LoaderSettings = _DEFAULTS,
         *,
         manifest: dict | None = None,
         rank: int = 0,
         world_size: int = 1,
-        seq_len: int = 512,
-        batch_size: int = 4,
-        seed: int = 0,
-        mixing: dict[str, float] | None = None,
-        shuffle_buffer: int = 1000,
-        num_workers: int = 0,
-        packing: str = "greedy",
-        bestfit_buffer: int = 64,
-        on_corrupt: str = "fail",
-        pad_id: int | None = None,
-        chunk_docs: int = 256,
-        log_every: int = 1000,
-        verify: bool = True,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if on_corrupt not in ("fail", "skip"):
-            raise ValueError(f"config field 'train.loader.on_corrupt': fail or skip, got {on_corrupt!r}")
         if not urls:
             raise ValueError("loader has no shard to read")
+        s = self.settings = settings
         self.urls, self.manifest = list(urls), manifest
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.weights = resolve_mixing(mixing, manifest)
-        self.shuffle_buffer, self.on_corrupt = shuffle_buffer, on_corrupt
-        self.chunk_docs, self.log_every = chunk_docs, log_every
-        self.checks = shard_checks(self.urls, manifest, verify)
+        self.rank, self.world_size, self.num_workers = rank, world_size, s.num_workers
+        self.seq_len, self.batch_size, self.seed = s.seq_len, s.batch_size, s.seed
+        self.weights = resolve_mixing(s.mixing, manifest)
+        self.chunk_docs, self.log_every = s.chunk_docs, s.log_every
+        self.checks = shard_checks(self.urls, manifest, s.verify)
+        pad_id = s.pad_id
         if pad_id is None:
             pad_id = int((manifest or {}).get("tokenizer", {}).get("pad_id", 0))
         self.pad_id = pad_id
-        self.packer = make_packer(packing, seq_len, bestfit_buffer)
-        self._W = max(1, num_workers)
+        self.packer = make_packer(s.packing, s.seq_len, s.bestfit_buffer)
+        self._W = max(1, s.num_workers)
+        self.plan = ReadPlan(
+            tuple(self.urls),
+            world_size * self._W,
+            s.seed,
+            s.shuffle_buffer,
+            s.on_corrupt,
+            self.checks,
+            self.weights,
+        )
         self._records = [self._fresh_record() for _ in range(self._W)]
         self._rotation = 0
         self._start_epochs: dict[str, int] | None = None
@@ -280,7 +284,7 @@ class PackedLoader:
                 "loader rank %d/%d: %d shards, %d samples per epoch over all ranks",
                 rank,
                 world_size,
-                len(urls),
+                len(self.urls),
                 n,
             )
 
@@ -298,19 +302,13 @@ class PackedLoader:
 
     def _dataset(self) -> DocumentDataset:
         return DocumentDataset(
-            self.urls,
+            self.plan,
             rank=self.rank,
-            world_size=self.world_size,
             num_workers=self.num_workers,
-            seed=self.seed,
-            weights=self.weights,
-            buffer_size=self.shuffle_buffer,
-            on_corrupt=self.on_corrupt,
             chunk_docs=self.chunk_docs,
             restore=[(r["snapshot"], r["skip"]) for r in self._records],
             start_epochs=self._start_epochs,
             rotation=self._rotation,
-            checks=self.checks,
         )
 
     def _chunks(self) -> Iterator[Chunk]:
@@ -584,25 +582,7 @@ class PackedLoader:
 
 
 # ----------------------------------------------------------------------------------- builder
-def build_loader(cfg, rank: int, world_size: int, shards: str | None = None) -> PackedLoader:
-    """The loader of ``cfg.train`` for one rank (shards default: train.loader.shards or data.output_dir)."""
-    lc = cfg.train.loader
-    spec = shards or lc.shards or cfg.data.output_dir
-    urls, manifest = resolve_shards(spec)
-    return PackedLoader(
-        urls,
-        manifest=manifest,
-        rank=rank,
-        world_size=world_size,
-        seq_len=cfg.train.seq_len,
-        batch_size=cfg.train.micro_batch_size,
-        seed=cfg.train.seed,
-        mixing=lc.mixing,
-        shuffle_buffer=lc.shuffle_buffer,
-        num_workers=lc.num_workers,
-        packing=lc.packing,
-        bestfit_buffer=lc.bestfit_buffer,
-        on_corrupt=lc.on_corrupt,
-        log_every=max(1, 100 * cfg.train.log_every),
-        verify=lc.verify,
-    )
+def build_loader(settings: LoaderSettings, rank: int, world_size: int) -> PackedLoader:
+    """One rank's loader over the shards ``settings.shards`` names (see ``loader_settings(cfg)``)."""
+    urls, manifest = resolve_shards(settings.shards)
+    return PackedLoader(urls, settings, manifest=manifest, rank=rank, world_size=world_size)

@@ -27,20 +27,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from cprec.config import Config, DataConfig, save_config
-from cprec.data import readers
-from cprec.data.clean import clean
-from cprec.data.documents import EncoderState, build_specs, encode_all
-from cprec.data.prompts import PromptRenderer, truncate_to_budget
-from cprec.data.schema import Dataset, IssueLog, Item
-from cprec.data.shards import (
-    FORMAT_VERSION,
-    ShardWriter,
-    file_sha256,
-    read_manifest,
-    shards_intact,
-    write_json_atomic,
-)
-from cprec.data.split import Split, split, train_sequences_table
+from cprec.manifest import FORMAT_VERSION, read_manifest, shards_intact, stream_key
+from cprec.prepare import readers
+from cprec.prepare.clean import clean
+from cprec.prepare.documents import EncoderState, build_specs, encode_all
+from cprec.prepare.prompts import PromptRenderer, truncate_to_budget
+from cprec.prepare.schema import Dataset, IssueLog, Item
+from cprec.prepare.shards import ShardWriter, file_sha256, write_json_atomic
+from cprec.prepare.split import Split, split, train_sequences_table
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +234,7 @@ def _catalogue(ds: Dataset, inter) -> dict[str, Item]:
 
 def _tokenizer(folder: Path, dcfg: DataConfig, raw: dict, specs: list, renderer: PromptRenderer):
     """Install the configured HF tokenizer, or train sentencepiece on the rendered corpus."""
-    from cprec.data.tokenize import (
+    from cprec.prepare.tokenize import (
         install_tokenizer,
         load_tokenizer,
         special_ids,
@@ -277,7 +271,7 @@ def _corpus_lines(raw: dict, specs: list, renderer: PromptRenderer, dcfg: DataCo
 
 def _encoder_state(tok_dir, tok, tok_info, raw, specs, renderer, dcfg: DataConfig) -> EncoderState:
     """Item texts cut to the budget (tokenized once here), template frames and their costs."""
-    from cprec.data.tokenize import text_codec
+    from cprec.prepare.tokenize import text_codec
 
     encode, dec = text_codec(tok_dir, tok)
     enc1 = lambda s: encode([s])[0]  # noqa: E731
@@ -352,7 +346,7 @@ def _write_shards(root: Path, specs: list, state: EncoderState, dcfg: DataConfig
         for meta, ids in samples:
             writer.write(f"{key:09d}", ids, meta)
             key += 1
-            s = streams.setdefault(f"{meta['domain']}/{meta['kind']}", {"sequences": 0, "tokens": 0})
+            s = streams.setdefault(stream_key(meta), {"sequences": 0, "tokens": 0})
             s["sequences"] += 1
             s["tokens"] += int(len(ids))
         bar.update(sum(1 for m, _ in samples if m["window"] == 0))

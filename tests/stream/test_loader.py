@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
+import dataclasses
 import json
 import logging
 import os
@@ -14,20 +13,22 @@ from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 from shard_factory import write_prepared
 
 from cprec.config import load_config
-from cprec.data.docstream import ShardError, epoch_units, iter_tar_samples
-from cprec.data.loader import PackedLoader, build_loader, resolve_shards
-from cprec.data.packing import IGNORE_INDEX
+from cprec.stream.docstream import epoch_units
+from cprec.stream.loader import PackedLoader, build_loader, manifest_folder, resolve_shards
+from cprec.stream.packing import IGNORE_INDEX
+from cprec.stream.settings import LoaderSettings, loader_settings
+from cprec.stream.tars import ShardError, iter_tar_samples
 
 
 def make_loader(root: Path, **kw) -> PackedLoader:
     urls, manifest = resolve_shards(str(root))
     opts = dict(seq_len=32, batch_size=2, seed=7, shuffle_buffer=16, chunk_docs=8, log_every=0)
     opts.update(kw)
-    return PackedLoader(urls, manifest=manifest, **opts)
+    rank, world_size = opts.pop("rank", 0), opts.pop("world_size", 1)
+    return PackedLoader(urls, LoaderSettings(**opts), manifest=manifest, rank=rank, world_size=world_size)
 
 
 def one_epoch(loader: PackedLoader, epoch: int = 0) -> list[str]:
@@ -39,66 +40,6 @@ def one_epoch(loader: PackedLoader, epoch: int = 0) -> list[str]:
         if min(loader.epochs().values()) > epoch:
             break
     return keys
-
-
-# ---------------------------------------------------------------------------- tar reading
-@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
-def test_tar_reader_groups_samples_like_webdataset(tmp_path, fmt):
-    path = tmp_path / "x.tar"
-    long_dir = "d" * 120 if fmt != tarfile.USTAR_FORMAT else "sub"
-    members = [
-        ("a1.ids.npy", b"x" * 700),
-        ("a1.json", b"{}"),
-        ("__meta__.json", b"skip me"),
-        (f"{long_dir}/b2.ids.npy", b"y" * 512),
-        (f"{long_dir}/b2.json", b"[1]"),
-        ("c3.ids.npy", b""),
-        ("c3.JSON", b"{}"),
-    ]
-    with tarfile.open(path, "w", format=fmt) as tar:
-        tar.addfile(_dir("somedir"))
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            ti.mtime = 1.5  # a float mtime makes PAX write extended headers
-            tar.addfile(ti, io.BytesIO(data))
-    ours = {k: v for k, v in iter_tar_samples(str(path))}
-    theirs = {
-        s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")}
-        for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
-    }
-    assert ours == theirs
-    assert set(ours) == {"a1", "__meta__", f"{long_dir}/b2", "c3"} and ours["c3"] == {
-        "ids.npy": b"",
-        "json": b"{}",
-    }
-
-
-def _dir(name: str) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.type = tarfile.DIRTYPE
-    return ti
-
-
-def test_tar_reader_rejects_damaged_headers_and_truncation(tmp_path):
-    info = write_prepared(tmp_path, n_shards=1)
-    path = tmp_path / "shards" / "shard-000000.tar"
-    data = bytearray(path.read_bytes())
-    assert len(list(iter_tar_samples(str(path)))) == len(info["docs"])
-    damaged = tmp_path / "damaged.tar"
-    bad = bytearray(data)
-    with tarfile.open(path) as tar:
-        members = tar.getmembers()
-    header = members[3].offset_data - 512
-    after_last = members[-1].offset_data + -(-members[-1].size // 512) * 512
-    bad[header + 130] ^= 0x01  # a size digit of a later member's header
-    damaged.write_bytes(bytes(bad))
-    with pytest.raises(ShardError, match="damaged.tar"):
-        list(iter_tar_samples(str(damaged)))
-    for cut in (after_last, 700, 100, 0):  # no end marker / inside a member / inside a header
-        damaged.write_bytes(bytes(data[:cut]))
-        with pytest.raises(ShardError, match="truncated"):
-            list(iter_tar_samples(str(damaged)))
 
 
 # ---------------------------------------------------------------------------- exactly once
@@ -158,7 +99,7 @@ def test_build_loader_from_config_yields_contract_batches(tmp_path):
     cfg = load_config(
         None, [f"data.output_dir={tmp_path}", "train.seq_len=64", "train.micro_batch_size=3", "train.seed=1"]
     )
-    loader = build_loader(cfg, rank=0, world_size=1)
+    loader = build_loader(loader_settings(cfg), rank=0, world_size=1)
     batch = next(iter(loader))
     assert batch["input_ids"].shape == (3, 64) and batch["input_ids"].dtype == torch.int64
     assert batch["labels"].dtype == batch["position_ids"].dtype == torch.int64
@@ -175,12 +116,61 @@ def test_build_loader_from_config_yields_contract_batches(tmp_path):
     loader.close()
 
 
+def test_loader_settings_are_read_from_the_config_once(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"data.output_dir={tmp_path}",
+            "train.seq_len=48",
+            "train.micro_batch_size=3",
+            "train.seed=5",
+            "train.log_every=2",
+            "train.loader.shuffle_buffer=7",
+            "train.loader.num_workers=1",
+            "train.loader.packing=bestfit",
+            "train.loader.bestfit_buffer=9",
+            "train.loader.on_corrupt=skip",
+            "train.loader.verify=false",
+            "train.loader.mixing={A/domain: 2.0, B/domain: 1.0}",
+        ],
+    )
+    s = loader_settings(cfg)
+    assert s == LoaderSettings(
+        shards=str(tmp_path),
+        seq_len=48,
+        batch_size=3,
+        seed=5,
+        mixing={"A/domain": 2.0, "B/domain": 1.0},
+        shuffle_buffer=7,
+        num_workers=1,
+        packing="bestfit",
+        bestfit_buffer=9,
+        on_corrupt="skip",
+        verify=False,
+        log_every=200,
+    )
+    assert loader_settings(cfg, seed=11).seed == 11 and loader_settings(cfg).seed == 5
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.seed = 1
+    with pytest.raises(ValueError, match="train.loader.on_corrupt"):
+        LoaderSettings(on_corrupt="ignore")
+    # What the worker processes get: the same values, in one read plan.
+    write_prepared(tmp_path, n_shards=2)
+    loader = build_loader(s, rank=1, world_size=2)
+    plan = loader.plan
+    assert (plan.n_global, plan.seed, plan.shuffle_buffer, plan.on_corrupt) == (2, 5, 7, "skip")
+    assert plan.checks is None and plan.weights == pytest.approx({"A/domain": 2 / 3, "B/domain": 1 / 3})
+    assert loader.packer.kind == "bestfit"
+
+
 def test_pipe_and_brace_urls(tmp_path):
     info = write_prepared(tmp_path, n_shards=4)
     spec = f"pipe:cat {tmp_path}/shards/shard-{{000000..000003}}.tar"
     urls, manifest = resolve_shards(spec)
     assert len(urls) == 4 and all(u.startswith("pipe:cat ") for u in urls) and manifest is None
-    loader = PackedLoader(urls, seq_len=32, batch_size=2, shuffle_buffer=8, chunk_docs=8, log_every=0)
+    loader = PackedLoader(
+        urls, LoaderSettings(seq_len=32, batch_size=2, shuffle_buffer=8, chunk_docs=8, log_every=0)
+    )
     assert sorted(one_epoch(loader)) == sorted(info["docs"])
     # A local brace spec finds the manifest one folder up.
     urls, manifest = resolve_shards(f"{tmp_path}/shards/shard-{{000000..000003}}.tar")
@@ -260,7 +250,7 @@ def test_resume_on_another_world_size_restarts_the_epoch_with_a_warning(tmp_path
     assert saved_epoch >= 1
 
     single = make_loader(tmp_path, rank=0, world_size=1, num_workers=0)
-    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="cprec.stream.loader"):
         single.load_state_dict(states)
     msg = caplog.text
     assert "world_size: 2 -> 1" in msg
@@ -278,7 +268,7 @@ def test_state_of_the_same_layout_on_another_rank_is_refused_exactly(tmp_path, c
     it = iter(a)
     next(it)
     b = make_loader(tmp_path, rank=1, world_size=2)
-    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="cprec.stream.loader"):
         b.load_state_dict(a.state_dict())
     assert "rank: 0 -> 1" in caplog.text
 
@@ -290,7 +280,7 @@ def test_mixing_weights_are_realised_and_logged(tmp_path, caplog):
     loader = make_loader(tmp_path, mixing=weights, num_workers=2, seq_len=64, batch_size=4, log_every=20)
     assert loader.targets() == pytest.approx(weights)
     it = iter(loader)
-    with caplog.at_level(logging.INFO, logger="cprec.data.loader"):
+    with caplog.at_level(logging.INFO, logger="cprec.stream.loader"):
         for _ in range(60):
             next(it)
     loader.close()
@@ -326,7 +316,7 @@ def test_new_weights_on_resume_keep_positions_and_apply(tmp_path, caplog):
         next(it)
     state = old.state_dict()
     new = make_loader(tmp_path, mixing={"A/domain": 0.9, "B/domain": 0.1})
-    with caplog.at_level(logging.WARNING, logger="cprec.data.loader"):
+    with caplog.at_level(logging.WARNING, logger="cprec.stream.loader"):
         new.load_state_dict(state)
     assert "mixing weights changed" in caplog.text and "epoch granularity" not in caplog.text
     it = iter(new)
@@ -345,7 +335,7 @@ def test_unknown_mixing_stream_is_a_clear_error(tmp_path):
         make_loader(tmp_path, mixing={"A/domain": 0.0})
     urls, _ = resolve_shards(f"{tmp_path}/shards/shard-{{000000..000001}}.tar")
     with pytest.raises(ValueError, match="manifest"):
-        PackedLoader(urls, mixing={"A/domain": 1.0})
+        PackedLoader(urls, LoaderSettings(mixing={"A/domain": 1.0}))
 
 
 # ---------------------------------------------------------------------------- corrupt shards
@@ -390,7 +380,8 @@ def test_corrupt_and_missing_shards_are_skipped_with_a_warning_and_a_count(tmp_p
     # Through pipe: and worker processes the count still reaches the loader.
     spec = f"pipe:cat {tmp_path}/shards/shard-{{000000..000003}}.tar"
     urls, _ = resolve_shards(spec)
-    loader = PackedLoader(urls, num_workers=2, on_corrupt="skip", seq_len=32, batch_size=2, log_every=0)
+    settings = LoaderSettings(num_workers=2, on_corrupt="skip", seq_len=32, batch_size=2, log_every=0)
+    loader = PackedLoader(urls, settings)
     it = iter(loader)
     for _ in range(30):
         next(it)
@@ -417,20 +408,6 @@ def test_sha256_is_checked_while_streaming(tmp_path):
     _flip_ids(path)
     with pytest.raises(ShardError, match=r"shard-000000\.tar: sha256 .* does not match"):
         list(iter_tar_samples(str(path), sha))
-
-
-def test_shard_buffer_is_reused_and_grows(tmp_path):
-    from cprec.data.docstream import ShardBuffer
-
-    small, big = tmp_path / "small.tar", tmp_path / "big.tar"
-    small.write_bytes(b"a" * 1000)
-    big.write_bytes(b"b" * 3_000_000)
-    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (small, big)}
-    buf = ShardBuffer()
-    view = buf.fill(str(small), sha[small])  # still alive while the next shard is read
-    assert bytes(view) == small.read_bytes()
-    assert bytes(buf.fill(str(big), sha[big])) == big.read_bytes()
-    assert bytes(buf.fill(str(small), sha[small])) == small.read_bytes()
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -524,3 +501,26 @@ def test_prepared_folder_manifest_errors(tmp_path):
     (tmp_path / "manifest.json").write_text('{"format_version": 1, "shards": []}')
     with pytest.raises(ValueError, match="lists no shards"):
         resolve_shards(str(tmp_path))
+
+
+def test_the_manifest_of_a_shard_spec_is_found_in_one_place(tmp_path):
+    """The loader and the trainer's tokenizer check read the same manifest for any shard spec."""
+    from cprec.train.trainer import read_manifest as trainer_manifest
+
+    write_prepared(tmp_path / "other", n_shards=2)
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "manifest.json").write_text('{"format_version": 1, "tokenizer": {"hash": "x"}}')
+    brace = f"{tmp_path}/other/shards/shard-{{000000..000001}}.tar"
+    assert manifest_folder(str(tmp_path / "other")) == tmp_path / "other"
+    assert manifest_folder(str(tmp_path / "other" / "manifest.json")) == tmp_path / "other"
+    assert manifest_folder(brace) == tmp_path / "other"
+    assert manifest_folder(f"pipe:cat {brace}") is None
+    _, manifest = resolve_shards(brace)
+
+    def cfg(shards: str):
+        return load_config(None, [f"data.output_dir={tmp_path / 'local'}", f"train.loader.shards={shards}"])
+
+    # Shards of another prepared folder: their own manifest, not data.output_dir's.
+    assert trainer_manifest(cfg(brace)) == (tmp_path / "other", manifest)
+    # Remote shards (no manifest beside them): the local prepared folder's.
+    assert trainer_manifest(cfg(f"pipe:cat {brace}"))[0] == tmp_path / "local"

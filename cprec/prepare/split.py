@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from cprec.data.schema import NO_TARGET, TARGET_NAMES, TEST_TARGET, VALID_TARGET, Interactions
+from cprec.prepare.schema import NO_TARGET, TARGET_NAMES, TEST_TARGET, VALID_TARGET, Interactions
 
 MIN_DOMAIN_EVENTS = 3  # train + valid + test
 

@@ -168,7 +168,7 @@ def write_ml1m_cache(tmp: Path) -> Path:
 
 
 def tiny_config(tmp: Path, data: dict, out: str = "prepared"):
-    """A Config for ``cprec.data.prepare.run`` on a tiny fixture (small vocab, small shards)."""
+    """A Config for ``cprec.prepare.pipeline.run`` on a tiny fixture (small vocab, small shards)."""
     overrides = [f"data.output_dir={tmp / out}", "data.tokenizer.vocab_size=300", "data.num_workers=0"]
     overrides += ["data.shard_max_bytes=16384", "data.max_doc_tokens=64", "data.prompt.item_token_budget=12"]
     for k, v in data.items():

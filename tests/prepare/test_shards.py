@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from cprec.data.shards import ShardWriter, json_bytes, npy_bytes, read_manifest, ustar_header
+from cprec.manifest import read_manifest
+from cprec.prepare.shards import ShardWriter, json_bytes, npy_bytes, ustar_header
 
 
 def samples(n: int, seed: int = 0):
@@ -87,7 +88,6 @@ def test_bad_key_rejected(tmp_path):
     w = ShardWriter(tmp_path, 1 << 20)
     with pytest.raises(ValueError, match="must not contain"):
         w.write("a.b", np.zeros(2, np.int32), {"domain": "A", "kind": "domain"})
-    w.abort()
 
 
 def test_read_manifest_errors(tmp_path):

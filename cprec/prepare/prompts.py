@@ -17,7 +17,7 @@ import string
 from collections.abc import Callable
 
 from cprec.config import PromptConfig
-from cprec.data.schema import Item
+from cprec.prepare.schema import Item
 
 _SENTINEL = "\x00ITEMS\x00"
 

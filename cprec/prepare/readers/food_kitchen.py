@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cprec.config import DataConfig
-from cprec.data.readers import open_text, progress
-from cprec.data.schema import (
+from cprec.prepare.readers.records import open_text, progress
+from cprec.prepare.schema import (
     NO_TARGET,
     TEST_TARGET,
     VALID_TARGET,
@@ -123,5 +123,6 @@ def _food_kitchen_items(root: Path, n_a: int, n_b: int, issues: IssueLog) -> dic
 
 
 def source_files(cfg: DataConfig) -> list[Path]:
+    """The folder's files, in the order they are hashed."""
     root = Path(cfg.path).expanduser()
     return [root / n for n in (*FOOD_KITCHEN_META, *FOOD_KITCHEN_FILES)]

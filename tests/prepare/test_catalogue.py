@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 from raw_fixtures import tiny_config, write_amazon, write_jsonl
 
 from cprec.config import DataConfig
-from cprec.data import prepare
-from cprec.data.readers import read_source
-from cprec.data.schema import IssueLog
 from cprec.eval.inputs import load_inputs
 from cprec.eval.ranking import build_tasks, cold_counts
+from cprec.prepare import pipeline
+from cprec.prepare.readers import read_source
+from cprec.prepare.schema import IssueLog
 
 WORDS = "red blue green small large coffee tea mug pan knife bowl lamp".split()
 
@@ -48,7 +48,7 @@ def write_logs(tmp, with_domain: bool = True):
 
 def test_items_with_text_but_no_events_are_candidates_in_eval(tmp_path):
     ev, it = write_logs(tmp_path)
-    out = prepare.run(tiny_config(tmp_path, {"source": "jsonl", "path": str(ev), "item_path": str(it)}))
+    out = pipeline.run(tiny_config(tmp_path, {"source": "jsonl", "path": str(ev), "item_path": str(it)}))
     items = pq.read_table(out / "eval" / "items.parquet").to_pydict()
     domain_of = dict(zip(items["item"], items["domain"]))
     assert domain_of["A90"] == "A"

@@ -20,10 +20,10 @@ import yaml
 from raw_fixtures import tiny_config, write_food_kitchen, write_jsonl, write_ml1m_cache
 
 from cprec.config import PromptConfig
-from cprec.data import documents, prepare
-from cprec.data.prompts import PromptRenderer, truncate_to_budget
-from cprec.data.schema import Item
-from cprec.data.tokenize import load_tokenizer, text_codec, tokenizer_hash, train_sentencepiece
+from cprec.prepare import documents, pipeline
+from cprec.prepare.prompts import PromptRenderer, truncate_to_budget
+from cprec.prepare.schema import Item
+from cprec.prepare.tokenize import load_tokenizer, text_codec, tokenizer_hash, train_sentencepiece
 
 WORDS = "red blue green small large coffee tea mug pan knife bowl lamp chair desk".split()
 
@@ -72,7 +72,7 @@ def tree_bytes(folder: Path) -> dict[str, str]:
 def prepared(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prep")
     cfg = jsonl_cfg(tmp)
-    return cfg, prepare.run(cfg)
+    return cfg, pipeline.run(cfg)
 
 
 def test_manifest_contract(prepared):
@@ -208,7 +208,7 @@ def test_same_bytes_twice_and_independent_of_workers(tmp_path, prepared, monkeyp
         {"source": "jsonl", "path": cfg.data.path, "item_path": cfg.data.item_path, "num_workers": 2},
         "again",
     )
-    out2 = prepare.run(again)
+    out2 = pipeline.run(again)
     a, b = tree_bytes(out), tree_bytes(out2)
     a.pop("manifest.json"), b.pop("manifest.json"), a.pop("config.yaml"), b.pop("config.yaml")
     assert a == b
@@ -220,27 +220,27 @@ def test_same_bytes_twice_and_independent_of_workers(tmp_path, prepared, monkeyp
 
 def test_cache_hit_and_invalidation(tmp_path, caplog):
     cfg = jsonl_cfg(tmp_path)
-    out = prepare.run(cfg)
+    out = pipeline.run(cfg)
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    with caplog.at_level(logging.INFO, logger="cprec.data.prepare"):
-        assert prepare.run(cfg) == out
+    with caplog.at_level(logging.INFO, logger="cprec.prepare.pipeline"):
+        assert pipeline.run(cfg) == out
     assert "cache hit" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     # another seed changes the content hash: rebuilt, shards shuffled differently
     caplog.clear()
     cfg.data.seed = 1
-    with caplog.at_level(logging.INFO, logger="cprec.data.prepare"):
-        prepare.run(cfg)
+    with caplog.at_level(logging.INFO, logger="cprec.prepare.pipeline"):
+        pipeline.run(cfg)
     assert "cache hit" not in caplog.text
     m = json.loads((out / "manifest.json").read_text())
     assert m["config"]["seed"] == 1
     # a damaged output (missing shard) is rebuilt, not trusted
     (out / m["shards"][0]["path"]).unlink()
-    prepare.run(cfg)
+    pipeline.run(cfg)
     assert (out / m["shards"][0]["path"]).is_file()
     # changed input bytes: rebuilt
     Path(cfg.data.path).write_text(Path(cfg.data.path).read_text().replace("user1", "user99"))
-    prepare.run(cfg)
+    pipeline.run(cfg)
     assert json.loads((out / "manifest.json").read_text())["content_hash"] != m["content_hash"]
 
 
@@ -250,18 +250,18 @@ def test_failed_run_leaves_no_partial_output(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(prepare, "_write_shards", boom)
+    monkeypatch.setattr(pipeline, "_write_shards", boom)
     with pytest.raises(RuntimeError, match="killed"):
-        prepare.run(cfg)
+        pipeline.run(cfg)
     out = Path(cfg.data.output_dir)
     assert not out.exists() and not list(tmp_path.glob(".prepared.*"))
     monkeypatch.undo()
-    prepare.run(cfg)
+    pipeline.run(cfg)
     old = tree_bytes(out)
     cfg.data.seed = 5
-    monkeypatch.setattr(prepare, "_write_shards", boom)
+    monkeypatch.setattr(pipeline, "_write_shards", boom)
     with pytest.raises(RuntimeError):
-        prepare.run(cfg)
+        pipeline.run(cfg)
     assert tree_bytes(out) == old  # the previous complete output is untouched
 
 
@@ -270,13 +270,13 @@ def test_refuses_to_replace_a_foreign_folder(tmp_path):
     Path(cfg.data.output_dir).mkdir()
     (Path(cfg.data.output_dir) / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="refusing to replace"):
-        prepare.run(cfg)
+        pipeline.run(cfg)
 
 
 def test_strict_mode_fails_naming_file_and_line(tmp_path):
     cfg = jsonl_cfg(tmp_path, strict="true")
     with pytest.raises(ValueError, match=r"events\.jsonl:4: missing_field"):
-        prepare.run(cfg)
+        pipeline.run(cfg)
     assert not Path(cfg.data.output_dir).exists()
 
 
@@ -288,7 +288,7 @@ def test_local_hf_tokenizer(tmp_path):
     )
     (folder / "cprec_tokenizer.json").unlink()  # behave like any foreign HF folder
     cfg = jsonl_cfg(tmp_path, **{"tokenizer.path": str(folder)})
-    out = prepare.run(cfg)
+    out = pipeline.run(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["tokenizer"]["hash"] == tokenizer_hash(folder)
     tok = load_tokenizer(folder)
@@ -300,7 +300,7 @@ def test_local_hf_tokenizer(tmp_path):
 def test_food_kitchen_fixture(tmp_path):
     root = write_food_kitchen(tmp_path)
     cfg = tiny_config(tmp_path, {"source": "food_kitchen", "path": str(root)})
-    out = prepare.run(cfg)
+    out = pipeline.run(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["counts"] == {"interactions_in": 39, "train": 35, "valid": 2, "test": 2, "dropped": {}}
     assert m["domains"] == ["A", "B"] and set(m["streams"]) == {"A/domain", "B/domain", "all/mixed"}
@@ -325,7 +325,7 @@ def test_ml1m_fixture(tmp_path):
             "domain_map": {"Action": "action", "Comedy": "comedy", "Drama": "drama"},
         },
     )
-    out = prepare.run(cfg)
+    out = pipeline.run(cfg)
     m = json.loads((out / "manifest.json").read_text())
     assert m["domains"] == ["action", "comedy", "drama"]
     assert m["counts"]["dropped"] == {"no_domain_for_genre": 4}
@@ -412,7 +412,7 @@ def test_real_food_kitchen_prepare(tmp_path, food_kitchen_dir):
             "tokenizer.vocab_size": 4000,
         },
     )
-    out = prepare.run(cfg)
+    out = pipeline.run(cfg)
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     assert c["interactions_in"] == c["train"] + c["valid"] + c["test"] + sum(c["dropped"].values())
@@ -450,7 +450,7 @@ def test_real_ml1m_prepare(tmp_path):
             "tokenizer.vocab_size": 2000,
         },
     )
-    out = prepare.run(cfg)
+    out = pipeline.run(cfg)
     m = json.loads((out / "manifest.json").read_text())
     c = m["counts"]
     assert c["interactions_in"] == 1000209

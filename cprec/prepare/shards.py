@@ -1,4 +1,4 @@
-"""WebDataset shard writer (deterministic bytes, target size, atomic files) and the manifest.
+"""WebDataset shard writer: deterministic bytes, target size, atomic files (format: ``cprec.manifest``).
 
 Tars are written directly in WebDataset layout rather than with webdataset's ``TarWriter``, which
 stamps members with the current time: here every member has mtime 0, uid/gid 0 and empty owner
@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
-_BLOCK = 512
-_RECORD = 20 * _BLOCK  # tar pads the archive to whole records (tarfile.RECORDSIZE)
+from cprec.manifest import TAR_BLOCK as _BLOCK
+from cprec.manifest import TAR_RECORD as _RECORD
+
 _NPY_HEADERS: dict[int, bytes] = {}
 
 
@@ -84,7 +84,6 @@ class ShardInfo:
     tokens: int = 0
     bytes: int = 0
     sha256: str = ""
-    streams: dict[str, int] = field(default_factory=dict)
 
     def manifest_entry(self) -> dict:
         return {
@@ -156,19 +155,10 @@ class ShardWriter:
         info = self.shards[-1]
         info.samples += 1
         info.tokens += int(len(ids))
-        stream = f"{meta['domain']}/{meta['kind']}"
-        info.streams[stream] = info.streams.get(stream, 0) + 1
 
     def close(self) -> list[ShardInfo]:
         self._close()
         return self.shards
-
-    def abort(self) -> None:
-        """Close and delete a half-written shard (on error)."""
-        if self._file is not None:
-            self._file.close()
-            self._tmp.unlink(missing_ok=True)
-            self._file = None
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
@@ -176,25 +166,3 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of a prepared folder (plain JSON), with a clear error when absent."""
-    path = Path(folder) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no manifest.json in {folder}: run `cprec prepare` first")
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}")
-    return manifest
-
-
-def shards_intact(folder: str | Path, manifest: dict) -> bool:
-    """All shards listed exist with their recorded sizes (cheap check; no re-hashing)."""
-    root = Path(folder)
-    for s in manifest.get("shards", []):
-        p = root / s["path"]
-        if not p.is_file() or ("bytes" in s and p.stat().st_size != s["bytes"]):
-            return False
-    return True

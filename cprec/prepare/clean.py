@@ -13,7 +13,7 @@ import logging
 import numpy as np
 
 from cprec.config import DataConfig
-from cprec.data.schema import Dataset, Interactions, IssueLog
+from cprec.prepare.schema import Dataset, Interactions, IssueLog
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from cprec.config import PromptConfig
-from cprec.data.prompts import PromptRenderer, plan_windows, truncate_to_budget
-from cprec.data.schema import Item
+from cprec.prepare.prompts import PromptRenderer, plan_windows, truncate_to_budget
+from cprec.prepare.schema import Item
 
 HEAT = Item("m1", "movies", "Heat (1995)", {"year": "1995", "genres": "Action, Crime"})
 

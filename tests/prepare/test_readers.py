@@ -21,9 +21,10 @@ from raw_fixtures import (
 )
 
 from cprec.config import ColumnsConfig, DataConfig
-from cprec.data.food_kitchen import load_plain_dict
-from cprec.data.readers import open_text, parse_time, read_source
-from cprec.data.schema import TEST_TARGET, VALID_TARGET, IssueLog
+from cprec.prepare.readers import read_source
+from cprec.prepare.readers.food_kitchen import load_plain_dict
+from cprec.prepare.readers.records import open_text, parse_time
+from cprec.prepare.schema import TEST_TARGET, VALID_TARGET, IssueLog
 
 
 def events_of(ds) -> list[tuple]:
@@ -284,3 +285,18 @@ def test_item_rows_without_id_or_repeated_are_counted(tmp_path):
     ds = read_source(cfg_for("recbole", path=str(folder)), issues)
     assert issues.item_issues == {"item_row_without_id": 1, "duplicate_item_row": 1}
     assert ds.items["m1"].title == TITLES["m1"][0]
+
+
+def test_every_source_the_config_accepts_has_one_reader():
+    """The registry and data.source's allowed values list the same sources."""
+    import re
+
+    from cprec.config import DataConfig
+    from cprec.prepare.readers import SOURCES
+
+    for name in SOURCES:
+        DataConfig(source=name)
+    with pytest.raises(ValueError, match="data.source") as err:
+        DataConfig(source="no_such_source")
+    allowed = re.search(r"one of \[(.*)\]", str(err.value)).group(1)
+    assert set(re.findall(r"'(\w+)'", allowed)) == set(SOURCES)

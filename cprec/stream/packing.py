@@ -255,7 +255,7 @@ def make_packer(kind: str, seq_len: int, bestfit_buffer: int = 64) -> Packer:
 
 
 def collate_rows(rows: list[Row], seq_len: int, pad_id: int) -> dict[str, Any]:
-    """Turn packed rows into the packed-batch dict (see the contract in ARCHITECTURE.md).
+    """Turn packed rows into the packed-batch dict (the contract in README "Architecture").
 
     ``labels`` are already shifted (``labels[b, i]`` is the token after position ``i``) and -100 at
     the last token of every piece and on padding. ``cu_seqlens`` runs over the flattened ``B*L``

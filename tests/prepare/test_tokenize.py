@@ -10,7 +10,7 @@ import sentencepiece as spm
 from transformers import AutoTokenizer
 
 from cprec.config import TokenizerConfig
-from cprec.data.tokenize import (
+from cprec.prepare.tokenize import (
     MARKER,
     batch_encoder,
     install_tokenizer,

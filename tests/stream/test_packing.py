@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cprec.data.packing import (
+from cprec.stream.packing import (
     IGNORE_INDEX,
     BestFitPacker,
     GreedyPacker,
