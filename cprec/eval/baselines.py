@@ -5,7 +5,8 @@
   so the ranking is a strict, deterministic order — pessimistic tie-breaking in the metrics then
   never matters for this baseline.
 - **SASRec** (Kang & McAuley, 2018): ID embeddings + learned positions, causal self-attention
-  blocks (pre-LayerNorm, GELU feed-forward, dropout), trained on the training sequences with all
+  blocks (as in the original code: LayerNorm on the queries, LayerNorm after the attention
+  residual, ReLU feed-forward, dropout), trained on the training sequences with all
   domains' items in one id space (mixed sequences), predicting each next item. The loss is a
   sampled softmax: cross-entropy over the true next item and ``n_negatives`` items drawn uniformly
   per sequence and shared by its positions (a negative equal to the positive is masked), on cosine
@@ -155,28 +156,35 @@ def sasrec_config(ecfg) -> SASRecConfig:
 
 
 class _Block(nn.Module):
-    """Pre-LayerNorm causal self-attention + feed-forward block. Attention runs through
-    ``scaled_dot_product_attention`` (a fused kernel on CPU too); dropout acts on the embeddings
-    and on both residual branches, not on the attention probabilities, which on CPU would cost
-    about as much as the attention itself."""
+    """The SASRec block of Kang & McAuley's code and of the published sampled-softmax SASRec:
+    queries from LayerNorm(x), keys and values from x, then y = LayerNorm(queries + attention) and
+    y + FFN(y). Attention runs through ``scaled_dot_product_attention`` (a fused kernel on CPU too);
+    dropout acts on the attention output instead of the attention probabilities, which on CPU would
+    cost about as much as the attention itself."""
 
     def __init__(self, cfg: SASRecConfig):
         super().__init__()
         d = cfg.hidden
         self.heads = cfg.heads
         self.ln1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)
         self.ln2 = nn.LayerNorm(d)
-        self.ff = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+        self.ff = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.Dropout(cfg.dropout)
+        )
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, L, D = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        h, dh = self.heads, D // self.heads
+        queries = self.ln1(x)
+        q = self.q(queries).view(B, L, h, dh).transpose(1, 2)
+        k, v = self.kv(x).view(B, L, 2, h, dh).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, heads, L, D/heads]
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D)))
-        return x + self.drop(self.ff(self.ln2(x)))
+        y = self.ln2(queries + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, D))))
+        return y + self.ff(y)
 
 
 class SASRec(nn.Module):
@@ -189,7 +197,6 @@ class SASRec(nn.Module):
         self.item_emb = nn.Embedding(n_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.hidden)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
         # Small item embeddings (std 0.02, as the published sampled-softmax SASRec): Adam's fixed
         # step size then moves them fast relative to their scale; with std hidden**-0.5 the model
@@ -212,7 +219,7 @@ class SASRec(nn.Module):
         # mask is the only one needed.
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return x
 
     def similarity_space(self, x: torch.Tensor) -> torch.Tensor:
         """User states or item embeddings as compared: L2-normalised under cosine similarity."""
@@ -314,7 +321,7 @@ def validation_metrics(model: SASRec, catalogue: Catalogue, valid: dict[str, Dom
 
 
 EvalHook = Callable[[int, dict, "SASRec"], None]
-"""Called after each validation evaluation with (epoch, metrics, model)."""
+"""Called after each validation evaluation with (epoch, metrics, model in eval mode)."""
 
 
 def train_sasrec(
@@ -352,7 +359,7 @@ def train_sasrec(
             metrics = validation_metrics(model, catalogue, valid)
             history.append({"epoch": epoch, **metrics})
             if on_eval is not None:
-                on_eval(epoch, metrics, model)
+                on_eval(epoch, metrics, model.eval())  # eval mode: a hook may rank with it
             if metrics[VALID_METRIC] > best_value:
                 best_value, best_epoch, since_best = metrics[VALID_METRIC], epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
