@@ -397,6 +397,11 @@ def train_sasrec(
     return model, stats
 
 
+# Bumped whenever the SASRec module changes shape or meaning (its state_dict), so a cache entry of an
+# older design is retrained instead of failing to load.
+SASREC_ARCH_VERSION = 2
+
+
 def sasrec_key(
     train_sequences: list[tuple[str, list[str], list[str]]],
     catalogue: Catalogue,
@@ -406,6 +411,7 @@ def sasrec_key(
     """Hash of what decides a trained SASRec: the training sequences, the id space, the settings
     and the validation users that pick its best epoch."""
     h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update(f"arch{SASREC_ARCH_VERSION}".encode())  # a cached model of another block design never loads
     h.update(catalogue.subset_hash(list(range(len(catalogue.items)))).encode())
     for user, items, _ in train_sequences:
         h.update(("\x01" + user + "\x00" + "\x00".join(items)).encode())

@@ -4,6 +4,7 @@ eval job killed in the middle of fine-tuning and run again."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,6 +136,9 @@ def _overrides(prepared, model_dir, out):
         "eval.finetune_batch_size=8",
         "eval.finetune_negatives=2",
         "eval.finetune_lr=1e-3",
+        # Bit-exact losses across processes: fp32 (CPU bf16 kernels are not reproducible bit for bit
+        # between processes).
+        "eval.dtype=fp32",
         "eval.max_history_items=5",
         "eval.finetune_checkpoint_every=2",
         "tracking.experiment=test-eval",
@@ -153,11 +157,13 @@ def test_eval_job_killed_during_finetuning_resumes_on_rerun(tiny_prepared, tiny_
     base_yaml = tmp_path / "eval.yaml"
     base_yaml.write_text("eval: {}\n")  # `cprec eval` takes a config file; the overrides say the rest
     cmd = [sys.executable, str(FAULT_CLI), "--kill-after", "finetune:5", "--", "eval"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))  # same kernels as here
     proc = subprocess.run(
         [*cmd, str(base_yaml), *_overrides(tiny_prepared, tiny_model_dir, out)],
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert proc.returncode == -9, proc.stderr[-3000:]
     scope = out / "finetuned" / "all"
