@@ -35,6 +35,9 @@ setup(
         "tqdm>=4.66",
         "pyyaml>=6.0",
         "matplotlib>=3.8",  # per-domain metric plots in the eval report
+        # Named base models ship as GGUF in PyPI wheels: transformers' GGUF loader needs both.
+        "gguf>=0.10",
+        "accelerate>=1.0",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
