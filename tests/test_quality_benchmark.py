@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def test_quality_tiny_runs_every_row_and_writes_json(tmp_path, food_kitchen_dir, repo_root):

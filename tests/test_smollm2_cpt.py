@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]
 
 
 def _cprec(*args: str) -> subprocess.CompletedProcess:
