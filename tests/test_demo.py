@@ -53,7 +53,9 @@ def test_demo_tiny_runs_every_stage_and_prints_the_report(demo):
     assert (out / "mlflow.db").is_file()
 
 
-@pytest.mark.xfail(reason="issue 14: the study-based demo still prints > 200 lines (no FutureWarning)", strict=False)
+@pytest.mark.xfail(
+    reason="issue 14: the study-based demo still prints > 200 lines (no FutureWarning)", strict=False
+)
 def test_demo_tiny_output_is_short_and_has_no_library_warning(demo):
     """`cprec demo --size tiny 2>&1 | wc -l` < 200 and no FutureWarning (it used to print one per step)."""
     _, output = demo
