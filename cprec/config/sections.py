@@ -454,7 +454,7 @@ class EvalConfig:
     sasrec_patience: int = 5
     """SASRec early stopping: validation evaluations without improvement before stopping (0 = run
     all sasrec_epochs). Validation = the valid split's users, full ranking; the best epoch is tested."""
-    sasrec_eval_every: int = 1
+    sasrec_eval_every: int = 2
     """SASRec: epochs between two validation evaluations."""
     sasrec_hidden: int = 50
     """SASRec hidden size (item embedding dimension)."""
@@ -470,7 +470,7 @@ class EvalConfig:
     """SASRec Adam learning rate."""
     sasrec_batch_size: int = 128
     """SASRec training sequences per batch."""
-    sasrec_negatives: int = 128
+    sasrec_negatives: int = 256
     """SASRec sampled softmax: uniform negatives per training sequence, shared by its positions."""
     sasrec_similarity: str = "cosine"
     """SASRec user-item similarity: cosine (L2-normalised, as the published sampled-softmax SASRec) or dot."""

@@ -85,7 +85,9 @@ def test_sasrec_early_stopping_stops_on_a_plateau(tiny_prepared):
     inputs = load_inputs(tiny_prepared, "test")
     valid = _valid_tasks(tiny_prepared, inputs)
     # lr 0: the weights never move, so validation NDCG@10 is the same every epoch: a plateau.
-    cfg = SASRecConfig(hidden=16, max_len=10, epochs=20, patience=2, lr=0.0, batch_size=16, n_negatives=8)
+    cfg = SASRecConfig(
+        hidden=16, max_len=10, epochs=20, patience=2, eval_every=1, lr=0.0, batch_size=16, n_negatives=8
+    )
     model, stats = train_sasrec(inputs.train_sequences, inputs.catalogue, cfg, valid)
     assert stats["epochs_run"] == 3 and stats["best_epoch"] == 1 and stats["stopped_early"]
     assert [h["epoch"] for h in stats["valid_history"]] == [1, 2, 3]
@@ -108,7 +110,15 @@ def test_sasrec_is_tested_from_its_best_epoch(tiny_prepared):
     inputs = load_inputs(tiny_prepared, "test")
     valid = _valid_tasks(tiny_prepared, inputs)
     cfg = SASRecConfig(
-        hidden=16, max_len=10, epochs=60, patience=2, batch_size=16, n_negatives=8, lr=1e-2, dropout=0.1
+        hidden=16,
+        max_len=10,
+        epochs=60,
+        patience=2,
+        eval_every=1,
+        batch_size=16,
+        n_negatives=8,
+        lr=1e-2,
+        dropout=0.1,
     )
     seen: dict[int, tuple[dict, dict]] = {}
 
