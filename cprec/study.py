@@ -14,7 +14,7 @@ One dataset, one base model, the same eval split, protocol, users and candidates
 Every stage is an ordinary job — ``cprec prepare``, ``cprec train`` (in its own process, as on a
 cluster), ``cprec eval`` — writing into ``<out>/prepared*``, ``<out>/runs/<row>``,
 ``<out>/eval/<row>``, so a rerun skips what is complete (prepare's cache, a finished phase, a
-finished fine-tune). The eval of every row reads the eval inputs of ``<out>/prepared`` (made with
+finished fine-tune, an eval row already run with the same config on the same checkpoint). The eval of every row reads the eval inputs of ``<out>/prepared`` (made with
 both kinds), which is what makes the rows comparable. ``study.json`` / ``study.md`` hold per row:
 the checkpoint, the tokens it was pre-trained on, metrics per domain with 95% bootstrap intervals,
 and paired differences (same users) against the base fine-tuned row and SASRec, marked *within
@@ -116,7 +116,12 @@ def run_study(plan: StudyPlan) -> dict:
         ]
         if baselines_done:
             over.append("eval.baselines=[]")
-        reports[row] = evaluate(load_config(plan.stable_config, over))
+        row_cfg = load_config(plan.stable_config, over)
+        reports[row] = finished_report(row_cfg)
+        if reports[row] is None:
+            reports[row] = evaluate(row_cfg)
+        else:
+            log.info("study: eval %s already done with this config and checkpoint; reusing its report", row)
         baselines_done = True
         seconds[f"eval/{row}"] = time.perf_counter() - t
 
@@ -154,6 +159,41 @@ def run_study(plan: StudyPlan) -> dict:
     study = summarize(reports, seconds)
     write_study(study, out)
     return study
+
+
+def finished_report(cfg) -> dict | None:
+    """The report of an eval that already ran with exactly this config on exactly this checkpoint
+    (``config.yaml`` beside ``report.json`` equal, checkpoint identity equal), else None."""
+    import yaml
+
+    from cprec.config.loading import config_to_dict
+    from cprec.eval.encode import checkpoint_identity
+    from cprec.eval.run import find_checkpoint
+    from cprec.model.bases import resolve_config
+
+    out = Path(cfg.eval.output_dir)
+    report_file, config_file = out / "report.json", out / "config.yaml"
+    if not (report_file.is_file() and config_file.is_file()):
+        return None
+    resolved = resolve_config(cfg)
+    now = yaml.safe_load(yaml.safe_dump(config_to_dict(resolved), sort_keys=False))
+    if _report_relevant(yaml.safe_load(config_file.read_text(encoding="utf-8"))) != _report_relevant(now):
+        return None
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    try:
+        same = report.get("checkpoint", {}).get("id") == checkpoint_identity(find_checkpoint(resolved))
+    except FileNotFoundError:
+        return None
+    return report if same else None
+
+
+def _report_relevant(values: dict) -> dict:
+    """A config as far as it can change an eval report: SASRec settings only matter where SASRec
+    runs (the study trains the baselines in its first eval row only)."""
+    ev = dict(values.get("eval", {}))
+    if "sasrec" not in ev.get("baselines", []):
+        ev = {k: v for k, v in ev.items() if not k.startswith("sasrec_")}
+    return {**values, "eval": ev}
 
 
 def main(config: str, anneal: str | None, out: str, rows: list[str], overrides: list[str]) -> dict:
