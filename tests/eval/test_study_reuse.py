@@ -44,7 +44,9 @@ def test_study_reuses_a_finished_eval_row_only_with_the_same_config_and_checkpoi
         os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_study_reuse_ignores_sasrec_settings_where_sasrec_does_not_run(tiny_prepared, tiny_model_dir, tmp_path):
+def test_study_reuse_ignores_sasrec_settings_where_sasrec_does_not_run(
+    tiny_prepared, tiny_model_dir, tmp_path
+):
     out = tmp_path / "eval"
     run(_cfg(tiny_prepared, tiny_model_dir, out))
     assert finished_report(_cfg(tiny_prepared, tiny_model_dir, out, "eval.sasrec_negatives=7")) is not None
