@@ -15,10 +15,10 @@ Every stage is an ordinary job — ``cprec prepare``, ``cprec train`` (in its ow
 cluster), ``cprec eval`` — writing into ``<out>/prepared*``, ``<out>/runs/<row>``,
 ``<out>/eval/<row>``, so a rerun skips what is complete (prepare's cache, a finished phase, a
 finished fine-tune, an eval row already run with the same config on the same checkpoint). The eval
-of every row reads the eval inputs of ``<out>/prepared`` (made with both kinds), which is what
-makes the rows comparable. ``study.json`` / ``study.md`` hold per row: the checkpoint, the tokens it was pre-trained on, metrics per domain with 95% bootstrap intervals,
-and paired differences (same users) against the base fine-tuned row and SASRec, marked *within
-noise* where their interval contains 0.
+of every row reads the eval inputs of ``<out>/prepared`` (made with both kinds), which is what makes
+the rows comparable. ``study.json`` / ``study.md`` hold per row: the checkpoint, the tokens it was
+pre-trained on, metrics per domain with 95% bootstrap intervals, and paired differences (same users)
+against the base fine-tuned row and SASRec, marked *within noise* where their interval contains 0.
 """
 
 from __future__ import annotations
