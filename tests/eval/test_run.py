@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from cprec.config import load_config
 from cprec.eval.inputs import load_inputs
 from cprec.eval.run import find_checkpoint, run, validation_tasks
+from cprec.study import finished_report
 
 
 def _cfg(prepared, model_dir, out, *extra):
@@ -264,3 +266,39 @@ def test_sasrec_validation_tasks_come_from_the_valid_split(tiny_prepared):
     assert not test_rows & {(user, target) for user, target, _ in got}  # no test target leaks in
     capped = validation_tasks(tiny_prepared, test_inputs, 3, 0)
     assert {d: len(t.users) for d, t in capped.items()} == {"A": 3, "B": 3}
+
+
+NO_FT = ["eval.finetune=false", "eval.baselines=[]"]
+"""An eval without fine-tuning or baselines (the study-reuse tests)."""
+
+
+def test_study_reuses_a_finished_eval_row_only_with_the_same_config_and_checkpoint(
+    tiny_prepared, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "eval"
+    cfg = _cfg(tiny_prepared, tiny_model_dir, out, *NO_FT)
+    assert finished_report(cfg) is None  # nothing ran yet
+    report = run(cfg)
+    again = finished_report(cfg)
+    assert again is not None and again["timestamp"] == report["timestamp"]
+    assert finished_report(_cfg(tiny_prepared, tiny_model_dir, out, *NO_FT, "eval.max_users=3")) is None
+    weights = next(p for p in tiny_model_dir.iterdir() if p.suffix == ".safetensors")
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a re-saved checkpoint
+    try:
+        assert finished_report(cfg) is None
+    finally:
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_study_reuse_ignores_sasrec_settings_where_sasrec_does_not_run(
+    tiny_prepared, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "eval"
+    run(_cfg(tiny_prepared, tiny_model_dir, out, *NO_FT))
+    assert (
+        finished_report(_cfg(tiny_prepared, tiny_model_dir, out, *NO_FT, "eval.sasrec_negatives=7"))
+        is not None
+    )
+    with_sasrec = [*NO_FT[:1], "eval.baselines=[sasrec]", "eval.sasrec_negatives=7"]
+    assert finished_report(_cfg(tiny_prepared, tiny_model_dir, out, *with_sasrec)) is None
