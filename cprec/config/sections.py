@@ -424,14 +424,25 @@ class EvalConfig:
     """Contrastive fine-tuning before ranking."""
     finetune_scope: str = "all"
     """Fine-tune one model for all domains (all) or one per domain (per_domain)."""
+    finetune_objective: str = "all_positions"
+    """all_positions: one packed forward over each user's training sequence scores the user state
+    after every item against the next item (cprec.eval.all_positions); pairs: one padded (history ->
+    next item) pair per example, eval.finetune_pairs_per_user per user (the old objective, kept as
+    benchmarks/finetune.py's baseline)."""
+    finetune_max_items: int = 50
+    """all_positions: the user's most recent training items a sequence holds (targets = all but the first)."""
+    finetune_seq_len: int = 2048
+    """all_positions: tokens per packed row of user sequences and item prompts (a longer sequence
+    gets a row of its own length)."""
     finetune_epochs: float = 1.0
-    """Passes over the fine-tuning pairs."""
+    """Passes over the fine-tuning examples (users for all_positions, pairs for pairs)."""
     finetune_lr: float = 5e-5
     """Fine-tuning learning rate."""
     finetune_batch_size: int = 16
-    """Users per fine-tuning batch."""
+    """Examples per fine-tuning batch and rank (users for all_positions, pairs for pairs)."""
     finetune_negatives: int = 15
-    """In-domain sampled negatives per user (0 = in-batch negatives only)."""
+    """In-domain sampled negatives: per pair (pairs), per domain of the batch's targets shared by
+    the whole batch (all_positions); 0 = in-batch negatives only."""
     finetune_pairs_per_user: int = 1
     """Training pairs per user: its last N training items, each with the items before it as history."""
     in_batch_negatives: bool = True
@@ -510,6 +521,9 @@ class EvalConfig:
             "must be > 0 when eval.in_batch_negatives is false (no negatives at all)",
         )
         _check(self.finetune_pairs_per_user > 0, "eval.finetune_pairs_per_user", "must be > 0")
+        _one_of(self.finetune_objective, "eval.finetune_objective", ("all_positions", "pairs"))
+        _check(self.finetune_max_items >= 2, "eval.finetune_max_items", "must be >= 2 (history + target)")
+        _check(self.finetune_seq_len > 0, "eval.finetune_seq_len", "must be > 0")
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(self.lora_rank >= 0, "eval.lora_rank", "must be >= 0")
         _check(self.finetune_checkpoint_every >= 0, "eval.finetune_checkpoint_every", "must be >= 0")

@@ -112,9 +112,50 @@ class PromptBuilder:
             out.append(self.renderer.sequence("mixed", "all", self._mixed_items(catalogue, rows)))
         return out
 
-    def user_ids(self, catalogue: Catalogue, histories: list[list[str]]) -> list[list[int]]:
-        """BOS + tokens of the mixed-sequence prompt of each history."""
-        return [self._finish(i) for i in self._ids(self.user_texts(catalogue, histories))]
+    def user_ids(
+        self, catalogue: Catalogue, histories: list[list[str]], segmented: bool = False
+    ) -> list[list[int]]:
+        """BOS + tokens of the mixed-sequence prompt of each history; ``segmented``: the prompt of
+        `sequence_ids` with the trailing separator (what all-position fine-tuning trains on)."""
+        if not segmented:
+            return [self._finish(i) for i in self._ids(self.user_texts(catalogue, histories))]
+        out = []
+        for hist in histories:
+            rows = [catalogue.index.get(i) for i in hist]
+            self.unknown_history_items += sum(r is None for r in rows)
+            rows = [r for r in rows if r is not None][-self.max_history_items :]
+            out.append(self._finish(self.sequence_ids(catalogue, rows, trailing=True)[0][1:]))
+        return out
+
+    def sequence_ids(
+        self, catalogue: Catalogue, rows: list[int], trailing: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """(BOS + tokens of the mixed sequence over catalogue ``rows``, index of the token that
+        ends each item).
+
+        The text is the mixed-sequence prompt; it is tokenized in segments cut just before the
+        whitespace of each separator (``"... Heat (1995);"``, ``" [Drama] Toy Story;"``), so each
+        item ends on a token boundary: the state there has read that item and the separator's
+        punctuation and nothing of the next item. Word-splitting tokenizers (sentencepiece BPE,
+        byte-level BPE) never merge across that whitespace, so the ids equal the whole text's (a
+        test checks both tokenizers). ``trailing`` ends the last item with the separator as well.
+        """
+        if not rows:
+            return list(self.bos), []
+        sep = self.prompt.item_sep
+        head = sep.rstrip()
+        tail = sep[len(head) :]
+        prefix, _ = self.renderer.frame("mixed", "all")
+        texts = self._mixed_items(catalogue, rows)
+        segs = []
+        for t, text in enumerate(texts):
+            end = head if (t < len(texts) - 1 or trailing) else ""
+            segs.append((prefix if t == 0 else tail) + text + end)
+        ids, ends = list(self.bos), []
+        for seg_ids in self._ids(segs):
+            ids += seg_ids
+            ends.append(len(ids) - 1)
+        return ids, ends
 
 
 def load_tokenizer(prepared_dir: str | Path):
@@ -383,6 +424,7 @@ def encode_users(
     catalogue: Catalogue,
     histories: list[list[str]],
     desc: str = "users",
+    segmented: bool = False,
 ) -> torch.Tensor:
-    """Embeddings [len(histories), H] of user history prompts."""
-    return encoder.encode(builder.user_ids(catalogue, histories), desc=desc)
+    """Embeddings [len(histories), H] of user history prompts (`PromptBuilder.user_ids`)."""
+    return encoder.encode(builder.user_ids(catalogue, histories, segmented), desc=desc)

@@ -112,7 +112,7 @@ def build_pairs(
     return pairs, dict(skipped)
 
 
-def _seed(*parts: int) -> list[int]:
+def seed_words(*parts: int) -> list[int]:
     return [p & 0xFFFFFFFF for p in parts]  # numpy seed sequences take non-negative words
 
 
@@ -124,11 +124,11 @@ class NegativeSampler:
         self.by_domain: dict[str, np.ndarray] = {}
         for d in sorted(set(catalogue.domains)):
             self.by_domain[d] = np.asarray(catalogue.domain_rows(d), dtype=np.int64)
-        self.rng = np.random.default_rng(_seed(seed))
+        self.rng = np.random.default_rng(seed_words(seed))
 
     def reseed(self, *parts: int) -> None:
         """Restart the draws from a generator seeded by ``parts`` (e.g. seed, rank, step)."""
-        self.rng = np.random.default_rng(_seed(*parts))
+        self.rng = np.random.default_rng(seed_words(*parts))
 
     def sample(self, pair: Pair, n: int) -> list[int]:
         pool = self.by_domain[pair.domain]
@@ -149,7 +149,7 @@ def batch_rows(step: int, n: int, batch_size: int, seed: int, rank: int) -> np.n
     """Indices (into this rank's pairs) of the batch of ``step``: a pure function of its arguments."""
     per_epoch = max(1, n // batch_size)
     epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng(_seed(seed, rank, epoch)).permutation(n)
+    order = np.random.default_rng(seed_words(seed, rank, epoch)).permutation(n)
     return order[k * batch_size : (k + 1) * batch_size]
 
 
@@ -212,6 +212,44 @@ def make_batch(
     }
 
 
+class PairObjective:
+    """The pair-wise examples of one rank: padded (history -> next item) pairs, batches as a
+    function of the step (`batch_rows`, negatives reseeded by (seed, rank, step))."""
+
+    name = "pairs"
+
+    def __init__(self, model, builder, catalogue, pairs: list[Pair], cfg: EvalConfig, pad_id, rank, world):
+        if not pairs:
+            raise ValueError("fine-tuning has no training pairs (eval/train_sequences.parquet gives none)")
+        self.module = ContrastiveModel(model, cfg)
+        self.builder, self.catalogue, self.cfg, self.pad_id, self.rank = builder, catalogue, cfg, pad_id, rank
+        self.n_examples = len(pairs)
+        self.mine = pairs[rank::world] or pairs[:1]
+        self.sampler = NegativeSampler(catalogue, cfg.seed)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        c = self.cfg
+        rows = batch_rows(step, len(self.mine), c.finetune_batch_size, c.seed, self.rank)
+        pairs = [self.mine[i] for i in rows]
+        self.sampler.reseed(c.seed, self.rank, step)
+        negs = [self.sampler.sample(p, c.finetune_negatives) if c.finetune_negatives else [] for p in pairs]
+        return make_batch(self.builder, self.catalogue, pairs, negs, self.pad_id)
+
+    @staticmethod
+    def signals(batch: dict) -> int:
+        return int(batch["pos_index"].numel())
+
+
+def make_objective(
+    model, builder, catalogue, examples: list, cfg: EvalConfig, pad_id: int, rank: int, world: int
+):
+    """The objective of ``examples``: `Pair` s (pair-wise) or user sequences (all-position)."""
+    from cprec.eval.all_positions import AllPositionObjective, UserSequence
+
+    kind = AllPositionObjective if examples and isinstance(examples[0], UserSequence) else PairObjective
+    return kind(model, builder, catalogue, examples, cfg, pad_id, rank, world)
+
+
 # ------------------------------------------------------------------------------------ training
 def _freeze_output_head(model: nn.Module) -> None:
     head, inp = model.get_output_embeddings(), model.get_input_embeddings()
@@ -256,7 +294,7 @@ class FineTuner:
         model: nn.Module,
         builder: PromptBuilder,
         catalogue: Catalogue,
-        pairs: list[Pair],
+        examples: list,
         cfg: Config,
         pad_id: int,
         *,
@@ -264,29 +302,27 @@ class FineTuner:
         metric: str = "finetune/loss",
         desc: str = "finetune",
     ):
-        if not pairs:
-            raise ValueError("fine-tuning has no training pairs (eval/train_sequences.parquet gives none)")
         ecfg = cfg.eval
         info = start_distributed()  # DeepSpeed needs a process group, even for one process
         self.rank, self.world = info.rank, info.world_size
-        self.model, self.builder, self.catalogue = model, builder, catalogue
-        self.cfg, self.pad_id = ecfg, pad_id
-        self.n_pairs = len(pairs)
-        self.mine = pairs[self.rank :: self.world] or pairs[:1]
-        self.steps = max(
-            1, math.ceil(ecfg.finetune_epochs * len(pairs) / (ecfg.finetune_batch_size * self.world))
-        )
-        self.tracker = tracker or NullTracker()
-        self.metric, self.desc = metric, desc
-        self.step, self.losses, self.resumed_from = 0, [], 0
-        self.last_checkpoint: Path | None = None
+        self.cfg = ecfg
         torch.manual_seed(ecfg.seed)
         if ecfg.lora_rank > 0:
             log.info("LoRA rank %d on %d projections", ecfg.lora_rank, apply_lora(model, ecfg.lora_rank))
         _freeze_output_head(model)
-        self.sampler = NegativeSampler(catalogue, ecfg.seed)
+        self.objective = make_objective(
+            model, builder, catalogue, examples, ecfg, pad_id, self.rank, self.world
+        )
+        self.n_pairs = self.objective.n_examples
+        self.steps = max(
+            1, math.ceil(ecfg.finetune_epochs * self.n_pairs / (ecfg.finetune_batch_size * self.world))
+        )
+        self.tracker = tracker or NullTracker()
+        self.metric, self.desc = metric, desc
+        self.step, self.losses, self.resumed_from, self.signals = 0, [], 0, 0
+        self.last_checkpoint: Path | None = None
         spec = engine_spec(cfg, self.world)
-        self.engine = init_engine(ContrastiveModel(model, ecfg), spec)
+        self.engine = init_engine(self.objective.module, spec)
         # The plain path (ZeRO-0, fp32 master weights) computes in bf16 under autocast on GPUs and on
         # bf16-capable CPUs (eval.dtype); the DeepSpeed path follows model.dtype instead.
         bf16 = resolve_dtype(ecfg.dtype, self.engine.device) == torch.bfloat16
@@ -300,7 +336,7 @@ class FineTuner:
 
     # ---------------------------------------------------------------- state
     def position(self, step: int) -> dict:
-        per_epoch = max(1, len(self.mine) // self.cfg.finetune_batch_size)
+        per_epoch = max(1, len(self.objective.mine) // self.cfg.finetune_batch_size)
         return {
             "epoch": step // per_epoch,
             "batch_in_epoch": step % per_epoch,
@@ -355,17 +391,10 @@ class FineTuner:
         return True
 
     # ---------------------------------------------------------------- the loop
-    def _batch(self, step: int) -> dict[str, torch.Tensor]:
-        rows = batch_rows(step, len(self.mine), self.cfg.finetune_batch_size, self.cfg.seed, self.rank)
-        pairs = [self.mine[i] for i in rows]
-        self.sampler.reseed(self.cfg.seed, self.rank, step)
-        n = self.cfg.finetune_negatives
-        negs = [self.sampler.sample(p, n) if n else [] for p in pairs]
-        return make_batch(self.builder, self.catalogue, pairs, negs, self.pad_id)
-
     def _train_step(self, batch: dict[str, torch.Tensor]) -> float:
         with torch.autocast(self.engine.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = self.engine(**{k: t.to(self.engine.device) for k, t in batch.items()})
+            dev = self.engine.device
+            loss = self.engine(**{k: t.to(dev) if torch.is_tensor(t) else t for k, t in batch.items()})
         self.engine.backward(loss)
         self.engine.step()
         value = loss.detach().float().reshape(1)
@@ -381,7 +410,9 @@ class FineTuner:
         self.engine.train()
         bar = tqdm(total=self.steps, initial=self.step, desc=self.desc, unit="step", disable=self.rank != 0)
         while self.step < self.steps and (stop_after is None or self.step < stop_after):
-            loss = self._train_step(self._batch(self.step))
+            batch = self.objective.batch(self.step)
+            self.signals += self.objective.signals(batch)
+            loss = self._train_step(batch)
             self.step += 1
             self.losses.append(loss)
             self.tracker.log_metrics({self.metric: loss}, self.step)
@@ -401,6 +432,9 @@ class FineTuner:
             "completed": self.step == self.steps,
             "resumed_from_step": self.resumed_from,
             "pairs": self.n_pairs,
+            "objective": self.objective.name,
+            "signals_this_run": self.signals,
+            "signals_per_second": self.signals / seconds if seconds > 0 else 0.0,
             "loss_first": losses[0],
             "loss_last": losses[-1],
             "loss_mean_last_10pct": float(np.mean(losses[-max(1, len(losses) // 10) :])),
@@ -477,6 +511,9 @@ def settings_key(cfg: EvalConfig, base_id: str, scope: str, data_id: str = "") -
         "finetune_batch_size",
         "finetune_negatives",
         "finetune_pairs_per_user",
+        "finetune_objective",
+        "finetune_max_items",
+        "finetune_seq_len",
         "in_batch_negatives",
         "temperature",
         "lora_rank",

@@ -35,9 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from cprec.config import Config, save_config
 from cprec.eval import baselines, finetune
+from cprec.eval.all_positions import build_sequences, sequences_identity
 from cprec.eval.encode import (
     Encoder,
     ItemEmbeddingCache,
@@ -151,26 +153,31 @@ class LLMSide:
         self.pad_id = special_ids(self.tokenizer)["pad_id"]
         self.dtype = resolve_dtype(cfg.eval.dtype)  # of the encoding passes (fine-tuning keeps fp32)
 
-    def builder(self, model) -> PromptBuilder:
-        vocab = int(model.config.vocab_size)
+    def builder(self, model_config) -> PromptBuilder:
+        """Prompts for a model of ``model_config`` (its vocabulary checked, its positions the cut)."""
+        vocab = int(model_config.vocab_size)
         if len(self.tokenizer) > vocab:
             raise ValueError(
                 f"tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}: "
                 "the checkpoint was not trained on this prepared folder"
             )
-        max_len = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        max_len = int(getattr(model_config, "max_position_embeddings", 0) or 0)
         return PromptBuilder(self.tokenizer, self.cfg.data.prompt, self.cfg.eval.max_history_items, max_len)
 
-    def score_fn(self, model, model_id: str, tasks: dict[str, DomainTask]) -> ScoreFn:
-        """Encode the tasks' items (cached) and users now; scoring is then one matmul per batch."""
-        builder = self.builder(model)
+    def score_fn(
+        self, model, model_id: str, tasks: dict[str, DomainTask], segmented: bool = False
+    ) -> ScoreFn:
+        """Encode the tasks' items (cached) and users now; scoring is then one matmul per batch.
+        ``segmented``: user prompts as all-position fine-tuning reads them (`PromptBuilder.user_ids`)."""
+        builder = self.builder(model.config)
         enc = Encoder(model, self.pad_id, self.cfg.eval.pooling, self.cfg.eval.batch_size)
         cat = self.inputs.catalogue
         items, users = {}, {}
         for d, task in tasks.items():
             rows = task.rows.tolist()
             items[d] = encode_items(enc, builder, cat, rows, self.cache, model_id, desc=f"items ({d})")
-            users[d] = encode_users(enc, builder, cat, [u.history for u in task.users], desc=f"users ({d})")
+            hist = [u.history for u in task.users]
+            users[d] = encode_users(enc, builder, cat, hist, desc=f"users ({d})", segmented=segmented)
         if builder.unknown_history_items:
             log.warning(
                 "%d history items are not in items.parquet (left out of prompts)",
@@ -206,24 +213,33 @@ def finetuned_score_fn(
     cat: Catalogue = side.inputs.catalogue
     scopes = {"all": None} if ecfg.finetune_scope == "all" else {d: {d} for d in tasks}
     fns, details = {}, {}
+    all_positions = ecfg.finetune_objective == "all_positions"
+    builder = side.builder(AutoConfig.from_pretrained(str(base_dir)))
     for scope, domains in scopes.items():
         folder = Path(ecfg.output_dir) / "finetuned" / scope
-        pairs, skipped = finetune.build_pairs(
-            side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
-        )
-        key = finetune.settings_key(ecfg, base_id, scope, finetune.pairs_identity(pairs, cat))
+        if all_positions:
+            examples, skipped = build_sequences(
+                side.inputs.train_sequences, cat, builder, domains, ecfg.finetune_max_items, builder.max_len
+            )
+            data_id = sequences_identity(examples)
+        else:
+            examples, skipped = finetune.build_pairs(
+                side.inputs.train_sequences, cat, domains, ecfg.finetune_pairs_per_user
+            )
+            data_id = finetune.pairs_identity(examples, cat)
+        key = finetune.settings_key(ecfg, base_id, scope, data_id)
         state = finetune.load_state(folder)
         if state and state.get("completed") and state.get("key") == key:
             log.info("fine-tuned model for scope %r found in %s: reusing it", scope, folder)
         else:
             model = load_model(base_dir, dtype=torch.float32)
-            builder = side.builder(model)
-            log.info("fine-tuning scope %r on %d pairs (skipped %s)", scope, len(pairs), skipped)
+            what = "user sequences" if all_positions else "pairs"
+            log.info("fine-tuning scope %r on %d %s (skipped %s)", scope, len(examples), what, skipped)
             state = finetune.finetune_to_folder(
                 model,
                 builder,
                 cat,
-                pairs,
+                examples,
                 cfg,
                 side.pad_id,
                 base_dir=base_dir,
@@ -239,7 +255,7 @@ def finetuned_score_fn(
         details[scope] = {k: v for k, v in state.items() if k != "losses"} | {"folder": str(folder)}
         model = load_model(folder, dtype=side.dtype)
         scope_tasks = tasks if domains is None else {d: tasks[d] for d in domains}
-        fn = side.score_fn(model, f"{model_identity(folder)}:{side.dtype}", scope_tasks)
+        fn = side.score_fn(model, f"{model_identity(folder)}:{side.dtype}", scope_tasks, all_positions)
         for d in scope_tasks:
             fns[d] = fn
         del model

@@ -113,6 +113,59 @@ def register_packed_attention() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _packed_aware_mask)
 
 
+def enable_packed_attention(hf_model: nn.Module) -> None:
+    """Switch ``hf_model`` to the ``cprec_packed`` attention (padded calls keep SDPA semantics);
+    refuses a model class that ignores custom attention implementations."""
+    register_packed_attention()
+    hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if getattr(hf_model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"{type(hf_model).__name__} does not accept a custom attention implementation "
+            "(transformers AttentionInterface); packed training would silently attend across documents"
+        )
+
+
+def packed_hidden_states(
+    hf_model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    attn_backend: str = "auto",
+    check: bool = True,
+) -> torch.Tensor:
+    """Final hidden states ``[B, L, H]`` (after the last norm) of packed rows, through the decoder
+    of ``hf_model`` (switched by `enable_packed_attention`): one home for the packed call that
+    pre-training (`PackedCausalLM`) and the all-position fine-tuning share."""
+    if input_ids.dim() != 2 or position_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and position_ids must both be [B, L]; got {tuple(input_ids.shape)} and "
+            f"{tuple(position_ids.shape)}"
+        )
+    bounds = bounds_list(cu_seqlens)
+    if check:
+        check_bounds(bounds, *input_ids.shape)
+    max_seqlen = int(max_seqlen)
+    cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+    kwargs = {
+        "input_ids": input_ids,
+        "position_ids": position_ids.to(input_ids.device),
+        "attention_mask": None,
+        "use_cache": False,  # with a cache transformers would recompute positions
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_seqlen,
+        "max_length_k": max_seqlen,
+        "cprec_bounds": bounds,
+        "cprec_attn_backend": attn_backend,
+    }
+    token = _PACKED_CALL.set(True)
+    try:
+        return hf_model.get_decoder()(**kwargs).last_hidden_state
+    finally:
+        _PACKED_CALL.reset(token)
+
+
 class PackedLMHead(nn.Linear):
     """The model's ``nn.Linear`` output head, able to return the LM loss from its own forward.
 
@@ -158,13 +211,7 @@ class PackedCausalLM(nn.Module):
 
     def __init__(self, hf_model: nn.Module, cfg: ModelConfig):
         super().__init__()
-        register_packed_attention()
-        hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
-        if getattr(hf_model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
-            raise ValueError(
-                f"{type(hf_model).__name__} does not accept a custom attention implementation "
-                "(transformers AttentionInterface); packed training would silently attend across documents"
-            )
+        enable_packed_attention(hf_model)
         self.hf_model = hf_model
         self.attn_backend = cfg.attn_backend
         self.bf16_autocast = cfg.dtype == "bf16"
@@ -182,30 +229,6 @@ class PackedCausalLM(nn.Module):
             )
             self._fused_head = False
 
-    def _inputs(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> dict:
-        if input_ids.dim() != 2 or position_ids.shape != input_ids.shape:
-            raise ValueError(
-                f"input_ids and position_ids must both be [B, L]; got {tuple(input_ids.shape)} and "
-                f"{tuple(position_ids.shape)}"
-            )
-        bounds = bounds_list(cu_seqlens)
-        if self.check_inputs:
-            check_bounds(bounds, *input_ids.shape)
-        max_seqlen = int(max_seqlen)
-        cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
-        return {
-            "input_ids": input_ids,
-            "position_ids": position_ids.to(input_ids.device),
-            "attention_mask": None,
-            "use_cache": False,  # with a cache transformers would recompute positions
-            "cu_seq_lens_q": cu,
-            "cu_seq_lens_k": cu,
-            "max_length_q": max_seqlen,
-            "max_length_k": max_seqlen,
-            "cprec_bounds": bounds,
-            "cprec_attn_backend": self.attn_backend,
-        }
-
     def _autocast(self, device_type: str):
         head = self.hf_model.get_output_embeddings()
         if self.bf16_autocast and head.weight.dtype == torch.float32:
@@ -214,13 +237,11 @@ class PackedCausalLM(nn.Module):
 
     def hidden_states(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> torch.Tensor:
         """Final hidden states ``[B, L, H]`` (after the last norm) of packed rows."""
-        kwargs = self._inputs(input_ids, position_ids, cu_seqlens, max_seqlen)
-        token = _PACKED_CALL.set(True)
-        try:
-            with self._autocast(input_ids.device.type):
-                return self.hf_model.get_decoder()(**kwargs).last_hidden_state
-        finally:
-            _PACKED_CALL.reset(token)
+        with self._autocast(input_ids.device.type):
+            return packed_hidden_states(
+                self.hf_model, input_ids, position_ids, cu_seqlens, max_seqlen,
+                self.attn_backend, check=self.check_inputs,
+            )  # fmt: skip
 
     def logits(self, input_ids, position_ids, cu_seqlens, max_seqlen) -> torch.Tensor:
         """Full logits ``[B, L, V]`` of packed rows (for tests and inspection; training uses the loss)."""
