@@ -72,10 +72,11 @@ class PromptBuilder:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return [list(i) for i in self._encode(list(texts))] if texts else []
 
-    def _finish(self, ids: list[int]) -> list[int]:
+    def _finish(self, ids: list[int], max_len: int | None = None) -> list[int]:
+        max_len = self.max_len if max_len is None else max_len
         ids = self.bos + list(ids)
-        if self.max_len and len(ids) > self.max_len:
-            ids = self.bos + ids[len(ids) - (self.max_len - len(self.bos)) :]
+        if max_len and len(ids) > max_len:
+            ids = self.bos + ids[len(ids) - (max_len - len(self.bos)) :]
         return ids
 
     def item_ids(self, texts: list[str]) -> list[list[int]]:
@@ -106,15 +107,40 @@ class PromptBuilder:
         """The mixed-sequence text of each history (last ``max_history_items`` known items)."""
         out = []
         for hist in histories:
-            rows = [catalogue.index.get(i) for i in hist]
-            self.unknown_history_items += sum(r is None for r in rows)
-            rows = [r for r in rows if r is not None][-self.max_history_items :]
+            rows = self.history_rows(catalogue, hist)
             out.append(self.renderer.sequence("mixed", "all", self._mixed_items(catalogue, rows)))
         return out
+
+    def history_rows(self, catalogue: Catalogue, history: list[str]) -> list[int]:
+        """Catalogue rows of the last ``max_history_items`` known items of a history (unknown ones
+        are counted in ``unknown_history_items``)."""
+        rows = [catalogue.index.get(i) for i in history]
+        self.unknown_history_items += sum(r is None for r in rows)
+        return [r for r in rows if r is not None][-self.max_history_items :]
 
     def user_ids(self, catalogue: Catalogue, histories: list[list[str]]) -> list[list[int]]:
         """BOS + tokens of the mixed-sequence prompt of each history."""
         return [self._finish(i) for i in self._ids(self.user_texts(catalogue, histories))]
+
+    # Generative retrieval (cprec.eval.generative): the prompt stops where the next item's text
+    # would be written, and each candidate's text is what the model would write there.
+    def next_item_prompt_ids(self, catalogue: Catalogue, history: list[str], max_len: int) -> list[int]:
+        """BOS + tokens of the mixed sequence up to the end of the last history item (the frame's
+        text after ``{items}`` left out), cut to ``max_len`` keeping BOS and the most recent
+        tokens; [] when no history item is known."""
+        rows = self.history_rows(catalogue, history)
+        if not rows:
+            return []
+        prefix, _ = self.renderer.frame("mixed", "all")
+        text = prefix + self.prompt.item_sep.join(self._mixed_items(catalogue, rows))
+        return self._finish(self._ids([text])[0], max_len)
+
+    def next_item_ids(self, catalogue: Catalogue, rows: list[int], terminator: int) -> list[list[int]]:
+        """Per catalogue row: tokens of ``item_sep`` + the item as rendered in a mixed sequence (cut
+        to the item token budget), tokenized on their own (so every user shares them), then
+        ``terminator`` (so an item whose tokens begin another's stays a distinct sequence)."""
+        texts = [self.prompt.item_sep + t for t in self._mixed_items(catalogue, rows)]
+        return [ids + [terminator] for ids in self._ids(texts)]
 
 
 def load_tokenizer(prepared_dir: str | Path):
