@@ -158,6 +158,7 @@ class GenerativeScorer:
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0)
         self._items: dict[str, tuple[list[list[int]], CatalogueTrie]] = {}
         self._prompts: dict[tuple[str, int], list[int]] = {}
+        self._fed: dict[str, int] = {}  # per domain: tokens fed to score every item after a prompt
 
     @property
     def device(self) -> torch.device:
@@ -283,8 +284,10 @@ class GenerativeScorer:
         """Tokens exhaustive scoring feeds for a user: the prompt once, then each candidate's tokens
         but its last (the prompt's KV cache shared)."""
         seqs, _ = self.items(task)
-        hist = self.history(task, user)
-        return len(self.prompt(task, user)) + sum(len(s) - 1 for c, s in enumerate(seqs) if c not in hist)
+        if task.domain not in self._fed:
+            self._fed[task.domain] = sum(len(s) - 1 for s in seqs)
+        history = sum(len(seqs[c]) - 1 for c in self.history(task, user))
+        return len(self.prompt(task, user)) + self._fed[task.domain] - history
 
 
 # ---------------------------------------------------------------------------------- score fns
@@ -389,11 +392,8 @@ def generative_rows(
         model, side.builder(model), side.inputs.catalogue, eos, side.pad_id, ecfg.batch_size
     )
     duplicates = {d: scorer.items(t)[1].duplicate_counts() for d, t in tasks.items()}
-    for d, c in duplicates.items():
-        if c["groups"]:
-            log.warning(
-                "%s: %d items in %d groups tokenize to the same ids (tied)", d, c["items"], c["groups"]
-            )
+    for d, c in ((d, c) for d, c in duplicates.items() if c["groups"]):
+        log.warning("%s: %d items in %d groups have the same ids (tied)", d, c["items"], c["groups"])
     fns: dict[str, ScoreFn] = {}
     models: dict[str, dict] = {}
     if ecfg.generative:
@@ -409,12 +409,8 @@ def generative_rows(
                 for u, r in enumerate(res)
             ]  # fmt: skip
         fns["llm-generative"] = beam_score_fn(hits)
-        models["llm-generative"] = {
-            "folder": str(hf_dir),
-            "beam_width": ecfg.beam_width,
-            "duplicate_texts": duplicates,
-            "cost": _beam_cost(cost),
-        }
+        models["llm-generative"] = {"folder": str(hf_dir), "beam_width": ecfg.beam_width,
+                                    "duplicate_texts": duplicates, "cost": _beam_cost(cost)}  # fmt: skip
     if ecfg.rerank_top_n:
         embedding = embedding or side.score_fn(model, model_id, tasks)
         rescored, cost = {}, {}

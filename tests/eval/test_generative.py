@@ -113,8 +113,15 @@ def test_generative_history_items_are_excluded(tiny_model_dir, tiny_tokenizer, i
 def test_generative_unreached_items_rank_after_every_reached_one(tiny_model_dir, tiny_tokenizer, inputs):
     scorer = _scorer(tiny_model_dir, tiny_tokenizer, inputs.catalogue)
     task = build_tasks(inputs)["B"]
-    found = scorer.search(task, [0], 3)[0].hits
+    result = scorer.search(task, [0], 3)[0]
+    found = result.hits
     assert 0 < len(found) <= 3
+    # Cost: generate prefills the prompt once per beam, then feeds one token per beam per step.
+    prompt, (seqs, _) = scorer.prompt(task, 0), scorer.items(task)
+    assert result.forward_tokens == 3 * (len(prompt) + result.steps - 1) and 1 < result.steps <= 8
+    hist = set(task.history_cols[0].tolist())
+    want = len(prompt) + sum(len(s) - 1 for c, s in enumerate(seqs) if c not in hist)
+    assert scorer.exhaustive_tokens(task, 0) == want
     scores = beam_score_fn({"B": {0: found}})(task, [0])
     unreached = [c for c in range(task.n_items) if c not in found]
     ranks = target_ranks(scores.expand(len(unreached), -1), torch.tensor(unreached))
