@@ -38,7 +38,12 @@ from cprec.config import load_config
 log = logging.getLogger(__name__)
 
 ROWS = ("base", "stable", "anneal", "domain_only", "mixed_only")
-HEADS = {"llm-pretrained": "zero-shot", "llm-finetuned": "fine-tuned"}
+HEADS = {
+    "llm-pretrained": "zero-shot",
+    "llm-finetuned": "fine-tuned",
+    "llm-generative": "generative",
+    "llm-reranked": "re-ranked",
+}
 BASELINES = {"popularity": "popularity", "sasrec": "SASRec"}
 KEY_METRICS = ("recall@10", "ndcg@10")
 

@@ -55,6 +55,17 @@ def test_summary_rows_intervals_and_differences(tmp_path):
     assert "anneal · fine-tuned | 12,345 | 0.7500 [" in md and "Δrecall@10 vs SASRec" in md
 
 
+def test_summary_shows_generative_and_reranked_heads():
+    rep = _report("/m/stable", {"llm-pretrained": [9, 9, 9, 9], "llm-generative": [1, 30, 2, 30],
+                                "llm-reranked": [1, 2, 3, 30]})  # fmt: skip
+    s = summarize({"stable": rep})
+    rows = {r["name"]: r for r in s["rows"]}
+    assert list(rows) == ["stable · zero-shot", "stable · generative", "stable · re-ranked"]
+    assert rows["stable · generative"]["head"] == "generative"
+    assert rows["stable · re-ranked"]["metrics"]["A"]["recall@10"]["mean"] == pytest.approx(0.75)
+    assert "| stable · generative |" in study_markdown(s)
+
+
 def test_rows_ranked_on_other_users_are_refused():
     a = _report("/a", {"llm-finetuned": [1, 2, 3, 4]})
     b = _report("/b", {"llm-finetuned": [1, 2, 3, 4]}, users=("u1", "u2", "u3", "u9"))

@@ -420,6 +420,15 @@ class EvalConfig:
     rank_pretrained: bool = True
     """Also rank the checkpoint's embeddings as they are, without fine-tuning (the zero-shot
     llm-pretrained rows). Costs one more encoding of every catalogue; false skips it."""
+    generative: bool = False
+    """Also rank by generative retrieval (the llm-generative rows): beam search constrained to the
+    domain's catalogue texts after the history prompt, items ranked by the model's log-probability
+    of writing them next (the checkpoint as it is, no fine-tuning)."""
+    beam_width: int = 20
+    """Beams of the generative search: the items it can reach per user (the others rank after them)."""
+    rerank_top_n: int = 0
+    """Re-rank the top N items of the zero-shot embedding retrieval by the model's log-probability
+    of writing them next (the llm-reranked rows); 0 = no re-ranked rows."""
     finetune: bool = True
     """Contrastive fine-tuning before ranking."""
     finetune_scope: str = "all"
@@ -512,6 +521,8 @@ class EvalConfig:
         ):
             _check(getattr(self, name) > 0, f"eval.{name}", "must be > 0")
         _check(self.max_users >= 0, "eval.max_users", "must be >= 0")
+        _check(self.beam_width > 0, "eval.beam_width", "must be > 0")
+        _check(self.rerank_top_n >= 0, "eval.rerank_top_n", "must be >= 0")
         _one_of(self.finetune_scope, "eval.finetune_scope", ("all", "per_domain"))
         _check(self.finetune_epochs >= 0, "eval.finetune_epochs", "must be >= 0")
         _check(self.finetune_negatives >= 0, "eval.finetune_negatives", "must be >= 0")

@@ -72,10 +72,11 @@ class PromptBuilder:
     def _ids(self, texts: list[str]) -> list[list[int]]:
         return [list(i) for i in self._encode(list(texts))] if texts else []
 
-    def _finish(self, ids: list[int]) -> list[int]:
+    def _finish(self, ids: list[int], max_len: int | None = None) -> list[int]:
+        max_len = self.max_len if max_len is None else max_len
         ids = self.bos + list(ids)
-        if self.max_len and len(ids) > self.max_len:
-            ids = self.bos + ids[len(ids) - (self.max_len - len(self.bos)) :]
+        if max_len and len(ids) > max_len:
+            ids = self.bos + ids[len(ids) - (max_len - len(self.bos)) :]
         return ids
 
     def item_ids(self, texts: list[str]) -> list[list[int]]:
@@ -106,11 +107,16 @@ class PromptBuilder:
         """The mixed-sequence text of each history (last ``max_history_items`` known items)."""
         out = []
         for hist in histories:
-            rows = [catalogue.index.get(i) for i in hist]
-            self.unknown_history_items += sum(r is None for r in rows)
-            rows = [r for r in rows if r is not None][-self.max_history_items :]
+            rows = self.history_rows(catalogue, hist)
             out.append(self.renderer.sequence("mixed", "all", self._mixed_items(catalogue, rows)))
         return out
+
+    def history_rows(self, catalogue: Catalogue, history: list[str]) -> list[int]:
+        """Catalogue rows of the last ``max_history_items`` known items of a history (unknown ones
+        are counted in ``unknown_history_items``)."""
+        rows = [catalogue.index.get(i) for i in history]
+        self.unknown_history_items += sum(r is None for r in rows)
+        return [r for r in rows if r is not None][-self.max_history_items :]
 
     def user_ids(
         self, catalogue: Catalogue, histories: list[list[str]], segmented: bool = False
@@ -119,13 +125,10 @@ class PromptBuilder:
         `sequence_ids` with the trailing separator (what all-position fine-tuning trains on)."""
         if not segmented:
             return [self._finish(i) for i in self._ids(self.user_texts(catalogue, histories))]
-        out = []
-        for hist in histories:
-            rows = [catalogue.index.get(i) for i in hist]
-            self.unknown_history_items += sum(r is None for r in rows)
-            rows = [r for r in rows if r is not None][-self.max_history_items :]
-            out.append(self._finish(self.sequence_ids(catalogue, rows, trailing=True)[0][1:]))
-        return out
+        return [
+            self._finish(self.sequence_ids(catalogue, self.history_rows(catalogue, h), trailing=True)[0][1:])
+            for h in histories
+        ]
 
     def sequence_ids(
         self, catalogue: Catalogue, rows: list[int], trailing: bool = False
@@ -156,6 +159,26 @@ class PromptBuilder:
             ids += seg_ids
             ends.append(len(ids) - 1)
         return ids, ends
+
+    # Generative retrieval (cprec.eval.generative): the prompt stops where the next item's text
+    # would be written, and each candidate's text is what the model would write there.
+    def next_item_prompt_ids(self, catalogue: Catalogue, history: list[str], max_len: int) -> list[int]:
+        """BOS + tokens of the mixed sequence up to the end of the last history item (the frame's
+        text after ``{items}`` left out), cut to ``max_len`` keeping BOS and the most recent
+        tokens; [] when no history item is known."""
+        rows = self.history_rows(catalogue, history)
+        if not rows:
+            return []
+        prefix, _ = self.renderer.frame("mixed", "all")
+        text = prefix + self.prompt.item_sep.join(self._mixed_items(catalogue, rows))
+        return self._finish(self._ids([text])[0], max_len)
+
+    def next_item_ids(self, catalogue: Catalogue, rows: list[int], terminator: int) -> list[list[int]]:
+        """Per catalogue row: tokens of ``item_sep`` + the item as rendered in a mixed sequence (cut
+        to the item token budget), tokenized on their own (so every user shares them), then
+        ``terminator`` (so an item whose tokens begin another's stays a distinct sequence)."""
+        texts = [self.prompt.item_sep + t for t in self._mixed_items(catalogue, rows)]
+        return [ids + [terminator] for ids in self._ids(texts)]
 
 
 def load_tokenizer(prepared_dir: str | Path):

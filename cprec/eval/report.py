@@ -7,7 +7,8 @@ report.json::
      "split": "test", "checkpoint": {"path": str, "id": str}, "timestamp": ISO-8601 UTC,
      "ks": [1, 5, ...], "n_users": {domain: n, ..., "overall": n},
      "results": {model: {domain: {"recall@10": x, "ndcg@10": y, "mrr@10": z, ...}, "overall": {...}}},
-     "models": {model: {...details: training stats, scope...}}, "skipped": {...}, "seconds": {...},
+     "models": {model: {"head": str, ...details: training stats, scope, costs...}},
+     "skipped": {...}, "seconds": {...},
      "cold": {domain: {"candidates": n, "cold_candidates": n, "targets": n, "cold_targets": n}},
      "item_cache": {"hits": n, "misses": n},
      "users": {domain: [user id, ...]}, "ranks": {model: {domain: [target rank per user, ...]}}}
@@ -42,6 +43,15 @@ from cprec.runtime.tracking import TRACKING_FILE, NullTracker, Tracker, default_
 log = logging.getLogger(__name__)
 
 MASKING = "user's history items in the target's domain are excluded (the target never is)"
+HEADS = {
+    "llm-pretrained": "embedding zero-shot",
+    "llm-finetuned": "embedding fine-tuned",
+    "llm-generative": "generative",
+    "llm-reranked": "re-ranked",
+    "popularity": "baseline",
+    "sasrec": "baseline",
+}
+"""Which head produced each model's rows (``models[model]["head"]`` in report.json)."""
 
 
 def build_report(
@@ -58,8 +68,13 @@ def build_report(
     seconds: dict[str, float] | None = None,
     cold: dict[str, dict[str, int]] | None = None,
 ) -> dict:
-    """Assemble the report dict (see the module docstring)."""
+    """Assemble the report dict (see the module docstring); every ranked model's entry in
+    ``models`` names its head (`HEADS`)."""
     from cprec.eval.ranking import protocol_label
+
+    models = {k: dict(v) for k, v in (models or {}).items()}
+    for name in results:
+        models[name] = {"head": HEADS.get(name, "unknown"), **models.get(name, {})}
 
     return {
         "protocol": {
@@ -75,7 +90,7 @@ def build_report(
         "ks": list(ks),
         "n_users": dict(n_users),
         "results": results,
-        "models": models or {},
+        "models": models,
         "skipped": skipped or {},
         "seconds": seconds or {},
         "cold": cold or {},
@@ -104,6 +119,7 @@ def to_markdown(report: dict) -> str:
         f"ties: {p.get('ties', 'pessimistic')}",
         f"- users: {', '.join(f'{d} {n}' for d, n in report['n_users'].items())}",
         *_cold_line(report.get("cold") or {}),
+        *_heads_line(report),
         f"- written: {report['timestamp']}",
         "",
         "| model | domain | " + " | ".join(cols) + " |",
@@ -142,6 +158,15 @@ def _cold_line(cold: dict[str, dict[str, int]]) -> list[str]:
         for d, c in cold.items()
     ]
     return ["- cold (in no training sequence): " + "; ".join(parts)]
+
+
+def _heads_line(report: dict) -> list[str]:
+    heads = [
+        f"{m}: {report['models'][m]['head']}"
+        for m in report["results"]
+        if "head" in report["models"].get(m, {})
+    ]
+    return ["- heads: " + "; ".join(heads)] if heads else []
 
 
 def plot(report: dict, path: str | Path, metrics: tuple[str, ...] = ("recall", "ndcg")) -> Path | None:

@@ -8,6 +8,9 @@
    build one ranking task per domain (``eval.max_users`` caps users per domain, seeded).
 3. ``llm-pretrained`` (``eval.rank_pretrained``): item and user embeddings (item cache under
    ``<eval.output_dir>/cache/``), scored by dot product, ranked under ``eval.protocol``.
+   ``llm-generative`` (``eval.generative``) and ``llm-reranked`` (``eval.rerank_top_n``): the same
+   checkpoint ranking items by its likelihood of writing them after the history
+   (`cprec.eval.generative`).
 4. ``llm-finetuned`` (``eval.finetune``): contrastive fine-tuning, one model for all domains or one
    per domain (``eval.finetune_scope``), in a DeepSpeed engine (ZeRO-0, or with
    ``eval.finetune_deepspeed`` training's ZeRO stage),
@@ -52,6 +55,7 @@ from cprec.eval.encode import (
     resolve_dtype,
 )
 from cprec.eval.finetune_state import model_identity
+from cprec.eval.generative import generative_rows
 from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs, load_split_users
 from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, cold_counts, evaluate
 from cprec.eval.report import (
@@ -379,6 +383,17 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         if is_main:
             rank("llm-pretrained", fn)
         models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
+
+    if ecfg.generative or ecfg.rerank_top_n:  # llm-generative / llm-reranked: cprec.eval.generative
+        t = time.perf_counter()
+        zero_shot = fn if ecfg.rank_pretrained else None
+        gen_fns, gen_models = generative_rows(
+            cfg, side, hf_dir, f"{ckpt['id']}:{side.dtype}", tasks, zero_shot
+        )
+        seconds["search/llm-generative"] = time.perf_counter() - t
+        for name, gen_fn in gen_fns.items() if is_main else ():
+            rank(name, gen_fn)
+        models.update(gen_models)
 
     if ecfg.finetune:
         t = time.perf_counter()
