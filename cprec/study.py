@@ -9,6 +9,9 @@ One dataset, one base model, the same eval split, protocol, users and candidates
 - ``domain_only`` / ``mixed_only``  the ablation of what CPT reads (``data.kinds``): a stable phase of
                   the same length on domain-specific sequences only, or all-domain mixed only
                   ("both" is the ``stable`` row);
+- ``pairwise``    the last CPT checkpoint (anneal, else stable) fine-tuned with the old pair-wise
+                  objective (``eval.finetune_objective=pairs``) instead of all-position: what the
+                  fine-tuning objective itself is worth, on the same checkpoint;
 - baselines (popularity, SASRec trained to early stopping), computed once in the first eval.
 
 Every stage is an ordinary job — ``cprec prepare``, ``cprec train`` (in its own process, as on a
@@ -37,7 +40,7 @@ from cprec.config import load_config
 
 log = logging.getLogger(__name__)
 
-ROWS = ("base", "stable", "anneal", "domain_only", "mixed_only")
+ROWS = ("base", "stable", "anneal", "domain_only", "mixed_only", "pairwise")
 HEADS = {
     "llm-pretrained": "zero-shot",
     "llm-finetuned": "fine-tuned",
@@ -66,6 +69,8 @@ class StudyPlan:
     """Extra overrides for the annealing phase only."""
     eval_overrides: list[str] = field(default_factory=list)
     """Extra overrides for the eval jobs only."""
+    row_overrides: dict[str, list[str]] = field(default_factory=dict)
+    """Extra eval overrides of single rows (e.g. the generative head on the anneal row only)."""
 
     def __post_init__(self):
         self.stable_config, self.out = Path(self.stable_config), Path(self.out).resolve()
@@ -74,6 +79,11 @@ class StudyPlan:
             raise ValueError(f"study rows: unknown {bad}; choose from {', '.join(ROWS)}")
         if "anneal" in self.rows and self.anneal_config is None:
             raise ValueError("study rows: 'anneal' needs an anneal config")
+        if "pairwise" in self.rows and not {"stable", "anneal"} & set(self.rows):
+            raise ValueError("study rows: 'pairwise' needs the stable or anneal row (its checkpoint)")
+        bad = sorted(set(self.row_overrides) - set(ROWS))
+        if bad:
+            raise ValueError(f"study row_overrides: unknown rows {bad}; choose from {', '.join(ROWS)}")
         self.rows = tuple(r for r in ROWS if r in self.rows)
 
 
@@ -118,6 +128,7 @@ def run_study(plan: StudyPlan) -> dict:
             f"eval.prepared_dir={prepared}",
             f"eval.output_dir={out / 'eval' / row}",
             *plan.eval_overrides,
+            *plan.row_overrides.get(row, []),
         ]
         if baselines_done:
             over.append("eval.baselines=[]")
@@ -161,6 +172,10 @@ def run_study(plan: StudyPlan) -> dict:
         train_phase(plan.stable_config, [*common, *kinds, f"train.output_dir={runs / row}"])
         seconds[f"train/{row}"] = time.perf_counter() - t
         eval_row(row, str(runs / row), kinds)
+    if "pairwise" in plan.rows:
+        last = "anneal" if "anneal" in plan.rows else "stable"
+        pairs = ["eval.finetune_objective=pairs", "eval.rank_pretrained=false"]
+        eval_row("pairwise", str(runs / last), pairs)
     study = summarize(reports, seconds)
     write_study(study, out)
     return study

@@ -80,3 +80,12 @@ def test_plan_validates_rows(tmp_path):
         StudyPlan(tmp_path / "s.yaml", tmp_path, rows=("anneal",))
     plan = StudyPlan(tmp_path / "s.yaml", tmp_path, rows=("stable", "base"))
     assert plan.rows == ("base", "stable")  # always run in the documented order
+
+
+def test_plan_pairwise_row_needs_a_cpt_checkpoint_and_row_overrides_name_rows(tmp_path):
+    with pytest.raises(ValueError, match="'pairwise' needs the stable or anneal row"):
+        StudyPlan(tmp_path / "s.yaml", tmp_path, rows=("base", "pairwise"))
+    with pytest.raises(ValueError, match="row_overrides: unknown rows \\['nope'\\]"):
+        StudyPlan(tmp_path / "s.yaml", tmp_path, rows=("stable",), row_overrides={"nope": []})
+    plan = StudyPlan(tmp_path / "s.yaml", tmp_path, rows=("pairwise", "stable"))
+    assert plan.rows == ("stable", "pairwise")

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -148,10 +150,45 @@ def start_distributed() -> DistInfo:
             os.environ["MASTER_PORT"] = str(_free_port())
             _local_rendezvous = True
     init_distributed()
+    if not on_gpu():
+        clear_stale_build_lock("deepspeed_shm_comm")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
     if on_gpu():
         torch.cuda.set_device(dist_info().local_rank)
     return dist_info()
+
+
+STALE_LOCK_S = 300.0
+"""A JIT-build lock older than this, beside an op already built, belongs to a killed process."""
+
+
+def clear_stale_build_lock(name: str) -> bool:
+    """Remove the torch extension build lock of op ``name`` when it is stale.
+
+    DeepSpeed loads its CPU shared-memory op through torch's JIT loader on every
+    ``init_distributed``, which holds a lock file (``FileBaton``: no owner recorded) for the
+    fraction of a second a built op takes to load. A process killed in that moment (Ctrl-C, a
+    scheduler's preemption) leaves the file behind and every later job waits on it forever. A lock
+    older than ``STALE_LOCK_S`` beside the built library cannot be a live build: it is removed with
+    a warning. Returns whether one was removed."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        folder = Path(_get_build_directory(name, verbose=False))
+    except Exception:  # a private torch helper: without it, leave the lock alone
+        return False
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S or not any(folder.glob("*.so")):
+        return False
+    log.warning(
+        "removing a stale build lock %s (%.0f s old, the op is built; its holder was killed)", lock, age
+    )
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def init_engine(model: nn.Module, spec: EngineSpec, universal: bool = False):
