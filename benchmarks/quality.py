@@ -66,13 +66,17 @@ SIZES = {
             "train.checkpoint.every_steps=15",
             "eval.max_users=200",
             "eval.max_history_items=10",
-            "eval.finetune_epochs=0.005",
+            "eval.finetune_epochs=0.0105",
             "eval.finetune_batch_size=8",
-            "eval.finetune_negatives=3",
-            "eval.finetune_lr=2e-5",
+            "eval.finetune_negatives=32",
+            "eval.finetune_lr=1e-4",
+            "eval.finetune_max_items=20",
+            "eval.finetune_seq_len=1024",
         ],
         "anneal": ["train.max_steps=8", "train.schedule.decay_steps=8"],
-        "rows": ("base", "stable", "anneal", "domain_only", "mixed_only"),
+        "rows": ("base", "stable", "anneal", "domain_only", "mixed_only", "pairwise"),
+        # The generative head (trie-constrained beam search) on the last CPT checkpoint only.
+        "row_overrides": {"anneal": ["eval.generative=true", "eval.beam_width=10"]},
     },
     "tiny": {
         "every": [
@@ -85,10 +89,13 @@ SIZES = {
             "eval.max_users=20",
             "eval.max_history_items=5",
             "eval.finetune_epochs=0.002",
+            "eval.finetune_max_items=8",
+            "eval.finetune_seq_len=256",
             "eval.sasrec_epochs=1",
         ],
         "anneal": ["train.max_steps=2", "train.schedule.decay_steps=2"],
-        "rows": ("base", "stable", "anneal", "domain_only", "mixed_only"),
+        "rows": ("base", "stable", "anneal", "domain_only", "mixed_only", "pairwise"),
+        "row_overrides": {"anneal": ["eval.generative=true", "eval.beam_width=4", "eval.rerank_top_n=5"]},
     },
 }
 # One domain has no all-domain mixed sequences (configs/ml1m_single.yaml reads domain sequences only),
@@ -111,6 +118,7 @@ def run_one(dataset: str, model: str, size: str, out_root: Path, rows: tuple[str
         rows=tuple(r for r in s["rows"] if dataset not in NO_ABLATION or not r.endswith("_only")),
         overrides=[*over, *s["every"]],
         anneal_overrides=s["anneal"],
+        row_overrides=s.get("row_overrides", {}),
     )
     t = time.perf_counter()
     study = run_study(plan)

@@ -58,7 +58,7 @@ SIZES: dict[str, list[str]] = {
         "eval.max_users=60",
         "eval.max_history_items=20",
         "eval.sasrec_epochs=2",
-        "eval.finetune_epochs=0.2",
+        "eval.finetune_epochs=0.05",
     ],
 }
 # The anneal's own length (full size: as in configs/demo_ml1m_anneal.yaml).

@@ -26,12 +26,13 @@ def test_quality_tiny_runs_every_row_and_writes_json(tmp_path, food_kitchen_dir,
     (study,) = data["studies"]
     assert study["dataset"] == "food-kitchen" and study["domains"] == ["A", "B"]
     names = {r["name"] for r in study["rows"]}
-    # A from-scratch model has no base row; every CPT row has both heads; baselines once.
+    # A from-scratch model has no base row; every CPT row has both heads, the anneal row the generative
+    # and re-ranked ones too, the pairwise row the pair-wise fine-tuned one; baselines once.
     assert names == {
         f"{row} · {head}"
         for row in ("stable", "anneal", "domain_only", "mixed_only")
         for head in ("zero-shot", "fine-tuned")
-    } | {"popularity", "SASRec"}
+    } | {"anneal · generative", "anneal · re-ranked", "pairwise · fine-tuned", "popularity", "SASRec"}
     for r in study["rows"]:
         for d in ("A", "B"):
             iv = r["metrics"][d]["recall@10"]
