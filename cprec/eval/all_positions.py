@@ -22,7 +22,7 @@ padding and no attention across documents; `make_batch(..., packed=False)` build
 padded, which the tests use to show packed == padded. A user of n items gives n - 1 signals (those
 whose target is in the scope's domains) per forward.
 
-Data order is a pure function of the step, as for pairs (`cprec.eval.finetune.batch_rows` and a
+Data order is a pure function of the step, as for pairs (`cprec.eval.data_order.batch_rows` and a
 negative generator seeded by (seed, rank, step)), so resuming needs no replay.
 """
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cprec.config import EvalConfig
+from cprec.eval.data_order import batch_rows, seed_words
 from cprec.eval.encode import PromptBuilder, pad_batch
 from cprec.eval.inputs import Catalogue
 from cprec.model.packed import enable_packed_attention, packed_hidden_states
@@ -270,11 +271,8 @@ class AllPositionObjective:
     def __init__(
         self, model, builder, catalogue, seqs: list[UserSequence], cfg: EvalConfig, pad_id, rank, world
     ):
-        from cprec.eval.finetune import batch_rows, seed_words
-
         if not seqs:
             raise ValueError("fine-tuning has no user sequences (eval/train_sequences.parquet gives none)")
-        self._batch_rows, self._seed = batch_rows, seed_words
         self.module = AllPositionModel(model, cfg)
         self.builder, self.catalogue, self.cfg, self.pad_id, self.rank = builder, catalogue, cfg, pad_id, rank
         self.n_examples = len(seqs)
@@ -282,9 +280,9 @@ class AllPositionObjective:
 
     def batch(self, step: int) -> dict:
         c = self.cfg
-        rows = self._batch_rows(step, len(self.mine), c.finetune_batch_size, c.seed, self.rank)
+        rows = batch_rows(step, len(self.mine), c.finetune_batch_size, c.seed, self.rank)
         seqs = [self.mine[i] for i in rows]
-        rng = np.random.default_rng(self._seed(c.seed, self.rank, step))
+        rng = np.random.default_rng(seed_words(c.seed, self.rank, step))
         negs = sample_negatives(self.catalogue, seqs, c.finetune_negatives, rng)
         return make_batch(self.builder, self.catalogue, seqs, negs, c, self.pad_id)
 

@@ -61,6 +61,8 @@ from tqdm import tqdm
 
 from cprec.config import Config, EvalConfig
 from cprec.eval import finetune_state as fs
+from cprec.eval.all_positions import AllPositionObjective, UserSequence
+from cprec.eval.data_order import batch_rows, seed_words
 from cprec.eval.encode import PromptBuilder, embed, pad_batch, resolve_dtype
 from cprec.eval.finetune_state import (  # noqa: F401 (re-exported for callers of this module)
     STATE_FILE,
@@ -112,10 +114,6 @@ def build_pairs(
     return pairs, dict(skipped)
 
 
-def seed_words(*parts: int) -> list[int]:
-    return [p & 0xFFFFFFFF for p in parts]  # numpy seed sequences take non-negative words
-
-
 class NegativeSampler:
     """Uniform in-domain negatives that avoid the positive and the user's history."""
 
@@ -143,14 +141,6 @@ class NegativeSampler:
         if not rest:
             raise ValueError(f"domain {pair.domain!r} has no item to use as a negative")
         return out + [int(r) for r in self.rng.choice(rest, size=n - len(out))]
-
-
-def batch_rows(step: int, n: int, batch_size: int, seed: int, rank: int) -> np.ndarray:
-    """Indices (into this rank's pairs) of the batch of ``step``: a pure function of its arguments."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng(seed_words(seed, rank, epoch)).permutation(n)
-    return order[k * batch_size : (k + 1) * batch_size]
 
 
 # ------------------------------------------------------------------------------------ the loss
@@ -244,8 +234,6 @@ def make_objective(
     model, builder, catalogue, examples: list, cfg: EvalConfig, pad_id: int, rank: int, world: int
 ):
     """The objective of ``examples``: `Pair` s (pair-wise) or user sequences (all-position)."""
-    from cprec.eval.all_positions import AllPositionObjective, UserSequence
-
     kind = AllPositionObjective if examples and isinstance(examples[0], UserSequence) else PairObjective
     return kind(model, builder, catalogue, examples, cfg, pad_id, rank, world)
 

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from cprec.config import EvalConfig, PromptConfig, load_config
+from cprec.eval.data_order import batch_rows
 from cprec.eval.encode import PromptBuilder, load_model
 from cprec.eval.finetune import (
     CheckpointPolicy,
     FineTuner,
-    batch_rows,
     build_pairs,
     pairs_identity,
     settings_key,
