@@ -105,7 +105,14 @@ NO_ABLATION = {"ml1m-single"}
 SCRATCH_EXTRA = {"food-kitchen": ["data.tokenizer.vocab_size=4000"]}
 
 
-def run_one(dataset: str, model: str, size: str, out_root: Path, rows: tuple[str, ...] | None = None) -> dict:
+def run_one(
+    dataset: str,
+    model: str,
+    size: str,
+    out_root: Path,
+    rows: tuple[str, ...] | None = None,
+    extra: tuple[str, ...] = (),
+) -> dict:
     stable, anneal, extra = DATASETS[dataset]
     s = dict(SIZES[size])
     if rows:
@@ -116,7 +123,7 @@ def run_one(dataset: str, model: str, size: str, out_root: Path, rows: tuple[str
         anneal_config=anneal,
         out=out_root / f"{dataset}--{model}",
         rows=tuple(r for r in s["rows"] if dataset not in NO_ABLATION or not r.endswith("_only")),
-        overrides=[*over, *s["every"]],
+        overrides=[*over, *s["every"], *extra],
         anneal_overrides=s["anneal"],
         row_overrides=s.get("row_overrides", {}),
     )
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", action="store_true", help="keep the other studies already in --results (runs in parts)"
     )
     p.add_argument("--no-sasrec-reference", action="store_true", help="skip the SASRec ML-1M reference")
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every stage of every study")
     p.add_argument(
         "--sasrec-json", default="", help="take the SASRec ML-1M reference from this sasrec_ml1m.py result"
     )
@@ -193,14 +201,13 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             p.error(f"unknown DATASET:MODEL {bad}; datasets {list(DATASETS)}, models {list(MODELS)}")
     out_root = Path(args.out).resolve()
+    rows = tuple(filter(None, args.rows.split(",")))
     t = time.perf_counter()
     results = {
         "size": args.size,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "rows": args.rows or "all",
-        "studies": [
-            run_one(d, m, args.size, out_root, tuple(filter(None, args.rows.split(",")))) for d, m in pairs
-        ],
+        "studies": [run_one(d, m, args.size, out_root, rows, tuple(args.overrides)) for d, m in pairs],
     }
     if args.sasrec_json:
         results["sasrec_ml1m"] = json.loads(Path(args.sasrec_json).read_text(encoding="utf-8"))
