@@ -68,7 +68,7 @@ def test_library_warnings_the_user_cannot_act_on_are_filtered():
     import torch
     import torch.distributed as torch_dist
 
-    from cprec.cli import filter_library_warnings
+    from cprec.quiet import filter_library_warnings
 
     def caught(filtered: bool) -> list[str]:
         with warnings.catch_warnings(record=True) as seen:

@@ -368,7 +368,7 @@ def train_sasrec(
             else:
                 since_best += 1
             msg = f", valid {VALID_METRIC} {metrics[VALID_METRIC]:.4f} (best {best_value:.4f} @ {best_epoch})"
-        log.info(
+        log.debug(  # per epoch: DEBUG (losses and validation history are in the stats / report)
             "SASRec epoch %d/%d: loss %.4f%s (%.0f s)",
             epoch,
             cfg.epochs,
@@ -383,6 +383,14 @@ def train_sasrec(
         model.load_state_dict(best_state)
     model.eval()
     epochs_run = len(losses)
+    log.info(
+        "SASRec: %d/%d epochs%s, final loss %.4f (%.0f s)",
+        epochs_run,
+        cfg.epochs,
+        f", best valid {VALID_METRIC} {best_value:.4f} @ epoch {best_epoch}" if valid else "",
+        losses[-1],
+        time.perf_counter() - t0,
+    )
     stats = {
         "config": asdict(cfg),
         "sequences": len(seqs),

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from cprec import quiet
 from cprec.runtime.dist import DistInfo, dist_info, init_distributed
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ def start_distributed() -> DistInfo:
             os.environ["MASTER_PORT"] = str(_free_port())
             _local_rendezvous = True
     init_distributed()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+    with quiet.library_prints(log, "deepspeed"):  # "DeepSpeed ... shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
     if on_gpu():
         torch.cuda.set_device(dist_info().local_rank)
     return dist_info()
