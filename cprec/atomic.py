@@ -26,7 +26,9 @@ def _remove(p: Path) -> None:
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; write a file or a folder there. On a clean exit it
-    replaces ``path`` (an existing folder is removed first); on an error it is deleted."""
+    replaces ``path``; on an error it is deleted. An existing folder is first renamed aside
+    (``.<name>.old-<pid>``: ``os.replace`` cannot put a folder over a non-empty one) and removed
+    only once the new one is in place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -34,8 +36,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
-            shutil.rmtree(path)  # os.replace cannot put a folder over a non-empty one
-        os.replace(tmp, path)
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            _remove(old)
+            path.rename(old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                old.rename(path)  # the old folder back where it was
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise

@@ -6,7 +6,8 @@ import argparse
 import importlib
 import logging
 import sys
-import warnings
+
+from cprec import quiet
 
 DESCRIPTION = """CPRec: all-domain continual pre-training of LLMs for recommendation.
 
@@ -112,27 +113,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Library warnings the user of cprec cannot act on: (category, message regex, module regex, why).
-# Filtered once at start-up of every cprec process (torchrun ranks and the study's stages are
-# `python -m cprec.cli` processes too); anything else still shows.
-LIBRARY_WARNINGS = [
-    (
-        FutureWarning,
-        r"`torch\.distributed\.\w+` is deprecated",
-        r"torch\.distributed",
-        # DeepSpeed's ZeRO stage 3 calls the deprecated reduce_scatter_tensor/all_gather_into_tensor
-        # on every step, and something resets the warnings registry each time: one line per step.
-        "DeepSpeed ZeRO-3 collectives",
-    ),
-]
-
-
-def filter_library_warnings() -> None:
-    """Ignore ``LIBRARY_WARNINGS`` (placed in front, so they win over the default filters)."""
-    for category, message, module, _why in LIBRARY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
-
-
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
@@ -180,7 +160,7 @@ def _call(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    filter_library_warnings()
+    quiet.at_start_up()  # library warnings, bars and log lines the user cannot act on: off, once
     setup_logging(args.log_level)
     from cprec.lifetime import die_with_launcher
 

@@ -92,7 +92,7 @@ def train_phase(config: Path, overrides: list[str]) -> None:
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = [sys.executable, "-m", "cprec.cli", "train", str(config), *overrides]
-    log.info("running: %s", " ".join(cmd))
+    log.debug("running: %s", " ".join(cmd))
     subprocess.run(cmd, check=True, env=env)
 
 

@@ -22,7 +22,7 @@ import logging
 import torch
 
 from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
-from .flash import flash_available, flash_unavailable_reason, packed_attention_flash
+from .flash import flash_available, flash_problem, packed_attention_flash
 from .loop import packed_attention_loop
 from .reference import packed_attention_reference
 from .sdpa import packed_attention_sdpa
@@ -72,16 +72,9 @@ def choose_attention_backend(
     if flash_ok is None:
         flash_ok = flash_available()
     if requested == "flash":
-        if not flash_ok:
-            raise RuntimeError(
-                f"model.attn_backend=flash but flash-attn is not importable ({flash_unavailable_reason()}); "
-                "install flash-attn on a CUDA machine or use auto|sdpa|loop|reference"
-            )
-        if device_type != "cuda":
-            raise RuntimeError(
-                f"model.attn_backend=flash needs CUDA tensors, got device '{device_type}'; "
-                "flash-attn has no CPU build: use auto|sdpa|loop|reference"
-            )
+        problem = flash_problem(device_type, importable=flash_ok)
+        if problem:
+            raise RuntimeError(f"model.attn_backend=flash: {problem}")
         return "flash", "forced by config"
     if requested != "auto":
         return requested, "forced by config"

@@ -34,6 +34,24 @@ def flash_unavailable_reason() -> str:
     return _load()[1]
 
 
+def flash_problem(device_type: str, dtype: torch.dtype | None = None, importable: bool | None = None) -> str:
+    """Why flash-attn cannot run on tensors of ``device_type`` (and ``dtype``); '' when it can.
+
+    The one statement of its needs, for the dispatcher (a forced ``flash``) and the kernel alike;
+    ``importable`` stands in for the import probe (the dispatcher's pure tests)."""
+    if not (flash_available() if importable is None else importable):
+        reason = flash_unavailable_reason() or "not installed"
+        return f"flash-attn is not importable ({reason}); {_INSTALL_HINT}"
+    if device_type != "cuda":
+        return (
+            f"needs CUDA tensors, got device '{device_type}'; flash-attn has no CPU build: "
+            "use model.attn_backend=auto|sdpa|loop|reference"
+        )
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return f"needs fp16/bf16 tensors, got {dtype}"
+    return ""
+
+
 def packed_attention_flash(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -44,16 +62,10 @@ def packed_attention_flash(
     dropout: float = 0.0,
 ) -> torch.Tensor:
     """``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]`` via flash-attn varlen (causal)."""
-    fn, reason = _load()
-    if fn is None:
-        raise RuntimeError(f"attention backend 'flash' needs flash-attn ({reason}); {_INSTALL_HINT}")
-    if q.device.type != "cuda":
-        raise RuntimeError(
-            f"attention backend 'flash' needs CUDA tensors, got device {q.device}; "
-            "use model.attn_backend=auto|sdpa|loop|reference on CPU"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise RuntimeError(f"attention backend 'flash' needs fp16/bf16 tensors, got {q.dtype}")
+    problem = flash_problem(q.device.type, q.dtype)
+    if problem:
+        raise RuntimeError(f"attention backend 'flash': {problem}")
+    fn = _load()[0]
     b, h, n, d = q.shape
     # [B, H, L, D] -> [B*L, H, D]: flash-attn's packed ("unpadded") layout.
     qf = q.transpose(1, 2).reshape(b * n, h, d)

@@ -59,29 +59,3 @@ def test_config_error_is_printed_by_rank_0_only(tmp_path):
         )
         assert r.returncode == 2
         assert r.stderr.count("unknown config key 'train.lrr'") == printed, r.stderr
-
-
-def test_library_warnings_the_user_cannot_act_on_are_filtered():
-    """DeepSpeed ZeRO-3 calls torch's deprecated collectives every step: filtered at start-up."""
-    import warnings
-
-    import torch
-    import torch.distributed as torch_dist
-
-    from cprec.cli import filter_library_warnings
-
-    def caught(filtered: bool) -> list[str]:
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            if filtered:
-                filter_library_warnings()
-            warnings.warn("a FutureWarning of cprec's own still shows", FutureWarning, stacklevel=1)
-            for collective in (torch_dist.reduce_scatter_tensor, torch_dist.all_gather_into_tensor):
-                try:  # the deprecation warning comes before the missing process group's error
-                    collective(torch.zeros(2), torch.zeros(2))
-                except ValueError:
-                    pass
-        return [f"{w.category.__name__}: {w.message}" for w in seen]
-
-    assert len(caught(filtered=False)) == 3
-    assert caught(filtered=True) == ["FutureWarning: a FutureWarning of cprec's own still shows"]

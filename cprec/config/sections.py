@@ -281,7 +281,7 @@ class CheckpointConfig:
         _check(self.keep_last >= 1, "train.checkpoint.keep_last", "must be >= 1")
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: the base of the frozen `cprec.stream.settings.LoaderSettings`
 class LoaderConfig:
     """The streaming loader over prepared shards."""
 
@@ -306,7 +306,7 @@ class LoaderConfig:
     mismatch is a corrupt shard (see on_corrupt). Off only to measure what the checks cost."""
 
     def __post_init__(self):
-        for k, w in self.mixing.items():
+        for k, w in (self.mixing or {}).items():  # None = the natural mix, as {}
             _check(w >= 0, f"train.loader.mixing.{k}", "weight must be >= 0")
         _check(self.shuffle_buffer >= 1, "train.loader.shuffle_buffer", "must be >= 1")
         _check(self.num_workers >= 0, "train.loader.num_workers", "must be >= 0")

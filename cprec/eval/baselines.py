@@ -28,7 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cprec.atomic import atomic_path
+from cprec.config.sections import EvalConfig
 from cprec.eval.inputs import Catalogue
 from cprec.eval.ranking import DomainTask, ScoreFn, evaluate
 
@@ -77,84 +78,50 @@ def popularity_score_fn(scores: np.ndarray) -> ScoreFn:
 
 
 # ------------------------------------------------------------------------------------- SASRec
-SIMILARITIES = ("dot", "cosine")
 VALID_METRIC = "ndcg@10"
 """What early stopping watches: NDCG@10 over the validation users (full ranking, pooled)."""
+
+_E = EvalConfig  # the one home of the SASRec settings: eval.sasrec_* (defaults, docs, checks)
 
 
 @dataclass
 class SASRecConfig:
-    """SASRec settings (``eval.sasrec_*``). The defaults are those of the published sampled-softmax
-    SASRec on ML-1M (generative-recommenders, ``configs/ml-1m/sasrec-sampled-softmax-n128-final.gin``):
-    50 dims, 2 blocks, 1 head, dropout 0.2, 200 items, cosine similarity / 0.05, Adam 1e-3, batch
-    128 — except 256 negatives per sequence where they draw 128 per position (on ML-1M, 256 reached
-    the validation NDCG@10 of 128 in about 2/3 of the epochs; benchmarks/sasrec_ml1m.py)."""
+    """SASRec settings: the ``eval.sasrec_*`` fields of ``EvalConfig`` under short names (see
+    ``eval_field``), where their defaults, docs and checks live. The defaults are those of the
+    published sampled-softmax SASRec on ML-1M (generative-recommenders,
+    ``configs/ml-1m/sasrec-sampled-softmax-n128-final.gin``): 50 dims, 2 blocks, 1 head, dropout 0.2,
+    200 items, cosine similarity / 0.05, Adam 1e-3, batch 128 — except 256 negatives per sequence
+    where they draw 128 per position (on ML-1M, 256 reached the validation NDCG@10 of 128 in about
+    2/3 of the epochs; benchmarks/sasrec_ml1m.py)."""
 
-    hidden: int = 50
-    max_len: int = 200
-    layers: int = 2
-    heads: int = 1
-    dropout: float = 0.2
-    epochs: int = 200
-    """Maximum epochs; training stops earlier once validation NDCG@10 stops improving."""
-    patience: int = 5
-    """Validation evaluations without improvement before stopping (0 = always run ``epochs``)."""
-    eval_every: int = 2
-    """Epochs between validation evaluations (the last epoch is always evaluated)."""
-    batch_size: int = 128
-    lr: float = 1e-3
-    n_negatives: int = 256
-    similarity: str = "cosine"
-    """dot (raw dot product) or cosine (L2-normalised user states and item embeddings)."""
-    temperature: float = 0.05
-    """Logits are similarities divided by this (use 1.0 with dot)."""
-    seed: int = 0
+    hidden: int = _E.sasrec_hidden
+    max_len: int = _E.sasrec_max_len
+    layers: int = _E.sasrec_layers
+    heads: int = _E.sasrec_heads
+    dropout: float = _E.sasrec_dropout
+    epochs: int = _E.sasrec_epochs
+    patience: int = _E.sasrec_patience
+    eval_every: int = _E.sasrec_eval_every
+    batch_size: int = _E.sasrec_batch_size
+    lr: float = _E.sasrec_lr
+    n_negatives: int = _E.sasrec_negatives
+    similarity: str = _E.sasrec_similarity
+    temperature: float = _E.sasrec_temperature
+    seed: int = _E.seed
 
     def __post_init__(self):
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"SASRec similarity must be one of {SIMILARITIES}, got {self.similarity!r}")
-        positive = (
-            "hidden",
-            "max_len",
-            "layers",
-            "heads",
-            "epochs",
-            "eval_every",
-            "batch_size",
-            "n_negatives",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"SASRec {name} must be > 0, got {getattr(self, name)}")
-        for name, ok in (
-            ("patience", self.patience >= 0),
-            ("lr", self.lr >= 0),
-            ("temperature", self.temperature > 0),
-        ):
-            if not ok:
-                raise ValueError(f"SASRec {name} out of range: {getattr(self, name)}")
-        if self.hidden % self.heads:
-            raise ValueError(f"SASRec hidden ({self.hidden}) must be a multiple of heads ({self.heads})")
+        # Checked as the eval.sasrec_* fields they are (errors name those fields).
+        EvalConfig(**{eval_field(f.name): getattr(self, f.name) for f in fields(self)})
 
 
-def sasrec_config(ecfg) -> SASRecConfig:
+def eval_field(name: str) -> str:
+    """The ``EvalConfig`` field of SASRecConfig's ``name``."""
+    return {"n_negatives": "sasrec_negatives", "seed": "seed"}.get(name, f"sasrec_{name}")
+
+
+def sasrec_config(ecfg: EvalConfig) -> SASRecConfig:
     """The SASRec settings of an ``EvalConfig`` (its ``sasrec_*`` fields and ``seed``)."""
-    return SASRecConfig(
-        hidden=ecfg.sasrec_hidden,
-        max_len=ecfg.sasrec_max_len,
-        layers=ecfg.sasrec_layers,
-        heads=ecfg.sasrec_heads,
-        dropout=ecfg.sasrec_dropout,
-        epochs=ecfg.sasrec_epochs,
-        patience=ecfg.sasrec_patience,
-        eval_every=ecfg.sasrec_eval_every,
-        batch_size=ecfg.sasrec_batch_size,
-        lr=ecfg.sasrec_lr,
-        n_negatives=ecfg.sasrec_negatives,
-        similarity=ecfg.sasrec_similarity,
-        temperature=ecfg.sasrec_temperature,
-        seed=ecfg.seed,
-    )
+    return SASRecConfig(**{f.name: getattr(ecfg, eval_field(f.name)) for f in fields(SASRecConfig)})
 
 
 class _Block(nn.Module):
@@ -368,7 +335,7 @@ def train_sasrec(
             else:
                 since_best += 1
             msg = f", valid {VALID_METRIC} {metrics[VALID_METRIC]:.4f} (best {best_value:.4f} @ {best_epoch})"
-        log.info(
+        log.debug(  # per epoch: DEBUG (losses and validation history are in the stats / report)
             "SASRec epoch %d/%d: loss %.4f%s (%.0f s)",
             epoch,
             cfg.epochs,
@@ -383,6 +350,14 @@ def train_sasrec(
         model.load_state_dict(best_state)
     model.eval()
     epochs_run = len(losses)
+    log.info(
+        "SASRec: %d/%d epochs%s, final loss %.4f (%.0f s)",
+        epochs_run,
+        cfg.epochs,
+        f", best valid {VALID_METRIC} {best_value:.4f} @ epoch {best_epoch}" if valid else "",
+        losses[-1],
+        time.perf_counter() - t0,
+    )
     stats = {
         "config": asdict(cfg),
         "sequences": len(seqs),

@@ -138,16 +138,27 @@ def headline_k(ks: list[int]) -> int:
     return 10 if 10 in ks else max(ks)
 
 
-def summary_lines(model: str, per_domain: dict[str, dict[str, float]], ks: list[int]) -> list[str]:
-    """Log lines of one model's results, each naming its metric and K, e.g.
-    ``popularity recall@10: A 0.1391, B 0.0200, overall 0.0512``: recall and NDCG at the headline
-    K, and recall at the largest K when that is another one."""
+def _summary_metrics(ks: list[int]) -> list[str]:
+    """Recall and NDCG at the headline K, and recall at the largest K when that is another one."""
     k = headline_k(ks)
-    names = [f"recall@{k}", f"ndcg@{k}"] + ([f"recall@{max(ks)}"] if max(ks) != k else [])
+    return [f"recall@{k}", f"ndcg@{k}"] + ([f"recall@{max(ks)}"] if max(ks) != k else [])
+
+
+def summary_lines(model: str, per_domain: dict[str, dict[str, float]], ks: list[int]) -> list[str]:
+    """Log lines of one model's results per domain, each naming its metric and K, e.g.
+    ``popularity recall@10: A 0.1391, B 0.0200, overall 0.0512`` (the `_summary_metrics`)."""
     return [
         f"{model} {name}: " + ", ".join(f"{d} {_fmt(v.get(name))}" for d, v in per_domain.items())
-        for name in names
+        for name in _summary_metrics(ks)
     ]
+
+
+def headline_line(model: str, per_domain: dict[str, dict[str, float]], ks: list[int]) -> str:
+    """One log line of one model's results over all domains (``overall``; the only domain when
+    there is no such row), e.g. ``popularity overall: recall@10 0.1167, ndcg@10 0.0582``."""
+    where = "overall" if "overall" in per_domain else next(iter(per_domain), "overall")
+    values = per_domain.get(where, {})
+    return f"{model} {where}: " + ", ".join(f"{m} {_fmt(values.get(m))}" for m in _summary_metrics(ks))
 
 
 def _cold_line(cold: dict[str, dict[str, int]]) -> list[str]:

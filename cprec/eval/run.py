@@ -62,6 +62,7 @@ from cprec.eval.report import (
     build_report,
     checkpoint_tags,
     close_tracker,
+    headline_line,
     log_report,
     open_tracker,
     summary_lines,
@@ -363,8 +364,9 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         )
         ranks[name] = {d: r.astype(int).tolist() for d, r in per_domain.items()}
         seconds[f"rank/{name}"] = time.perf_counter() - t0
+        log.info("%s", headline_line(name, results[name], ecfg.ks))  # per domain: report.md, DEBUG
         for line in summary_lines(name, results[name], ecfg.ks):
-            log.info("%s", line)
+            log.debug("%s", line)
 
     results: dict[str, dict] = {}
     ranks: dict[str, dict[str, list[int]]] = {}  # per-user target ranks: intervals, paired tests

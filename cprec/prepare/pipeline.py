@@ -16,8 +16,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cprec import atomic
 from cprec.config import Config, DataConfig, save_config
 from cprec.manifest import FORMAT_VERSION, read_manifest, shards_intact, stream_key
 from cprec.prepare import readers
@@ -33,7 +32,7 @@ from cprec.prepare.clean import clean
 from cprec.prepare.documents import EncoderState, build_specs, encode_all
 from cprec.prepare.prompts import PromptRenderer, truncate_to_budget
 from cprec.prepare.schema import Dataset, IssueLog, Item
-from cprec.prepare.shards import ShardWriter, file_sha256, write_json_atomic
+from cprec.prepare.shards import ShardWriter, file_sha256
 from cprec.prepare.split import Split, split, train_sequences_table
 
 log = logging.getLogger(__name__)
@@ -118,16 +117,9 @@ def run(cfg: Config) -> Path:
         raise ValueError(
             f"data.output_dir {out} exists, is not empty and holds no manifest.json: refusing to replace it"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic.atomic_path(out) as tmp:  # the old output is removed only after the swap
+        tmp.mkdir()
         manifest = _prepare_into(tmp, cfg, sources, chash)
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _log_summary(manifest, out, time.perf_counter() - t0)
     return out
 
@@ -200,7 +192,7 @@ def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> di
         "items": items_info,
         "documents": {"specs": len(specs), "samples": sum(s.samples for s in shards), "cut_to_fit": n_cut},
     }
-    write_json_atomic(tmp / "manifest.json", manifest)
+    atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     log.info("stage times: %s", clock)
     return manifest
 
@@ -354,17 +346,6 @@ def _write_shards(root: Path, specs: list, state: EncoderState, dcfg: DataConfig
     if n_cut:
         log.warning("%d documents were longer than data.max_doc_tokens even with one item: cut", n_cut)
     return writer.close(), dict(sorted(streams.items())), n_cut
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by the finished ``tmp`` folder (old output removed only after the swap)."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _log_summary(manifest: dict, out: Path, seconds: float) -> None:

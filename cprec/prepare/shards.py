@@ -159,10 +159,3 @@ class ShardWriter:
     def close(self) -> list[ShardInfo]:
         self._close()
         return self.shards
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)

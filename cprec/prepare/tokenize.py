@@ -145,9 +145,8 @@ def check_sentencepiece_match(folder: str | Path, texts: list[str], strict: bool
 
 
 def _auto_tokenizer(folder: str | Path):
-    import transformers
+    import transformers  # its warnings: off at start-up (cprec.quiet)
 
-    transformers.utils.logging.set_verbosity_error()
     return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 

@@ -9,7 +9,11 @@ Layout under ``<train.output_dir>/checkpoints/``::
         tokenizer/             copy of the prepared tokenizer (checkpoints are self-contained)
         universal/             DeepSpeed universal checkpoint, made on demand for a world-size change
     latest                     text: name of the newest complete checkpoint (written last)
-    final                      text: name of the phase-end checkpoint (never pruned)
+    phase_end                  text: name of the phase-end checkpoint (never pruned)
+
+``final`` is the run's exported HF folder (``<train.output_dir>/final/``, `cprec.runtime.export`) and
+nothing else: the phase-end pointer was called ``checkpoints/final`` before, and run folders written
+then (``LEGACY_PHASE_END``) still resolve.
 
 Atomicity: every rank writes into ``.tmp-step_0000120/step_0000120/``; after a barrier rank 0
 renames the inner folder to ``step_0000120`` (one ``rename`` on one file system), then rewrites
@@ -44,6 +48,10 @@ from cprec.runtime import dist
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+LATEST = "latest"  # pointer file: the newest complete checkpoint
+PHASE_END = "phase_end"  # pointer file: the phase-end (permanent) checkpoint
+LEGACY_PHASE_END = "final"  # its name in run folders written before; read, never written
+POINTERS = (LATEST, PHASE_END, LEGACY_PHASE_END)
 EXPORT_FILE = "cprec_export.json"  # provenance written into an HF export (`cprec.runtime.export`)
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d{7,})$")
@@ -95,11 +103,13 @@ def resolve_checkpoint(path: str | Path, *, hf_ok: bool = False) -> Path:
     """The one answer to "which checkpoint does this path mean" (training's init_from, `cprec
     export`, the eval job):
 
-    - a pointer file ``checkpoints/latest|final`` -> the step folder it names;
+    - a pointer file ``checkpoints/latest|phase_end`` (or an older run's ``checkpoints/final``) ->
+      the step folder it names;
     - a checkpoint folder (``step_XXXXXXX`` or any folder with trainer_state.json) -> itself;
-    - a run folder, or its ``checkpoints/`` folder -> its phase-end checkpoint (``final`` pointer),
-      else its newest complete one. The highest complete step folder, not the ``latest`` pointer:
-      a crash between the rename and the pointer update leaves a folder the pointer lags behind;
+    - a run folder, or its ``checkpoints/`` folder -> its phase-end checkpoint (``phase_end``
+      pointer, else an older run's ``final`` pointer), else its newest complete one. The highest
+      complete step folder, not the ``latest`` pointer: a crash between the rename and the pointer
+      update leaves a folder the pointer lags behind;
     - with ``hf_ok`` (readers that take HF weights, i.e. the eval job): an HF model folder is itself,
       and a run folder's exported ``final/`` is preferred over its DeepSpeed checkpoints (which
       its ``checkpoints/`` folder still names).
@@ -107,13 +117,13 @@ def resolve_checkpoint(path: str | Path, *, hf_ok: bool = False) -> Path:
     Raises FileNotFoundError/ValueError that name the path when nothing usable is there.
     """
     p = Path(path).expanduser()
-    if p.is_file():  # pointer file: checkpoints/latest or checkpoints/final
+    if p.is_file():  # pointer file: checkpoints/latest, phase_end or (older runs) final
         target = p.parent / p.read_text(encoding="utf-8").strip()
         if not is_complete(target):
             raise FileNotFoundError(f"checkpoint pointer {p} names {target}, which is missing or incomplete")
         return target
     if not p.exists():
-        if p.name in ("latest", "final") and p.parent.name == "checkpoints":
+        if p.name in POINTERS and p.parent.name == "checkpoints":
             raise FileNotFoundError(
                 f"checkpoint pointer {p} does not exist: has the run in {p.parent.parent} saved a checkpoint?"
             )
@@ -126,9 +136,10 @@ def resolve_checkpoint(path: str | Path, *, hf_ok: bool = False) -> Path:
     if hf_ok and run_dir == p and is_hf_folder(p / "final"):
         return run_dir / "final"
     if checkpoints_dir(run_dir).is_dir():
-        final = checkpoints_dir(run_dir) / "final"
-        if final.is_file():
-            return resolve_checkpoint(final)
+        for name in (PHASE_END, LEGACY_PHASE_END):
+            pointer = checkpoints_dir(run_dir) / name
+            if pointer.is_file():
+                return resolve_checkpoint(pointer)
         latest = latest_checkpoint(run_dir)
         if latest is not None:
             return latest
@@ -266,9 +277,10 @@ def save(
     if dist.is_main():
         os.replace(inner, final_path)
         shutil.rmtree(tmp_parent, ignore_errors=True)
-        atomic.write_text(ckpt_dir / "latest", name)
+        atomic.write_text(ckpt_dir / LATEST, name)
         if permanent:
-            atomic.write_text(ckpt_dir / "final", name)
+            atomic.write_text(ckpt_dir / PHASE_END, name)
+            (ckpt_dir / LEGACY_PHASE_END).unlink(missing_ok=True)  # an older run's: one name left
         pruned = prune(ckpt_dir, keep_last)
         log.info("saved checkpoint %s%s", final_path, " (permanent)" if permanent else "")
     dist.barrier()

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from cprec import quiet
 from cprec.runtime.dist import DistInfo, dist_info, init_distributed
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,8 @@ def start_distributed() -> DistInfo:
     init_distributed()
     if not on_gpu():
         clear_stale_build_lock("deepspeed_shm_comm")
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
+    with quiet.library_prints(log, "deepspeed"):  # "DeepSpeed ... shm_comm_op built successfully"
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo", verbose=False)
     if on_gpu():
         torch.cuda.set_device(dist_info().local_rank)
     return dist_info()

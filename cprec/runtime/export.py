@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cprec import atomic
+from cprec import atomic, quiet
 from cprec.config import config_from_dict
 from cprec.runtime.checkpoint import EXPORT_FILE, read_state, resolve_checkpoint
 
@@ -32,7 +32,8 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     if list(ckpt.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with quiet.library_prints(log, "zero_to_fp32"):  # its print() lines and bars, per export
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     # ZeRO stage 0: the whole module sits in the model-states file.
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if not files:
@@ -97,5 +98,5 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
 
 
 def run(checkpoint: str, out: str) -> Path:
-    """`cprec export`: ``checkpoint`` is a step folder, a run folder or a latest/final pointer."""
+    """`cprec export`: ``checkpoint`` is a step folder, a run folder or a latest/phase_end pointer."""
     return export_checkpoint(resolve_checkpoint(checkpoint), Path(out))

@@ -4,7 +4,7 @@ Where a run starts (`plan_start`):
 - **resume** its own run: the output folder already holds a checkpoint -> continue from the newest
   one (weights, optimizer, step, tokens, RNG, loader position, MLflow run). Automatic.
 - **init** from another run: ``train.init_from`` names a checkpoint (a step folder, a run folder, or a
-  ``checkpoints/latest|final`` pointer) -> weights + optimizer state, the global step continues from
+  ``checkpoints/latest|phase_end`` pointer) -> weights + optimizer state, the global step continues from
   there; the loader starts fresh on this run's own mixture. Required for an anneal run.
 - **fresh**: neither -> a new model (stable phase only).
 

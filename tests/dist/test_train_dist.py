@@ -38,7 +38,8 @@ def test_stable_run_layout(stable_run):
     ckpts = [p.name for p in ck.list_checkpoints(ck.checkpoints_dir(stable_run))]
     assert ckpts == ["step_0000002", "step_0000004", "step_0000006"]  # keep_last=2 periodic + phase end
     assert (stable_run / "checkpoints" / "latest").read_text() == "step_0000006"
-    assert (stable_run / "checkpoints" / "final").read_text() == "step_0000006"
+    assert (stable_run / "checkpoints" / "phase_end").read_text() == "step_0000006"
+    assert not (stable_run / "checkpoints" / "final").exists()  # "final" is the HF export alone
     state = ck.read_state(stable_run / "checkpoints" / "step_0000006")
     assert state["permanent"] and state["phase"] == "stable" and state["world_size"] == 2
     assert state["tokens_seen"] == sum(state["stream_tokens"].values()) > 0

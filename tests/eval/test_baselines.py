@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+from dataclasses import fields, replace
 
+import pytest
 import torch
 
+from cprec.config.sections import EvalConfig
 from cprec.eval.baselines import (
     SASRec,
     SASRecConfig,
+    eval_field,
     popularity_counts,
     popularity_score_fn,
     popularity_scores,
+    sasrec_config,
     sasrec_key,
     sasrec_score_fn,
     train_sasrec,
@@ -147,3 +151,17 @@ def test_sasrec_key_covers_validation_users_and_settings(tiny_prepared):
     assert key != sasrec_key(inputs.train_sequences, inputs.catalogue, replace(cfg, similarity="dot"), valid)
     fewer = {d: replace(t, users=t.users[:-1]) for d, t in valid.items()}
     assert key != sasrec_key(inputs.train_sequences, inputs.catalogue, cfg, fewer)
+
+
+def test_sasrec_settings_have_one_home_in_the_eval_config():
+    """SASRecConfig is eval.sasrec_* (+ eval.seed) under short names: same defaults, same checks."""
+    in_eval = {f.name for f in fields(EvalConfig) if f.name.startswith("sasrec_")} | {"seed"}
+    assert {eval_field(f.name) for f in fields(SASRecConfig)} == in_eval
+    assert sasrec_config(EvalConfig()) == SASRecConfig()
+    ecfg = EvalConfig(sasrec_hidden=12, sasrec_heads=3, sasrec_negatives=7, sasrec_similarity="dot", seed=4)
+    got = sasrec_config(ecfg)
+    assert (got.hidden, got.heads, got.n_negatives, got.similarity, got.seed) == (12, 3, 7, "dot", 4)
+    with pytest.raises(ValueError, match="eval.sasrec_heads"):
+        SASRecConfig(hidden=10, heads=3)
+    with pytest.raises(ValueError, match="eval.sasrec_similarity"):
+        SASRecConfig(similarity="euclid")

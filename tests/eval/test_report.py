@@ -12,6 +12,7 @@ from cprec.eval.report import (
     checkpoint_tags,
     close_tracker,
     compare,
+    headline_line,
     log_report_to_mlflow,
     metric_key,
     open_tracker,
@@ -182,3 +183,13 @@ def test_summary_lines_name_metric_and_k_in_every_line():
         "m recall@5: A 0.5000",
         "m ndcg@5: A 0.2500",
     ]
+
+
+def test_headline_line_is_one_line_over_all_domains():
+    overall = {"recall@10": 0.2, "ndcg@10": 0.05, "recall@50": 0.3}
+    per_domain = {"movies": {"recall@10": 0.1}, "overall": overall}
+    assert headline_line("sasrec", per_domain, [1, 10, 50]) == (
+        "sasrec overall: recall@10 0.2000, ndcg@10 0.0500, recall@50 0.3000"
+    )
+    one = {"A": {"recall@5": 0.5, "ndcg@5": 0.25}}
+    assert headline_line("m", one, [5]) == "m A: recall@5 0.5000, ndcg@5 0.2500"

@@ -40,6 +40,19 @@ def packed_inputs(batch):
     return {k: batch[k] for k in ("input_ids", "position_ids", "cu_seqlens", "max_seqlen")}
 
 
+def assert_packed_equals_one_by_one(wrapper, ref, docs, batch, spans):
+    """The packed model's logits per document and its mean loss (fp32) equal ``ref`` run on each
+    document alone."""
+    with torch.no_grad():
+        logits = wrapper.logits(**packed_inputs(batch))
+        loss = wrapper(**{k: batch[k] for k in MODEL_INPUT_KEYS})
+        want_logits, want_loss = per_document(ref, docs)
+    for (i, row, start), want in zip(spans, want_logits):
+        torch.testing.assert_close(logits[row, start : start + len(docs[i])], want, atol=1e-5, rtol=1e-5)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_packed_equals_one_by_one_fp32(arch, backend, pack, make_docs, tiny_cfg):
@@ -50,14 +63,7 @@ def test_packed_equals_one_by_one_fp32(arch, backend, pack, make_docs, tiny_cfg)
     docs = make_docs(LENGTHS, seed=2)
     batch, spans = pack(docs, SEQ_LEN)
     assert batch["input_ids"].shape[0] > 1  # several rows, several documents per row
-    with torch.no_grad():
-        logits = wrapper.logits(**packed_inputs(batch))
-        loss = wrapper(**{k: batch[k] for k in MODEL_INPUT_KEYS})
-        want_logits, want_loss = per_document(ref, docs)
-    for (i, row, start), want in zip(spans, want_logits):
-        torch.testing.assert_close(logits[row, start : start + len(docs[i])], want, atol=1e-5, rtol=1e-5)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert_packed_equals_one_by_one(wrapper, ref, docs, batch, spans)
 
 
 def test_comparison_is_sensitive_to_cross_document_attention(pack, make_docs, tiny_cfg):
@@ -258,13 +264,7 @@ def test_opt_folder_model_packed_equals_one_by_one(tmp_path, pack, make_docs, ti
     wrapper = PackedCausalLM(model, cfg).eval()
     docs = make_docs(LENGTHS, seed=20)
     batch, spans = pack(docs, SEQ_LEN)
-    with torch.no_grad():
-        logits = wrapper.logits(**packed_inputs(batch))
-        loss = wrapper(**{k: batch[k] for k in MODEL_INPUT_KEYS})
-        want_logits, want_loss = per_document(ref, docs)
-    for (i, row, start), want in zip(spans, want_logits):
-        torch.testing.assert_close(logits[row, start : start + len(docs[i])], want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
+    assert_packed_equals_one_by_one(wrapper, ref, docs, batch, spans)
 
 
 @pytest.mark.gpu

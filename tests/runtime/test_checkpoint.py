@@ -46,8 +46,9 @@ def test_resolve_checkpoint_forms(tmp_path):
     (cdir / "latest").write_text(b.name)
     assert ck.resolve_checkpoint(cdir / "latest") == b
     assert ck.resolve_checkpoint(tmp_path) == b  # run folder -> newest
-    (cdir / "final").write_text(a.name)
+    (cdir / "phase_end").write_text(a.name)
     assert ck.resolve_checkpoint(tmp_path) == a  # run folder -> its phase-end checkpoint first
+    assert ck.resolve_checkpoint(cdir / "phase_end") == a
     with pytest.raises(FileNotFoundError, match="has the run"):
         ck.resolve_checkpoint(tmp_path / "other" / "checkpoints" / "latest")
     with pytest.raises(FileNotFoundError, match="not found"):
@@ -61,6 +62,20 @@ def test_resolve_checkpoint_forms(tmp_path):
     (tmp_path / "plain").mkdir()
     with pytest.raises(ValueError, match="neither"):
         ck.resolve_checkpoint(tmp_path / "plain")
+
+
+def test_an_older_runs_final_pointer_still_names_its_phase_end(tmp_path):
+    """Runs written before the pointer was renamed: ``checkpoints/final`` (beside the run's ``final/``
+    HF export) names the phase-end checkpoint; a ``phase_end`` pointer, when there, wins."""
+    a = fake_checkpoint(tmp_path, 4, permanent=True)
+    b = fake_checkpoint(tmp_path, 8)
+    cdir = ck.checkpoints_dir(tmp_path)
+    (cdir / "final").write_text(a.name)
+    (tmp_path / "final").mkdir()  # the HF export: not a checkpoint (without hf_ok)
+    assert ck.resolve_checkpoint(tmp_path) == a and ck.resolve_checkpoint(cdir) == a
+    assert ck.resolve_checkpoint(cdir / "final") == a
+    (cdir / "phase_end").write_text(b.name)
+    assert ck.resolve_checkpoint(tmp_path) == b
 
 
 def test_read_state_checks_format(tmp_path):

@@ -3,6 +3,7 @@ still resolves, exports to an HF folder and loads into a DeepSpeed engine with t
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def test_old_checkpoint_resolves_and_exports(old_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     step = old_run / "checkpoints" / "step_0000002"
-    for form in (old_run, old_run / "checkpoints", old_run / "checkpoints" / "latest", step):
+    cdir = old_run / "checkpoints"
+    for form in (old_run, cdir, cdir / "latest", cdir / "final", step):
         assert ck.resolve_checkpoint(form) == step
         assert ck.resolve_checkpoint(form, hf_ok=True) == step
     state = ck.read_state(step)
@@ -45,6 +47,14 @@ def test_old_checkpoint_resolves_and_exports(old_run, tmp_path):
     for name, want in _saved_weights(step).items():
         assert torch.equal(got[name], want.float()), name
     assert ck.resolve_checkpoint(old_run, hf_ok=True) == step  # no final/ export in the fixture
+
+    # Its phase-end pointer had the name of the HF export ("final"): still what a run folder means,
+    # even with a newer periodic checkpoint beside it.
+    newer = cdir / "step_0000003"
+    shutil.copytree(step, newer)
+    (newer / ck.STATE_FILE).write_text(json.dumps({**state, "step": 3, "permanent": False}))
+    assert ck.latest_checkpoint(old_run) == newer
+    assert ck.resolve_checkpoint(old_run) == step and ck.resolve_checkpoint(cdir) == step
 
 
 def test_old_checkpoint_loads_into_an_engine(old_run, one_process_group):
@@ -63,4 +73,11 @@ def test_old_checkpoint_loads_into_an_engine(old_run, one_process_group):
     for name, want in _saved_weights(step).items():
         assert torch.equal(loaded[name], want), name
     assert engine.optimizer.state_dict()["state"], "the Adam moments came back"
+    # Resumed and finished with today's code: the phase-end pointer gets today's name, the old
+    # one goes (one name per concept: "final" is the HF export).
+    rank_state = ck.read_rank_state(step, 0)
+    ck.save(engine, old_run, 3, {**state, "step": 3}, rank_state, permanent=True, keep_last=1)
+    cdir = ck.checkpoints_dir(old_run)
+    assert (cdir / "phase_end").read_text() == "step_0000003" and not (cdir / "final").exists()
+    assert ck.resolve_checkpoint(old_run) == cdir / "step_0000003"
     engine.destroy()

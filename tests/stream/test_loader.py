@@ -339,6 +339,16 @@ def test_unknown_mixing_stream_is_a_clear_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- corrupt shards
+def _fails_naming(loader: PackedLoader, match: str) -> None:
+    """Reading ``loader`` raises a ShardError (from a worker process: one naming it) matching ``match``."""
+    with pytest.raises(Exception, match=match) as exc:
+        it = iter(loader)
+        for _ in range(200):
+            next(it)
+    assert isinstance(exc.value, ShardError) or "ShardError" in str(exc.value)
+    loader.close()
+
+
 def _damage(root: Path) -> tuple[str, str]:
     truncated = root / "shards" / "shard-000001.tar"
     data = truncated.read_bytes()
@@ -352,13 +362,7 @@ def _damage(root: Path) -> tuple[str, str]:
 def test_corrupt_shard_fails_naming_it(tmp_path, num_workers):
     write_prepared(tmp_path, n_shards=4)
     _damage(tmp_path)
-    loader = make_loader(tmp_path, num_workers=num_workers)
-    with pytest.raises(Exception, match=r"shard-00000[12]\.tar") as exc:
-        it = iter(loader)
-        for _ in range(200):
-            next(it)
-    assert isinstance(exc.value, ShardError) or "ShardError" in str(exc.value)
-    loader.close()
+    _fails_naming(make_loader(tmp_path, num_workers=num_workers), r"shard-00000[12]\.tar")
 
 
 def test_corrupt_and_missing_shards_are_skipped_with_a_warning_and_a_count(tmp_path, caplog):
@@ -414,13 +418,7 @@ def test_sha256_is_checked_while_streaming(tmp_path):
 def test_byte_flipped_ids_fail_naming_the_shard(tmp_path, num_workers):
     write_prepared(tmp_path, n_shards=4)
     _flip_ids(tmp_path / "shards" / "shard-000002.tar")
-    loader = make_loader(tmp_path, num_workers=num_workers)
-    with pytest.raises(Exception, match=r"shard-000002\.tar: sha256") as exc:
-        it = iter(loader)
-        for _ in range(200):
-            next(it)
-    assert isinstance(exc.value, ShardError) or "ShardError" in str(exc.value)
-    loader.close()
+    _fails_naming(make_loader(tmp_path, num_workers=num_workers), r"shard-000002\.tar: sha256")
 
 
 def test_byte_flipped_shard_is_skipped_whole_and_counted(tmp_path):
