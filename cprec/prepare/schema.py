@@ -16,7 +16,6 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 
@@ -267,7 +266,7 @@ class SpilledEvents:
         return keep
 
 
-Events = Union[Interactions, SpilledEvents]
+Events = Interactions | SpilledEvents
 
 
 def has_targets(inter: Events) -> bool:
