@@ -263,7 +263,7 @@ def main() -> int:
         },
         "runs": runs,
         "memory_ratio": round(ten["driver_plus_max_worker_mb"] / one["driver_plus_max_worker_mb"], 3),
-        "memory_ratio_of": "(driver peak RSS + largest Ray worker peak RSS) at 10M / the same at 1M, 1 worker",
+        "memory_ratio_of": "(driver peak RSS + largest worker peak RSS) at 10M / the same at 1M, 1 worker",
         "memory_ratio_goal": "<= 1.5",
         "memory_ratio_worker_sum": round(
             (ten["driver_peak_rss_mb"] + ten["worker_peak_rss_sum_mb"])

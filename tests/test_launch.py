@@ -433,7 +433,8 @@ def test_prepare_ray_slurm_dry_run_starts_a_ray_node_per_host_then_the_driver():
     out = _run("prepare_ray.slurm", "configs/food_kitchen.yaml", "data.buckets=50", env=env).stdout
     head, w2, w3, driver = _commands(out)
     assert head == ["srun", "--nodes=1", "--ntasks=1", "-w", "cpu1", "ray", "start", "--head", "--block",
-                    "--node-ip-address=cpu1", "--port=6386", "--num-cpus=32", "--include-dashboard=false"]  # fmt: skip
+                    "--node-ip-address=cpu1", "--port=6386", "--num-cpus=32",
+                    "--include-dashboard=false"]  # fmt: skip
     for words, host in ((w2, "cpu2"), (w3, "cpu3")):
         assert words == ["srun", "--nodes=1", "--ntasks=1", "-w", host, "ray", "start", "--block",
                          "--address=cpu1:6386", "--num-cpus=32"]  # fmt: skip
