@@ -173,6 +173,9 @@ def one_run(args) -> dict:
         "data.tokenizer.train_sentences=20000",
         "data.max_doc_tokens=512",
         "data.prompt.item_token_budget=16",
+        # One document per user (the all-domain sequence): the runs measure scale, not text volume.
+        "data.kinds=[mixed]",
+        "data.mixed_min_domains=1",
         "tracking.backend=none",
     ]
     cfg = load_config(REPO / "configs" / "food_kitchen.yaml", overrides)
@@ -203,7 +206,7 @@ def one_run(args) -> dict:
 
 # ----------------------------------------------------------------------------------- driver
 def _child(args, data: Path, engine: str, workers: int, events: int, work: Path) -> dict:
-    buckets = max(1, events // EVENTS_PER_BUCKET)
+    buckets = max(1, round(events / EVENTS_PER_BUCKET))
     cmd = [sys.executable, __file__, "--one-run", "--data", str(data), "--work", str(work)]
     cmd += ["--engine", engine, "--workers", str(workers), "--buckets", str(buckets)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -225,6 +228,7 @@ def main() -> int:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "cprec_prepare_scale"))
     ap.add_argument("--cpus", default="0", help="cores every run is pinned to (taskset -c)")
     ap.add_argument("--with-100m", action="store_true", help="also the 100M-event log (hours)")
+    ap.add_argument("--sizes", default="1,10", help="log sizes in millions of events (smoke test: 0.02,0.05)")
     ap.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -237,20 +241,26 @@ def main() -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cache = Path(args.cache)
-    sizes = [1_000_000, 10_000_000] + ([100_000_000] if args.with_100m else [])
+    sizes = [int(float(x) * 1_000_000) for x in args.sizes.split(",")] + (
+        [100_000_000] if args.with_100m else []
+    )
+    small, large = sizes[0], sizes[1]
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    logs = {n: make_log(cache / f"events_{n // 1_000_000}M", n) for n in sizes}
+    logs = {n: make_log(cache / f"events_{_name(n)}", n) for n in sizes}
     log.info("synthetic logs ready in %.0fs", time.perf_counter() - t0)
     work = cache / "work"
-    runs = {
-        "1M_local": _child(args, logs[sizes[0]], "local", 1, sizes[0], work),
-        "1M_ray_1w": _child(args, logs[sizes[0]], "ray", 1, sizes[0], work),
-        "1M_ray_2w": _child(args, logs[sizes[0]], "ray", 2, sizes[0], work),
-    }
-    for n in sizes[1:]:
-        runs[f"{n // 1_000_000}M_ray_1w"] = _child(args, logs[n], "ray", 1, n, work)
-    ten, one = runs["10M_ray_1w"], runs["1M_ray_1w"]
+    plan = [(small, "ray", 1)] + [(n, "ray", 1) for n in sizes[1:]] + [(small, "ray", 2), (small, "local", 1)]
+    runs = {}
+    for n, engine, workers in plan:  # the memory pair first; partial results saved after each run
+        name = f"{_name(n)}_{engine}" + (f"_{workers}w" if engine == "ray" else "")
+        runs[name] = _child(args, logs[n], engine, workers, n, work)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(
+                json.dumps({"benchmark": "prepare_scale", "partial": True, "runs": runs}, indent=2)
+            )
+    ten, one = runs[f"{_name(large)}_ray_1w"], runs[f"{_name(small)}_ray_1w"]
     cores = sorted({int(c) for part in args.cpus.split(",") for c in _expand(part)})
     result = {
         "benchmark": "prepare_scale",
@@ -270,8 +280,11 @@ def main() -> int:
             / (one["driver_peak_rss_mb"] + one["worker_peak_rss_sum_mb"]),
             3,
         ),
-        "local_1M_driver_peak_rss_mb": runs["1M_local"]["driver_peak_rss_mb"],
-        "workers_speedup_2_over_1": round(runs["1M_ray_2w"]["events_per_s"] / one["events_per_s"], 3),
+        "memory_ratio_sizes": [small, large],
+        "local_driver_peak_rss_mb": runs[f"{_name(small)}_local"]["driver_peak_rss_mb"],
+        "workers_speedup_2_over_1": round(
+            runs[f"{_name(small)}_ray_2w"]["events_per_s"] / one["events_per_s"], 3
+        ),
         "workers_speedup_goal": ">= 1.6 with 2 free cores",
         "cores_used": cores,
         "cores_note": (
@@ -293,6 +306,10 @@ def main() -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     return 0
+
+
+def _name(n: int) -> str:
+    return f"{n // 1_000_000}M" if n % 1_000_000 == 0 else f"{n // 1000}k"
 
 
 def _expand(part: str) -> list[int]:

@@ -199,11 +199,27 @@ def ray_session(dcfg: DataConfig):
     if dcfg.ray_address:
         ray.init(address=dcfg.ray_address, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(1, dcfg.num_workers), include_dashboard=False, log_to_driver=True)
+        start_local_ray(num_cpus=max(1, dcfg.num_workers))
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def start_local_ray(num_cpus: int, **kwargs) -> None:
+    """``ray.init`` of a local cluster, tried twice: Ray waits a fixed 30 s for its raylet to
+    register, which a loaded machine can exceed once."""
+    import ray
+
+    for attempt in (1, 2):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            return
+        except Exception as e:  # Ray raises a plain Exception for this
+            ray.shutdown()
+            if attempt == 2 or "timed out during startup" not in str(e):
+                raise
+            log.warning("Ray's local node did not start in time; trying once more")
 
 
 def run_buckets(

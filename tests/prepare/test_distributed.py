@@ -92,7 +92,9 @@ def assert_same_content(local: Path, dist: Path) -> None:
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from cprec.prepare.distributed import start_local_ray
+
+    start_local_ray(num_cpus=2, log_to_driver=False)
     yield ray
     ray.shutdown()
 
