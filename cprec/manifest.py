@@ -5,7 +5,8 @@
 the format is checked in one place. What it holds: ``format_version``, ``pipeline_version``,
 ``content_hash``, ``config`` (the data section), ``sources``, ``tokenizer`` (hash, vocab_size, special
 ids), ``domains``, ``streams`` (``"<domain>/<kind>"`` -> sequences, tokens), ``shards`` (path,
-samples, tokens, sha256, bytes), ``counts``, ``items``, ``documents``.
+samples, tokens, sha256, bytes), ``counts``, ``items``, ``documents``, and with ``data.engine=ray``
+``buckets`` (count, non-empty).
 
 A shard is a ustar tar of 512-byte blocks; each sample is ``<key>.ids.npy`` (int32 token ids) and
 ``<key>.json`` (user, domain, kind, n_tokens, window). A document's stream is ``stream_key``.

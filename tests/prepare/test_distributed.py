@@ -18,7 +18,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
-from raw_fixtures import tiny_config, write_jsonl
+from raw_fixtures import (
+    tiny_config,
+    write_amazon,
+    write_food_kitchen,
+    write_generic,
+    write_jsonl,
+    write_ml1m_cache,
+    write_recbole,
+)
 
 from cprec.config import DataConfig
 from cprec.prepare import pipeline
@@ -123,6 +131,35 @@ def test_distributed_prepare_matches_single_process_on_fixture(tmp_path, ray_clu
     assert dropped["item_domain_conflict"] > 0 and dropped["duplicate_event"] > 0
     assert dropped["user_too_few_interactions"] > 0 and dropped["unparsable_line"] == 1
     assert m["items"]["without_events"] >= 5 and m["buckets"] == {"count": 4, "non_empty": 4}
+
+
+def _source(tmp: Path, source: str) -> dict:
+    """Each reader's tiny fixture (``raw_fixtures``) as data.* settings."""
+    text = {"columns.text": ["title", "author"]}
+    if source in ("csv", "parquet"):
+        ev, it = write_generic(tmp, source)
+        return {"source": source, "path": str(ev), "item_path": str(it), **text}
+    if source == "recbole":
+        return {"source": source, "path": str(write_recbole(tmp)), **text}
+    if source.startswith("amazon"):
+        files, metas = write_amazon(tmp, source, gz=True)
+        return {"source": source, "files": files, "meta_files": metas, **text}
+    if source == "food_kitchen":
+        return {"source": source, "path": str(write_food_kitchen(tmp))}
+    domains = {"Action": "action", "Comedy": "comedy", "Drama": "drama"}
+    return {"source": "ml1m", "cache_dir": str(write_ml1m_cache(tmp)), "domain_map": domains}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "source", ["csv", "parquet", "recbole", "amazon2018", "amazon2023", "food_kitchen", "ml1m"]
+)
+def test_distributed_prepare_matches_single_process_for_every_reader(tmp_path, ray_cluster, source):
+    """Every reader streams into the bucket writer unchanged and gives the local path's content."""
+    extra = _source(tmp_path, source)
+    a = pipeline.run(tiny_config(tmp_path, extra, "local"))
+    b = pipeline.run(tiny_config(tmp_path, {**extra, "engine": "ray", "buckets": 3}, "dist"))
+    assert_same_content(a, b)
 
 
 @pytest.mark.dist
