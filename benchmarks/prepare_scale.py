@@ -3,7 +3,8 @@
 Synthetic logs (Parquet, ``data.source=parquet``) of 1M and 10M events (``--with-100m`` adds 100M,
 not run by default): 50k users per million events (20 events each on average, at least 3), a fixed
 catalogue of 20,000 items in two domains with short titles, a small sentencepiece tokenizer
-(1,000 pieces). Each run is ``cprec.prepare.pipeline.run`` with ``data.engine=ray`` in a fresh
+(1,000 pieces), one document per user (``data.kinds=[mixed]``: the runs measure how the job
+scales with events, not text volume). Each run is ``cprec.prepare.pipeline.run`` with ``data.engine=ray`` in a fresh
 Python process (so the driver's peak RSS is that run's), with ``data.buckets`` = events / 250k, so
 a bucket's size - what one task holds - is the same at every scale. The single-process path
 (``data.engine=local``) on the 1M log is the baseline in the same run.
