@@ -9,9 +9,11 @@ Python process (so the driver's peak RSS is that run's), with ``data.buckets`` =
 a bucket's size - what one task holds - is the same at every scale. The single-process path
 (``data.engine=local``) on the 1M log is the baseline in the same run.
 
-Memory: the driver's peak RSS (``ru_maxrss``) and every Ray worker process's peak RSS (``VmHWM``
-from ``/proc``, sampled every 0.2 s while the job runs; Ray's own daemons - GCS, raylet - are
-reported apart). ``memory_ratio`` = (driver peak + the largest worker peak) at 10M over the same at
+Memory: the driver's peak RSS (``ru_maxrss``) and the peak RSS of every process Ray names
+``ray::...`` (``VmHWM`` from ``/proc``, sampled every 0.2 s while the job runs): the task workers
+(``ray::cprec-split``, ``ray::cprec-shards``, ``ray::IDLE``) and Ray's two per-node agents
+(``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``, about 50 MB each, so the largest is always a
+task worker; the sum includes them). Ray's other daemons - GCS, raylet - are reported apart. ``memory_ratio`` = (driver peak + the largest worker peak) at 10M over the same at
 1M: the memory one driver and one worker need (goal <= 1.5). The sums over workers are reported too.
 
 Speed: events/s = events read / wall time of ``pipeline.run`` (Ray's start included), with 1 and
