@@ -37,7 +37,7 @@ from cprec.prepare.schema import NO_TARGET
 WORDS = "red blue green small large coffee tea mug pan knife bowl lamp chair desk".split()
 
 
-def messy_log(tmp: Path, n_users: int = 60, seed: int = 3) -> tuple[Path, Path]:
+def messy_log(tmp: Path, n_users: int = 60, seed: int = 3, bad_lines: bool = True) -> tuple[Path, Path]:
     """A log that exercises every whole-log rule: items whose events are split over two domains
     by different users (each item's domain is decided over all users), events of a third domain,
     duplicates, users below min_interactions, items without text, cold items, a bad line."""
@@ -56,10 +56,12 @@ def messy_log(tmp: Path, n_users: int = 60, seed: int = 3) -> tuple[Path, Path]:
             rows.append({"user_id": f"user{u}", "item_id": item, "domain": domain, "timestamp": 100 + 5 * t})
             if rng.random() < 0.05:
                 rows.append(dict(rows[-1]))  # a duplicate event
-    rows.insert(7, {"user_id": "user0"})  # missing item: counted by the reader
+    if bad_lines:
+        rows.insert(7, {"user_id": "user0"})  # missing item: counted by the reader
     ev = write_jsonl(tmp / "events.jsonl", rows)
-    with open(ev, "a", encoding="utf-8") as f:
-        f.write("{not json\n")  # unparsable: counted by the reader
+    if bad_lines:
+        with open(ev, "a", encoding="utf-8") as f:
+            f.write("{not json\n")  # unparsable: counted by the reader
     titles = []
     for k, domain in items.items():
         text = "" if k.endswith("7") else " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4)))
@@ -207,6 +209,43 @@ def test_bucket_holds_each_user_once_by_construction(tmp_path):
             got.append((user, spilled.items[i], o))
     assert sorted(got, key=lambda r: r[2]) == expected
     assert (spilled.targets_seen == NO_TARGET).all() and len(set(seen.values())) > 1
+
+
+@pytest.mark.parametrize("domains", [[], ["A", "B"]])
+def test_bucket_writer_whole_log_decisions_match_the_in_memory_reader(tmp_path, domains):
+    """Without Ray: the reader's whole-log rules (item domains, data.domains) and the catalogue
+    decided from the bucket writer's (item, domain) summary count, name and keep exactly what the
+    in-memory path does; in strict mode both fail on the same record."""
+    from cprec.prepare import readers
+    from cprec.prepare.clean import clean_catalogue
+    from cprec.prepare.schema import IssueLog
+
+    ev, it = messy_log(tmp_path)
+    cfg = DataConfig(source="jsonl", path=str(ev), item_path=str(it), domains=domains)
+    mem_issues, spill_issues = IssueLog(), IssueLog()
+    mem = readers.read_source(cfg, mem_issues)
+    spill = readers.read_source(cfg, spill_issues, builder=BucketWriter(tmp_path / "b", 3, flush_rows=50))
+    assert spill_issues.dropped == mem_issues.dropped and spill_issues.examples == mem_issues.examples
+    assert mem_issues.dropped["item_domain_conflict"] > 0
+    assert spill.interactions_in == mem.interactions_in and spill.items == mem.items
+    kept = sum(
+        int(spill.interactions.keep_mask(read_bucket(tmp_path / "b", b, spill.interactions)).sum())
+        for b in range(3)
+    )
+    assert kept == len(mem.interactions)
+    assert (clean_catalogue(spill, cfg, IssueLog()) == clean_catalogue(mem, cfg, IssueLog())).all()
+    # Strict, on a log whose first bad record is one the whole-log rules find.
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    ev, it = messy_log(clean, bad_lines=False)
+    strict = DataConfig(source="jsonl", path=str(ev), item_path=str(it), domains=domains, strict=True)
+    errors = []
+    for builder in (None, BucketWriter(tmp_path / "s", 3, flush_rows=50)):
+        with pytest.raises(ValueError) as e:
+            readers.read_source(strict, IssueLog(True), builder)
+        errors.append(str(e.value))
+    reason = "unknown_domain" if domains else "item_domain_conflict"
+    assert errors[0] == errors[1] and reason in errors[0] and "events.jsonl:" in errors[0]
 
 
 def test_bucket_of_is_stable_across_processes():
