@@ -174,6 +174,7 @@ def test_distributed_prepare_matches_single_process_on_real_food_kitchen(
         "path": str(food_kitchen_dir),
         "num_workers": 1,
         "max_doc_tokens": 512,
+        "shard_max_bytes": 64 << 20,
         "prompt.item_token_budget": 32,
         "tokenizer.vocab_size": 4000,
     }
