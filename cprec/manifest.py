@@ -5,7 +5,8 @@
 the format is checked in one place. What it holds: ``format_version``, ``pipeline_version``,
 ``content_hash``, ``config`` (the data section), ``sources``, ``tokenizer`` (hash, vocab_size, special
 ids), ``domains``, ``streams`` (``"<domain>/<kind>"`` -> sequences, tokens), ``shards`` (path,
-samples, tokens, sha256, bytes), ``counts``, ``items``, ``documents``.
+samples, tokens, sha256, bytes), ``counts``, ``items``, ``documents``, and with ``data.engine=ray``
+``buckets`` (count, non-empty).
 
 A shard is a ustar tar of 512-byte blocks; each sample is ``<key>.ids.npy`` (int32 token ids) and
 ``<key>.json`` (user, domain, kind, n_tokens, window). A document's stream is ``stream_key``.
@@ -28,6 +29,14 @@ TAR_RECORD = 20 * TAR_BLOCK
 def stream_key(meta: dict) -> str:
     """The stream a sample belongs to, ``"<domain>/<kind>"``, from its json meta."""
     return f"{meta['domain']}/{meta['kind']}"
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> Path:
+    """Write ``manifest.json`` into ``folder`` atomically (the last file of a prepared folder)."""
+    from cprec.atomic import write_text
+
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    return write_text(Path(folder) / "manifest.json", text)
 
 
 def read_manifest(folder: str | Path) -> dict:

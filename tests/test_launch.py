@@ -94,7 +94,9 @@ def test_scripts_are_executable_with_usage(script):
     assert "#SBATCH" not in proc.stdout
 
 
-@pytest.mark.parametrize("script", ["train_local.sh", "train.slurm", "prepare.slurm", "eval.slurm"])
+@pytest.mark.parametrize(
+    "script", ["train_local.sh", "train.slurm", "prepare.slurm", "prepare_ray.slurm", "eval.slurm"]
+)
 def test_missing_config_prints_usage_and_fails(script):
     proc = _run(script, env=_clean_env(), check=False)
     assert proc.returncode == 2
@@ -418,6 +420,29 @@ def test_prepare_slurm_dry_run_uses_the_job_cpus():
         _run("prepare.slurm", "configs/food_kitchen.yaml", "data.num_workers=2", env=env).stdout
     )
     assert _check_cprec_args(cmd[3:], "prepare")[1].data.num_workers == 2
+
+
+def test_prepare_ray_slurm_dry_run_starts_a_ray_node_per_host_then_the_driver():
+    env = _clean_env(
+        DRY_RUN="1",
+        SLURM_JOB_NODELIST="cpu[1-3]",
+        SLURM_JOB_ID="7",
+        SLURM_CPUS_PER_TASK="32",
+        PYTHON="python3",
+    )
+    out = _run("prepare_ray.slurm", "configs/food_kitchen.yaml", "data.buckets=50", env=env).stdout
+    head, w2, w3, driver = _commands(out)
+    assert head == ["srun", "--nodes=1", "--ntasks=1", "-w", "cpu1", "ray", "start", "--head", "--block",
+                    "--node-ip-address=cpu1", "--port=6386", "--num-cpus=32",
+                    "--include-dashboard=false"]  # fmt: skip
+    for words, host in ((w2, "cpu2"), (w3, "cpu3")):
+        assert words == ["srun", "--nodes=1", "--ntasks=1", "-w", host, "ray", "start", "--block",
+                         "--address=cpu1:6386", "--num-cpus=32"]  # fmt: skip
+    assert driver[:5] == ["python3", "-m", "cprec.cli", "prepare", "configs/food_kitchen.yaml"]
+    _, cfg = _check_cprec_args(driver[3:], "prepare")
+    # 4 buckets per CPU by default; the command line's data.buckets comes later and wins.
+    assert "data.buckets=384" in driver and cfg.data.buckets == 50
+    assert cfg.data.engine == "ray" and cfg.data.ray_address == "cpu1:6386"
 
 
 def test_eval_slurm_dry_run():

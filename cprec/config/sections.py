@@ -153,9 +153,24 @@ class DataConfig:
     shard_max_bytes: int = 64 * 1024 * 1024
     """Target size of one shard tar file."""
     num_workers: int = 2
-    """Worker processes for tokenization."""
+    """Worker processes for tokenization (engine local); CPUs of the Ray cluster started for
+    engine ray when `ray_address` is empty."""
     seed: int = 0
     """Seed for everything random in preparation (shuffle of samples across shards)."""
+    engine: str = "local"
+    """Where preparation runs: local (this process; every event in memory: millions of events) or
+    ray (users hashed into `buckets` bucket files out of core, each bucket cleaned, split, rendered,
+    tokenized and sharded by a Ray task: logs larger than one machine's memory). Both give the same
+    documents and counts; shard order and names differ."""
+    buckets: int = 16
+    """Engine ray: user buckets (each bucket's events are held by one task: pick enough that
+    events / buckets fits a worker's memory, a few million events each)."""
+    ray_address: str = ""
+    """Engine ray: address of a running Ray cluster (`auto` on a node of a cluster started with
+    `ray start`, see launch/prepare_ray.slurm); empty = start a local one for this job."""
+    bucket_retries: int = 3
+    """Engine ray: times Ray retries a failed bucket task before the job fails naming the bucket
+    and its input files."""
 
     def __post_init__(self):
         _one_of(
@@ -187,6 +202,9 @@ class DataConfig:
         _check(self.window_overlap_items >= 0, "data.window_overlap_items", "must be >= 0")
         _check(self.shard_max_bytes >= 1024, "data.shard_max_bytes", "must be >= 1024")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _one_of(self.engine, "data.engine", ("local", "ray"))
+        _check(self.buckets >= 1, "data.buckets", "must be >= 1")
+        _check(self.bucket_retries >= 0, "data.bucket_retries", "must be >= 0")
 
 
 # -------------------------------------------------------------------------------------- model

@@ -14,10 +14,12 @@ window that comes out longer than ``max_doc_tokens`` is re-planned with one item
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import multiprocessing as mp
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +32,20 @@ log = logging.getLogger(__name__)
 Spec = tuple[str, str, str, np.ndarray]  # user, domain ("all" for mixed), kind, item indices
 Sample = tuple[dict, np.ndarray]  # json meta, int32 ids
 CHUNK_DOCS = 128
+CORPUS_SEQUENCES = 20000  # sequence lines (besides item lines) offered to tokenizer training
+CORPUS_ITEMS_PER_SEQ = 32
+CorpusPick = tuple[tuple[int, str, str, str], np.ndarray]  # (sample key, user, domain, kind), items
 
 
 def build_specs(
-    train: Interactions, item_index: np.ndarray, kinds: list[str], mixed_min_domains: int, seed: int
+    train: Interactions,
+    item_index: np.ndarray,
+    kinds: list[str],
+    mixed_min_domains: int,
+    seed: int | tuple[int, ...],
 ) -> list[Spec]:
-    """Document specs from pre-training events (grouped by user, time order), shuffled by ``seed``.
+    """Document specs from pre-training events (grouped by user, time order), shuffled by ``seed``
+    (a ``numpy.random.default_rng`` seed: the distributed path seeds each bucket with (seed, bucket)).
 
     ``item_index`` maps an item code of ``train`` to its row in the item tables.
     """
@@ -59,6 +69,30 @@ def build_specs(
             specs.append((user, "all", "mixed", items))
     perm = np.random.default_rng(seed).permutation(len(specs))
     return [specs[i] for i in perm]
+
+
+def corpus_key(seed: int, user: str, domain: str, kind: str) -> int:
+    """A seeded 64-bit hash of a document spec: the tokenizer corpus takes the specs with the
+    smallest keys. A function of the spec alone, so any set of whole users (a bucket) can offer
+    its smallest ones and the merge of those is the sample of the whole log."""
+    text = f"{seed}\x1f{user}\x1f{domain}\x1f{kind}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big")
+
+
+def corpus_pick(specs: Iterable[Spec], seed: int, k: int = CORPUS_SEQUENCES) -> list[CorpusPick]:
+    """The ``k`` specs with the smallest ``corpus_key`` (a bottom-k sample, in key order), each
+    with its first ``CORPUS_ITEMS_PER_SEQ`` items: the sequence part of the tokenizer corpus.
+    Merging the picks of disjoint user sets with ``merge_corpus_picks`` gives the same list."""
+    keyed = (
+        ((corpus_key(seed, user, domain, kind), user, domain, kind), idx[:CORPUS_ITEMS_PER_SEQ])
+        for user, domain, kind, idx in specs
+    )
+    return heapq.nsmallest(k, keyed, key=lambda p: p[0])
+
+
+def merge_corpus_picks(picks: Iterable[list[CorpusPick]], k: int = CORPUS_SEQUENCES) -> list[CorpusPick]:
+    """The global bottom-k of several ``corpus_pick`` results."""
+    return heapq.nsmallest(k, (p for part in picks for p in part), key=lambda p: p[0])
 
 
 @dataclass

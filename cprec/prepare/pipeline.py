@@ -6,6 +6,13 @@ eval inputs -> document specs -> render + tokenize in workers (``documents``) ->
 (``shards``) -> manifest. Everything is written into a temporary sibling folder that replaces
 ``data.output_dir`` only when complete, so a killed run leaves the old output (or none).
 
+``data.engine=local`` (the default) runs all of it in this process (tokenization in
+``data.num_workers`` processes); ``data.engine=ray`` partitions the users into bucket files and
+runs clean -> split -> specs -> tokenize -> shards per bucket as Ray tasks
+(``cprec.prepare.distributed``), with the same documents and counts. The helpers below that both
+paths share (catalogue, tokenizer corpus and training, encoder state, shard writing, manifest) live
+here.
+
 A content hash of the source files, the data config and the pipeline version is stored in the
 manifest; a re-run with the same hash and intact shards returns at once ("cache hit").
 """
@@ -26,24 +33,24 @@ from tqdm import tqdm
 
 from cprec import atomic
 from cprec.config import Config, DataConfig, save_config
-from cprec.manifest import FORMAT_VERSION, read_manifest, shards_intact, stream_key
+from cprec.manifest import FORMAT_VERSION, read_manifest, shards_intact, stream_key, write_manifest
 from cprec.prepare import readers
 from cprec.prepare.clean import clean
-from cprec.prepare.documents import EncoderState, build_specs, encode_all
+from cprec.prepare.documents import EncoderState, build_specs, corpus_pick, encode_all
 from cprec.prepare.prompts import PromptRenderer, truncate_to_budget
 from cprec.prepare.schema import Dataset, IssueLog, Item
 from cprec.prepare.shards import ShardWriter, file_sha256
-from cprec.prepare.split import Split, split, train_sequences_table
+from cprec.prepare.split import split, train_sequences_table
 
 log = logging.getLogger(__name__)
 
 # Bump when the same inputs + config would give different output bytes (invalidates caches).
-PIPELINE_VERSION = 2  # 2: items with text but no events are in the catalogue
+# 2: items with text but no events are in the catalogue; 3: the tokenizer corpus's sequences are a
+# seeded bottom-k sample by spec key (the same in the distributed path), not the first specs.
+PIPELINE_VERSION = 3
 # Fields that do not change the output, so they stay out of the content hash.
-_HASH_EXCLUDED = ("output_dir", "num_workers", "cache_dir", "strict")
+_HASH_EXCLUDED = ("output_dir", "num_workers", "cache_dir", "strict", "ray_address", "bucket_retries")
 _TOKENIZER_FILES = (".json", ".model", ".txt", ".tiktoken")
-_CORPUS_SEQUENCES = 20000  # sequence lines (besides item lines) offered to tokenizer training
-_CORPUS_ITEMS_PER_SEQ = 32
 
 
 # ------------------------------------------------------------------------------ content hash
@@ -125,6 +132,10 @@ def run(cfg: Config) -> Path:
 
 
 def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> dict:
+    if cfg.data.engine == "ray":
+        from cprec.prepare import distributed
+
+        return distributed.prepare_into(tmp, cfg, sources, chash)
     dcfg = cfg.data
     clock = _Clock()
     issues = IssueLog(dcfg.strict)
@@ -133,52 +144,86 @@ def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> di
     inter = clean(ds, dcfg, issues)
     held = split(inter, ds.presplit, dcfg.same_time_history)
     clock.lap("clean+split")
-    counts = {
-        "interactions_in": ds.interactions_in,
-        **held.counts,
-        "dropped": dict(sorted(issues.dropped.items())),
-    }
-    accounted = counts["train"] + counts["valid"] + counts["test"] + sum(counts["dropped"].values())
-    if accounted != counts["interactions_in"]:  # a bug, never bad input: every record is counted once
-        raise RuntimeError(f"interaction counts do not reconcile: {counts}")
     issues.log_summary()
-    if len(held.train) == 0:
-        raise ValueError(
-            f"no pre-training interactions left after cleaning ({counts}); check data.* settings"
-        )
+    counts = reconcile_counts(ds.interactions_in, held.counts, issues)
 
-    catalogue = _catalogue(ds, inter)
+    used = np.unique(inter.item)
+    catalogue = catalogue_of(ds, inter.items, used)
     renderer = PromptRenderer(dcfg.prompt, dcfg.prompt.domain_names)
-    item_ids = list(catalogue)
-    item_index = np.array([-1] * len(inter.items), dtype=np.int64)
-    pos = {item: i for i, item in enumerate(item_ids)}
-    for code, item in enumerate(inter.items):
-        item_index[code] = pos.get(item, -1)
+    item_ids, item_index, raw = item_tables(catalogue, inter.items, renderer)
     specs = build_specs(held.train, item_index, dcfg.kinds, dcfg.mixed_min_domains, dcfg.seed)
     clock.lap("specs")
 
-    raw = {
-        "domain": [renderer.item(catalogue[i]) for i in item_ids],
-        "mixed": [renderer.item(catalogue[i], mixed=True) for i in item_ids],
-    }
-    tok, tok_info = _tokenizer(tmp / "tokenizer", dcfg, raw, specs, renderer)
+    picks = lambda: corpus_pick(specs, dcfg.seed)  # noqa: E731 - only needed to train a tokenizer
+    tok, tok_info = make_tokenizer(tmp / "tokenizer", dcfg, raw, picks, renderer)
     clock.lap("tokenizer")
-    state = _encoder_state(tmp / "tokenizer", tok, tok_info, raw, specs, renderer, dcfg)
+    state = encoder_state(tmp / "tokenizer", tok, tok_info, raw, frames_needed(specs), renderer, dcfg)
     clock.lap("item texts")
 
     (tmp / "eval").mkdir()
-    _write_eval(tmp / "eval", catalogue, item_ids, state.texts["domain"], held)
+    write_items_file(tmp / "eval", catalogue, item_ids, state.texts["domain"])
+    pq.write_table(held.eval_table(), tmp / "eval" / "users.parquet")
+    pq.write_table(train_sequences_table(held.train), tmp / "eval" / "train_sequences.parquet")
     clock.lap("eval files")
-    shards, streams, n_cut = _write_shards(tmp, specs, state, dcfg)
+    shards, streams, n_cut = write_shards(tmp, specs, state, dcfg, num_workers=dcfg.num_workers)
     clock.lap("tokenize+shards")
     save_config(cfg, tmp / "config.yaml")
-    with_events = {inter.items[c] for c in np.unique(inter.item).tolist()}
+    manifest = build_manifest(
+        dcfg,
+        chash,
+        sources,
+        tok_info,
+        catalogue,
+        with_events={inter.items[c] for c in used.tolist()},
+        issues=issues,
+        counts=counts,
+        streams=streams,
+        shards=[s.manifest_entry() for s in shards],
+        documents={"specs": len(specs), "samples": sum(s.samples for s in shards), "cut_to_fit": n_cut},
+    )
+    write_manifest(tmp, manifest)
+    log.info("stage times: %s", clock)
+    return manifest
+
+
+def reconcile_counts(interactions_in: int, held_counts: dict, issues: IssueLog) -> dict:
+    """The manifest's ``counts``; fails when they do not add up (a bug, never bad input) or when
+    no pre-training event is left."""
+    counts = {
+        "interactions_in": interactions_in,
+        **held_counts,
+        "dropped": dict(sorted(issues.dropped.items())),
+    }
+    accounted = counts["train"] + counts["valid"] + counts["test"] + sum(counts["dropped"].values())
+    if accounted != counts["interactions_in"]:  # every record is counted once
+        raise RuntimeError(f"interaction counts do not reconcile: {counts}")
+    if counts["train"] == 0:
+        raise ValueError(
+            f"no pre-training interactions left after cleaning ({counts}); check data.* settings"
+        )
+    return counts
+
+
+def build_manifest(
+    dcfg: DataConfig,
+    chash: str,
+    sources: list[dict],
+    tok_info: dict,
+    catalogue: dict[str, Item],
+    with_events: set[str],
+    issues: IssueLog,
+    counts: dict,
+    streams: dict,
+    shards: list[dict],
+    documents: dict,
+) -> dict:
+    """``manifest.json`` (format: ``cprec.manifest``); written last, once every shard is complete."""
     items_info = {
-        "catalogue": len(item_ids),
-        "without_events": sum(1 for i in item_ids if i not in with_events),
+        "catalogue": len(catalogue),
+        "without_events": sum(1 for i in catalogue if i not in with_events),
         **dict(sorted(issues.item_issues.items())),
     }
-    manifest = {
+    return {
         "format_version": FORMAT_VERSION,
         "pipeline_version": PIPELINE_VERSION,
         "content_hash": chash,
@@ -186,15 +231,12 @@ def _prepare_into(tmp: Path, cfg: Config, sources: list[dict], chash: str) -> di
         "sources": sources,
         "tokenizer": tok_info,
         "domains": sorted({it.domain for it in catalogue.values()}),
-        "streams": streams,
-        "shards": [s.manifest_entry() for s in shards],
+        "streams": dict(sorted(streams.items())),
+        "shards": shards,
         "counts": counts,
         "items": items_info,
-        "documents": {"specs": len(specs), "samples": sum(s.samples for s in shards), "cut_to_fit": n_cut},
+        "documents": documents,
     }
-    atomic.write_text(tmp / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    log.info("stage times: %s", clock)
-    return manifest
 
 
 class _Clock:
@@ -213,19 +255,35 @@ class _Clock:
         return ", ".join(f"{k} {v:.1f}s" for k, v in self.laps.items())
 
 
-def _catalogue(ds: Dataset, inter) -> dict[str, Item]:
-    """Rankable items: the whole catalogue of closed sources; else the items of kept events and
-    every item with text in a kept domain, events or not (cold items are where a text model can
-    win; the readers keep item-file items whose domain is known). Items without text are only
-    kept while they have events (their placeholder text says nothing)."""
+def catalogue_of(ds: Dataset, vocab: list[str], used: np.ndarray) -> dict[str, Item]:
+    """Rankable items: the whole catalogue of closed sources; else the items of kept events (codes
+    ``used`` into ``vocab``) and every item with text in a kept domain, events or not (cold items
+    are where a text model can win; the readers keep item-file items whose domain is known). Items
+    without text are only kept while they have events (their placeholder text says nothing)."""
     if ds.closed_catalogue:
         return dict(ds.items)
-    used = {inter.items[c] for c in np.unique(inter.item).tolist()}
-    return {k: v for k, v in ds.items.items() if k in used or v.has_text}
+    used_items = {vocab[c] for c in used.tolist()}
+    return {k: v for k, v in ds.items.items() if k in used_items or v.has_text}
 
 
-def _tokenizer(folder: Path, dcfg: DataConfig, raw: dict, specs: list, renderer: PromptRenderer):
-    """Install the configured HF tokenizer, or train sentencepiece on the rendered corpus."""
+def item_tables(
+    catalogue: dict[str, Item], vocab: list[str], renderer: PromptRenderer
+) -> tuple[list[str], np.ndarray, dict[str, list[str]]]:
+    """(catalogue item ids in order, item code of ``vocab`` -> catalogue row (-1: not in it), the
+    item texts per kind as rendered before the token budget)."""
+    item_ids = list(catalogue)
+    pos = {item: i for i, item in enumerate(item_ids)}
+    item_index = np.array([pos.get(item, -1) for item in vocab], dtype=np.int64)
+    raw = {
+        "domain": [renderer.item(catalogue[i]) for i in item_ids],
+        "mixed": [renderer.item(catalogue[i], mixed=True) for i in item_ids],
+    }
+    return item_ids, item_index, raw
+
+
+def make_tokenizer(folder: Path, dcfg: DataConfig, raw: dict, picks, renderer: PromptRenderer):
+    """Install the configured HF tokenizer, or train sentencepiece on the rendered corpus
+    (``picks()``: the sequence sample, ``documents.corpus_pick``; asked for only when training)."""
     from cprec.prepare.tokenize import (
         install_tokenizer,
         load_tokenizer,
@@ -238,7 +296,7 @@ def _tokenizer(folder: Path, dcfg: DataConfig, raw: dict, specs: list, renderer:
         tok = install_tokenizer(dcfg.tokenizer.path, folder)
     else:
         t = time.perf_counter()
-        train_sentencepiece(_corpus_lines(raw, specs, renderer, dcfg), folder, dcfg.tokenizer, dcfg.seed)
+        train_sentencepiece(corpus_lines(raw, picks(), renderer), folder, dcfg.tokenizer, dcfg.seed)
         tok = load_tokenizer(folder)
         log.info(
             "trained a %s sentencepiece tokenizer (%d pieces) in %.1fs",
@@ -250,18 +308,21 @@ def _tokenizer(folder: Path, dcfg: DataConfig, raw: dict, specs: list, renderer:
     return tok, info
 
 
-def _corpus_lines(raw: dict, specs: list, renderer: PromptRenderer, dcfg: DataConfig) -> list[str]:
-    """Tokenizer training text: every item text (both templates) and a sample of sequences."""
+def corpus_lines(raw: dict, picks: list, renderer: PromptRenderer) -> list[str]:
+    """Tokenizer training text: every item text (both templates), then the sampled sequences
+    (``documents.corpus_pick``: catalogue rows, in key order)."""
     lines = raw["domain"] + raw["mixed"]
-    for _user, domain, kind, idx in specs[:_CORPUS_SEQUENCES]:  # specs are already shuffled
+    for (_key, _user, domain, kind), idx in picks:
         texts = raw[kind]
-        lines.append(
-            renderer.sequence(kind, domain, [texts[i] for i in idx[:_CORPUS_ITEMS_PER_SEQ].tolist()])
-        )
+        lines.append(renderer.sequence(kind, domain, [texts[i] for i in idx.tolist()]))
     return lines
 
 
-def _encoder_state(tok_dir, tok, tok_info, raw, specs, renderer, dcfg: DataConfig) -> EncoderState:
+def frames_needed(specs: list) -> set[tuple[str, str]]:
+    return {(s[2], s[1]) for s in specs}
+
+
+def encoder_state(tok_dir, tok, tok_info, raw, frames_used, renderer, dcfg: DataConfig) -> EncoderState:
     """Item texts cut to the budget (tokenized once here), template frames and their costs."""
     from cprec.prepare.tokenize import text_codec
 
@@ -285,7 +346,7 @@ def _encoder_state(tok_dir, tok, tok_info, raw, specs, renderer, dcfg: DataConfi
         texts[kind], counts[kind] = out_t, out_n
     log.info("item texts: %d renderings cut to %d tokens", n_trunc, budget)
     frames = {}
-    for kind, domain in sorted({(s[2], s[1]) for s in specs}):
+    for kind, domain in sorted(frames_used):
         prefix, suffix = renderer.frame(kind, domain)
         overhead = len(enc1(prefix + suffix)) + 2
         if overhead + budget > dcfg.max_doc_tokens:
@@ -309,10 +370,8 @@ def _encoder_state(tok_dir, tok, tok_info, raw, specs, renderer, dcfg: DataConfi
     )
 
 
-def _write_eval(
-    folder: Path, catalogue: dict[str, Item], item_ids: list[str], texts: list[str], held: Split
-) -> None:
-    """items.parquet (catalogue with rendered text), users.parquet (targets), train_sequences.parquet."""
+def write_items_file(folder: Path, catalogue: dict[str, Item], item_ids: list[str], texts: list[str]) -> None:
+    """``eval/items.parquet``: the catalogue with its rendered (budget-cut) text."""
     items = pa.table(
         {
             "item": pa.array(item_ids, pa.string()),
@@ -322,21 +381,28 @@ def _write_eval(
         }
     )
     pq.write_table(items, folder / "items.parquet")
-    pq.write_table(held.eval_table(), folder / "users.parquet")
-    pq.write_table(train_sequences_table(held.train), folder / "train_sequences.parquet")
 
 
-def _write_shards(root: Path, specs: list, state: EncoderState, dcfg: DataConfig):
-    """Encode the specs (workers) and stream the samples into shards, in spec order."""
-    writer = ShardWriter(root, dcfg.shard_max_bytes)
+def write_shards(
+    root: Path,
+    specs: list,
+    state: EncoderState,
+    dcfg: DataConfig,
+    num_workers: int,
+    shard_prefix: str = "shard-",
+    key_prefix: str = "",
+):
+    """Encode the specs (``num_workers`` processes) and stream the samples into shards, in spec
+    order. Returns (shards, streams, documents cut to fit)."""
+    writer = ShardWriter(root, dcfg.shard_max_bytes, prefix=shard_prefix)
     streams: dict[str, dict[str, int]] = {}
     n_cut, key = 0, 0
     bar = tqdm(total=len(specs), desc="tokenize + write", unit=" seq", disable=None, leave=False)
-    chunks = encode_all(specs, state, dcfg.num_workers)
+    chunks = encode_all(specs, state, num_workers)
     for samples, cut in chunks:
         n_cut += cut
         for meta, ids in samples:
-            writer.write(f"{key:09d}", ids, meta)
+            writer.write(f"{key_prefix}{key:09d}", ids, meta)
             key += 1
             s = streams.setdefault(stream_key(meta), {"sequences": 0, "tokens": 0})
             s["sequences"] += 1

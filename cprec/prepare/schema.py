@@ -207,10 +207,80 @@ class InteractionsBuilder:
 
 
 @dataclass
+class ItemDomainPairs:
+    """Per (item, domain) pair of a log: how many events, and where the first and last of them are.
+
+    What the decisions about items need from the whole log (each item's domain, which items have
+    events), at catalogue size rather than event size. ``first``/``last`` are read positions
+    (``Interactions.order``); ``first_file``/``first_line`` locate the first event for messages.
+    """
+
+    item: np.ndarray  # int32 item codes
+    domain: np.ndarray  # int32 domain codes
+    count: np.ndarray  # int64 events
+    first: np.ndarray  # int64 read position of the first event
+    last: np.ndarray  # int64 read position of the last event
+    first_file: np.ndarray  # int32 file code of the first event
+    first_line: np.ndarray  # int64 line of the first event
+
+
+@dataclass
+class SpilledEvents:
+    """Events written to bucket files by a hash of the user (``cprec.prepare.buckets``) instead of
+    being held in memory: the distributed path's stand-in for ``Interactions`` in the readers.
+
+    It holds the vocabularies of items, domains and files (catalogue-sized; users are not interned,
+    they are as many as the events), the per (item, domain) summary and, once the readers'
+    whole-log decisions are made (``readers.catalogue.resolve_item_domains``), those decisions, which
+    every bucket task applies to its own events (their drops are counted here, once).
+    """
+
+    folder: Path
+    n_buckets: int
+    n_rows: int
+    items: list[str]
+    domains: list[str]
+    files: list[str]
+    pairs: ItemDomainPairs
+    bucket_rows: np.ndarray
+    """Events per bucket."""
+    bucket_files: list[list[int]]
+    """File codes of each bucket's events (for messages naming a failed bucket's input files)."""
+    targets_seen: np.ndarray
+    """The distinct target kinds of the events (``NO_TARGET`` ... ``TEST_TARGET``)."""
+    allowed_domains: np.ndarray | None = None
+    """Per domain code: events of this domain are kept (None = all), set by the readers' domain filter."""
+    item_domain: np.ndarray | None = None
+    """Per item code: the one domain its events are kept in (-1: none), set by ``resolve_item_domains``."""
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def keep_mask(self, inter: Interactions) -> np.ndarray:
+        """Which events of one bucket (global item/domain codes) survive the whole-log decisions."""
+        keep = np.ones(len(inter), dtype=bool)
+        if self.allowed_domains is not None:
+            keep &= self.allowed_domains[inter.domain]
+        if self.item_domain is not None:
+            keep &= self.item_domain[inter.item] == inter.domain
+        return keep
+
+
+Events = Interactions | SpilledEvents
+
+
+def has_targets(inter: Events) -> bool:
+    """Whether any event is a held-out target (pre-split sources)."""
+    targets = inter.targets_seen if isinstance(inter, SpilledEvents) else inter.target
+    return bool((targets != NO_TARGET).any())
+
+
+@dataclass
 class Dataset:
     """What a reader returns: events, the item catalogue and the files they came from."""
 
-    interactions: Interactions
+    interactions: Events
+    """In memory, or spilled to bucket files (the distributed path, ``cprec.prepare.buckets``)."""
     items: dict[str, Item]
     sources: list[Path]
     interactions_in: int

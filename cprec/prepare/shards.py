@@ -96,14 +96,18 @@ class ShardInfo:
 
 
 class ShardWriter:
-    """Writes samples into ``shards/shard-NNNNNN.tar`` files of about ``max_bytes`` each.
+    """Writes samples into ``shards/<prefix>NNNNNN.tar`` files of about ``max_bytes`` each
+    (``prefix`` ``shard-``; the distributed path gives each bucket its own, so names never clash).
 
     The bytes are those of ``tarfile`` in ustar format with fixed member metadata (checked by the
     tests), hashed while written; a shard appears under its final name only when complete.
     """
 
-    def __init__(self, root: str | Path, max_bytes: int):
+    def __init__(self, root: str | Path, max_bytes: int, prefix: str = "shard-"):
+        if "/" in prefix:
+            raise ValueError(f"shard name prefix {prefix!r} must not contain '/'")
         self.root = Path(root)
+        self.prefix = prefix
         (self.root / "shards").mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
         self.shards: list[ShardInfo] = []
@@ -113,7 +117,7 @@ class ShardWriter:
         self._size = 0
 
     def _open(self) -> None:
-        rel = f"shards/shard-{len(self.shards):06d}.tar"
+        rel = f"shards/{self.prefix}{len(self.shards):06d}.tar"
         self.shards.append(ShardInfo(rel))
         self._tmp = self.root / (rel + ".tmp")
         self._file = open(self._tmp, "wb")

@@ -250,7 +250,7 @@ def test_failed_run_leaves_no_partial_output(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(pipeline, "_write_shards", boom)
+    monkeypatch.setattr(pipeline, "write_shards", boom)
     with pytest.raises(RuntimeError, match="killed"):
         pipeline.run(cfg)
     out = Path(cfg.data.output_dir)
@@ -259,7 +259,7 @@ def test_failed_run_leaves_no_partial_output(tmp_path, monkeypatch):
     pipeline.run(cfg)
     old = tree_bytes(out)
     cfg.data.seed = 5
-    monkeypatch.setattr(pipeline, "_write_shards", boom)
+    monkeypatch.setattr(pipeline, "write_shards", boom)
     with pytest.raises(RuntimeError):
         pipeline.run(cfg)
     assert tree_bytes(out) == old  # the previous complete output is untouched

@@ -22,8 +22,10 @@ from cprec.prepare.schema import Dataset, IssueLog
 
 
 class Reader(NamedTuple):
-    read: Callable[[DataConfig, IssueLog], Dataset]
-    """Read the source into the internal schema (bad records counted in ``issues``)."""
+    read: Callable[..., Dataset]
+    """``read(cfg, issues, builder=None)``: read the source into the internal schema (bad records
+    counted in ``issues``); ``builder`` receives the events (default: an ``InteractionsBuilder``,
+    in memory; the distributed path passes a ``buckets.BucketWriter``, which spills them)."""
     files: Callable[[DataConfig], list[Path]]
     """The files the source reads (for the content hash), without parsing them."""
 
@@ -46,9 +48,9 @@ def reader(cfg: DataConfig) -> Reader:
     return SOURCES[cfg.source]
 
 
-def read_source(cfg: DataConfig, issues: IssueLog) -> Dataset:
-    """Read ``data.source`` into the internal schema."""
-    return reader(cfg).read(cfg, issues)
+def read_source(cfg: DataConfig, issues: IssueLog, builder=None) -> Dataset:
+    """Read ``data.source`` into the internal schema (events into ``builder`` when given)."""
+    return reader(cfg).read(cfg, issues, builder)
 
 
 def source_files(cfg: DataConfig) -> list[Path]:

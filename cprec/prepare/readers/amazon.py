@@ -16,12 +16,12 @@ _AMAZON_KEYS = {
 }
 
 
-def read_amazon(cfg: DataConfig, issues: IssueLog) -> Dataset:
+def read_amazon(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None) -> Dataset:
     """Amazon Reviews 2018 / 2023: one review file (+ optional metadata file) per domain."""
     if not cfg.files:
         raise ValueError(f"data.files is empty: source '{cfg.source}' needs domain -> review file")
     user_key, item_keys, time_key, divisor, meta_keys = _AMAZON_KEYS[cfg.source]
-    builder = InteractionsBuilder()
+    builder = builder if builder is not None else InteractionsBuilder()
     events = EventReader(builder, issues)
     sources = []
     for domain, file in cfg.files.items():

@@ -61,7 +61,9 @@ FOOD_KITCHEN_FILES = {
 FOOD_KITCHEN_META = ("num.txt", "item_set_A.pkl", "item_set_B.pkl", "text_A.pkl", "text_B.pkl")
 
 
-def read_food_kitchen(cfg: DataConfig, issues: IssueLog) -> Dataset:
+def read_food_kitchen(
+    cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None
+) -> Dataset:
     """The LLMCDSR Grocery(A) / Home&Kitchen(B) set: pre-split, file order = time order."""
     root = Path(cfg.path).expanduser()
     if not root.is_dir():
@@ -74,7 +76,7 @@ def read_food_kitchen(cfg: DataConfig, issues: IssueLog) -> Dataset:
     except ValueError:
         raise ValueError(f"{root / 'num.txt'}: expected two integers (items in A, in B)") from None
     items = _food_kitchen_items(root, n_a, n_b, issues)
-    builder = InteractionsBuilder()
+    builder = builder if builder is not None else InteractionsBuilder()
     n_items = n_a + n_b
     for name, (prefix, target_kind) in FOOD_KITCHEN_FILES.items():
         path = root / name

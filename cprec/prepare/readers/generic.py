@@ -16,7 +16,15 @@ from cprec.prepare.readers.records import (
     progress,
     require_columns,
 )
-from cprec.prepare.schema import NO_TARGET, TEST_TARGET, VALID_TARGET, Dataset, InteractionsBuilder, IssueLog
+from cprec.prepare.schema import (
+    NO_TARGET,
+    TEST_TARGET,
+    VALID_TARGET,
+    Dataset,
+    InteractionsBuilder,
+    IssueLog,
+    has_targets,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +53,7 @@ def _split_of(row: dict, cfg: DataConfig, path: Path, line: int, issues: IssueLo
     return _SPLIT_TARGET[name]
 
 
-def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
+def read_generic(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None) -> Dataset:
     """JSONL / CSV / Parquet events with ``data.columns`` names, optional item text file.
 
     Pre-split logs: with ``data.columns.split`` each event names its split, with ``data.split_files``
@@ -53,7 +61,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
     events before it (every split, every domain) its history; no leave-one-out.
     """
     fmt, col = cfg.source, cfg.columns
-    builder = InteractionsBuilder()
+    builder = builder if builder is not None else InteractionsBuilder()
     events = EventReader(builder, issues)
     event_files = _event_files(cfg)
     files = [p for p, _ in event_files]
@@ -92,7 +100,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog) -> Dataset:
     n_in = len(builder) + issues.total_dropped
     inter = resolve_item_domains(builder.build(), issues, cfg.domains)
     presplit = bool(col.split or cfg.split_files)
-    if presplit and not (inter.target != NO_TARGET).any():
+    if presplit and not has_targets(inter):
         log.warning("the pre-split source has no valid or test event: there will be nothing to evaluate")
     texts, domains = None, {}
     if cfg.item_path:

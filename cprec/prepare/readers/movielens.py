@@ -79,7 +79,7 @@ def read_movies(path: Path, domain_map: dict[str, str], issues: IssueLog) -> tup
     return domains, texts
 
 
-def read_ml1m(cfg: DataConfig, issues: IssueLog) -> Dataset:
+def read_ml1m(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None) -> Dataset:
     """MovieLens-1M events with genre-derived domains; the catalogue is every mapped movie."""
     inter_path, item_path = ensure_ml1m(cfg.cache_dir)
     domain_map = cfg.domain_map or DEFAULT_DOMAIN_MAP
@@ -89,7 +89,7 @@ def read_ml1m(cfg: DataConfig, issues: IssueLog) -> Dataset:
             sorted(set(domain_map.values())),
         )
     item_domain, texts = read_movies(item_path, domain_map, issues)
-    builder = InteractionsBuilder()
+    builder = builder if builder is not None else InteractionsBuilder()
     # ml-1m uses RecBole's default column names whatever data.columns says.
     fixed = DataConfig(source="ml1m", default_domain=cfg.default_domain, domain_map=domain_map)
     read_recbole_events(

@@ -94,10 +94,10 @@ def read_recbole_items(
     return out, domains
 
 
-def read_recbole(cfg: DataConfig, issues: IssueLog) -> Dataset:
+def read_recbole(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None) -> Dataset:
     """RecBole atomic ``.inter`` (+ ``.item`` next to it, or ``data.item_path``)."""
     inter_path, item_path = _recbole_paths(cfg)
-    builder = InteractionsBuilder()
+    builder = builder if builder is not None else InteractionsBuilder()
     read_recbole_events(inter_path, cfg, issues, builder)
     n_in = len(builder) + issues.total_dropped
     inter = resolve_item_domains(builder.build(), issues, cfg.domains)
