@@ -82,7 +82,7 @@ def build_report(
 
     label = protocol_label(protocol, n_negatives)
     if retrieval and retrieval.get("approximate"):
-        label += f", approximate retrieval ({retrieval['label']})"
+        label += f", approximate retrieval (FAISS {retrieval['index']})"
     out = {
         "protocol": {
             "name": protocol,
