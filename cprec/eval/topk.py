@@ -94,12 +94,14 @@ def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _may_be_nan(users: torch.Tensor, items: torch.Tensor) -> bool:
-    """False when no score can be NaN: all finite and no dot product can overflow float32."""
+    """False when no score can be NaN: all finite and no dot product can overflow float32. (One
+    pass of ``aminmax``, which propagates NaN, over each: no copy of the embeddings.)"""
     if users.numel() == 0 or items.numel() == 0:
         return False
-    if not (torch.isfinite(users).all() and torch.isfinite(items).all()):
-        return True
-    bound = users.shape[1] * float(users.abs().max()) * float(items.abs().max())
+    bound = float(users.shape[1])
+    for x in (users, items):
+        lo, hi = torch.aminmax(x)
+        bound *= max(-float(lo), float(hi))  # NaN or inf in x: the bound is NaN or inf
     return not bound < 1e37
 
 
