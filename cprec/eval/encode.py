@@ -354,15 +354,15 @@ class Encoder:
             return self._encode_local(seqs, desc)
         rank, world = tdist.get_rank(), tdist.get_world_size()
         local = self._encode_local(seqs[rank::world], f"{desc} [rank {rank}]")
+        from cprec.eval.topk import all_gather_cat
+
         width = -(-len(seqs) // world)  # rank r holds prompts r, r + world, ...: at most this many
         padded = torch.zeros((width, local.shape[1]), dtype=torch.float32)
         padded[: len(local)] = local
-        dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else None
-        parts = [torch.empty_like(padded, device=dev) for _ in range(world)]
-        tdist.all_gather(parts, padded.to(dev) if dev else padded)
+        parts = all_gather_cat(padded, 0).view(world, width, -1)
         out = torch.empty((len(seqs), local.shape[1]), dtype=torch.float32)
-        for r, part in enumerate(parts):
-            out[r::world] = part[: len(range(r, len(seqs), world))].cpu()
+        for r in range(world):
+            out[r::world] = parts[r, : len(range(r, len(seqs), world))]
         return out
 
     def encode_local(self, seqs: list[list[int]], desc: str = "encode") -> torch.Tensor:

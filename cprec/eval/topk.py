@@ -55,6 +55,28 @@ def dist_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _comm_device(x: torch.Tensor) -> torch.device:
+    """Where a collective's tensors must live: NCCL only moves GPU tensors."""
+    if tdist.get_backend() == "nccl" and x.device.type != "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return x.device
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over the ranks (a new tensor on x's device)."""
+    y = x.to(_comm_device(x))
+    tdist.all_reduce(y)
+    return y.to(x.device)
+
+
+def all_gather_cat(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Every rank's ``x`` (same shape on all), concatenated along ``dim`` in rank order."""
+    y = x.to(_comm_device(x))
+    parts = [torch.empty_like(y) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, y)
+    return torch.cat(parts, dim).to(x.device)
+
+
 @dataclass
 class ItemShard:
     """One rank's contiguous slice of a domain's item embeddings (the whole domain with one rank)."""
@@ -230,13 +252,9 @@ def stream_rank(
             top_v, top_i = _merge_topk(torch.cat([top_v, cv], 1), torch.cat([top_i, ci], 1), k)
 
     if world > 1:
-        tdist.all_reduce(counts)
-        if k:
-            vs = [torch.empty_like(top_v) for _ in range(world)]
-            ids = [torch.empty_like(top_i) for _ in range(world)]
-            tdist.all_gather(vs, top_v)
-            tdist.all_gather(ids, top_i)
-            top_v, top_i = _merge_topk(torch.cat(vs, 1), torch.cat(ids, 1), k)
+        counts = all_reduce_sum(counts)
+        if k:  # rank r's columns all come before rank r + 1's: the merge keeps the tie order
+            top_v, top_i = _merge_topk(all_gather_cat(top_v), all_gather_cat(top_i), k)
     ranks = 1 + counts
     nan_t = torch.isnan(t)
     if nan_t.any():  # every candidate beats a NaN target: last among the user's candidates
@@ -254,9 +272,7 @@ def gather_rows(shard: ItemShard, cols: np.ndarray) -> torch.Tensor:
     mine = (cols >= shard.start) & (cols < shard.end)
     idx = torch.from_numpy(np.flatnonzero(mine)).to(emb.device)
     out[idx] = emb[torch.from_numpy(cols[mine] - shard.start).to(emb.device)].float()
-    if dist_world()[1] > 1:
-        tdist.all_reduce(out)
-    return out
+    return all_reduce_sum(out) if dist_world()[1] > 1 else out
 
 
 def rank_users(
