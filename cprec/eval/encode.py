@@ -20,7 +20,9 @@ sorted by length to waste little compute.
 
 Item embeddings are cached under ``<eval.output_dir>/cache/`` keyed by hash(checkpoint identity,
 catalogue content, prompt config, pooling): re-evaluating the same checkpoint skips item encoding.
-When torch.distributed is initialised each rank encodes a slice and the slices are all-gathered.
+When torch.distributed is initialised each rank encodes a slice and the slices are all-gathered
+(tensor collectives), or, for the streaming full ranking (`cprec.eval.topk`), each rank encodes
+and keeps only its contiguous slice of a domain's items (`encode_item_shard`, cached per slice).
 """
 
 from __future__ import annotations
@@ -346,19 +348,26 @@ class Encoder:
         return int(self.model.config.hidden_size)
 
     def encode(self, seqs: list[list[int]], desc: str = "encode") -> torch.Tensor:
-        """Embeddings [N, H]; under torch.distributed each rank encodes every world-th prompt."""
+        """Embeddings [N, H]; under torch.distributed each rank encodes every world-th prompt and
+        every rank gets them all (one tensor ``all_gather``, no pickling)."""
         if not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1):
             return self._encode_local(seqs, desc)
         rank, world = tdist.get_rank(), tdist.get_world_size()
-        mine = list(range(rank, len(seqs), world))
-        local = self._encode_local([seqs[i] for i in mine], f"{desc} [rank {rank}]")
-        parts: list = [None] * world
-        tdist.all_gather_object(parts, (mine, local))
+        local = self._encode_local(seqs[rank::world], f"{desc} [rank {rank}]")
+        from cprec.eval.topk import all_gather_cat
+
+        width = -(-len(seqs) // world)  # rank r holds prompts r, r + world, ...: at most this many
+        padded = torch.zeros((width, local.shape[1]), dtype=torch.float32)
+        padded[: len(local)] = local
+        parts = all_gather_cat(padded, 0).view(world, width, -1)
         out = torch.empty((len(seqs), local.shape[1]), dtype=torch.float32)
-        for idx, emb in parts:
-            if idx:
-                out[torch.tensor(idx)] = emb
+        for r in range(world):
+            out[r::world] = parts[r, : len(range(r, len(seqs), world))]
         return out
+
+    def encode_local(self, seqs: list[list[int]], desc: str = "encode") -> torch.Tensor:
+        """Embeddings [N, H] of this rank's prompts alone (no collective)."""
+        return self._encode_local(seqs, desc)
 
 
 # -------------------------------------------------------------------------------------- cache
@@ -439,6 +448,39 @@ def encode_items(
     if key is not None and (not tdist.is_initialized() or tdist.get_rank() == 0):
         cache.save(key, items, emb)
     return emb
+
+
+def encode_item_shard(
+    encoder: Encoder,
+    builder: PromptBuilder,
+    catalogue: Catalogue,
+    rows: list[int],
+    cache: ItemEmbeddingCache | None = None,
+    model_id: str = "",
+    desc: str = "items",
+):
+    """This rank's contiguous slice (`cprec.eval.topk.shard_range`) of the embeddings of catalogue
+    ``rows``, as a `cprec.eval.topk.ItemShard`: each rank encodes and caches only its slice (the
+    cache entry names the slice: ``items-<key>-<rank>of<world>.pt``). One process: all of them."""
+    from cprec.eval.topk import ItemShard, dist_world, shard_range
+
+    rank, world = dist_world()
+    if world == 1:
+        return ItemShard.of(encode_items(encoder, builder, catalogue, rows, cache, model_id, desc))
+    start, end = shard_range(len(rows), rank, world)
+    mine = rows[start:end]
+    items = [catalogue.items[r] for r in mine]
+    key = None
+    if cache is not None and model_id:
+        whole = cache.key(model_id, catalogue.subset_hash(rows), builder.prompt, encoder.pooling)
+        key = f"{whole}-{rank}of{world}"
+        hit = cache.load(key, items)
+        if hit is not None:
+            return ItemShard(hit, start, len(rows))
+    emb = encoder.encode_local(builder.item_ids([catalogue.texts[r] for r in mine]), f"{desc} [rank {rank}]")
+    if key is not None:
+        cache.save(key, items, emb)
+    return ItemShard(emb, start, len(rows))
 
 
 def encode_users(

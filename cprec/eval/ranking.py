@@ -3,7 +3,10 @@
 A ``DomainTask`` holds one domain's candidates (its whole catalogue, from items.parquet) and the
 eval users whose target lies in that domain. Any model is evaluated through a *score function*
 ``score_fn(task, batch) -> Tensor[B, I]`` giving the scores of all the domain's items for a batch of
-the task's users; ranks then come from ``metrics.target_ranks``.
+the task's users; ranks then come from ``metrics.target_ranks``. A score function that can rank
+a task's whole catalogue itself has a ``rank_full(task, batch_size) -> ranks`` method, which the
+full protocol uses instead: embedding scorers (`cprec.eval.topk.EmbeddingScorer`) stream over item
+chunks, sharded over ranks, without a dense [B, I] matrix or mask, and give the same ranks.
 
 Protocols:
 - **full**: every item of the domain's catalogue is a candidate, except the user's history items
@@ -117,6 +120,8 @@ def rank_task(
     """Ranks (1-based, pessimistic ties) of every user's target under the protocol."""
     if protocol not in ("full", "sampled"):
         raise ValueError(f"unknown protocol {protocol!r} (full or sampled)")
+    if protocol == "full" and hasattr(score_fn, "rank_full"):
+        return np.asarray(score_fn.rank_full(task, batch_size), dtype=np.int64)
     sampled = sample_candidates(task, n_negatives, seed) if protocol == "sampled" else None
     ranks = []
     for start in range(0, len(task.users), batch_size):

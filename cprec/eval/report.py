@@ -11,6 +11,7 @@ report.json::
      "skipped": {...}, "seconds": {...},
      "cold": {domain: {"candidates": n, "cold_candidates": n, "targets": n, "cold_targets": n}},
      "item_cache": {"hits": n, "misses": n},
+     "retrieval": {"mode": "exact"|"faiss", "approximate": bool, "label": str, "index": str},
      "users": {domain: [user id, ...]}, "ranks": {model: {domain: [target rank per user, ...]}}}
 
 ``users``/``ranks`` hold each user's 1-based target rank, in the same user order for every model,
@@ -67,20 +68,26 @@ def build_report(
     skipped: dict[str, int] | None = None,
     seconds: dict[str, float] | None = None,
     cold: dict[str, dict[str, int]] | None = None,
+    retrieval: dict | None = None,
 ) -> dict:
     """Assemble the report dict (see the module docstring); every ranked model's entry in
-    ``models`` names its head (`HEADS`)."""
+    ``models`` names its head (`HEADS`). ``retrieval`` (`cprec.eval.faiss_index.describe`) says how
+    the embedding rows ranked the full catalogue; an approximate index is named in the protocol's
+    label, so that reports ranked otherwise are never read as comparable."""
     from cprec.eval.ranking import protocol_label
 
     models = {k: dict(v) for k, v in (models or {}).items()}
     for name in results:
         models[name] = {"head": HEADS.get(name, "unknown"), **models.get(name, {})}
 
-    return {
+    label = protocol_label(protocol, n_negatives)
+    if retrieval and retrieval.get("approximate"):
+        label += f", approximate retrieval (FAISS {retrieval['index']})"
+    out = {
         "protocol": {
             "name": protocol,
             "n_negatives": n_negatives if protocol == "sampled" else None,
-            "label": protocol_label(protocol, n_negatives),
+            "label": label,
             "masking": MASKING,
             "ties": "pessimistic",
         },
@@ -95,6 +102,9 @@ def build_report(
         "seconds": seconds or {},
         "cold": cold or {},
     }
+    if retrieval:
+        out["retrieval"] = dict(retrieval)
+    return out
 
 
 def _fmt(x: Any) -> str:
@@ -120,6 +130,7 @@ def to_markdown(report: dict) -> str:
         f"- users: {', '.join(f'{d} {n}' for d, n in report['n_users'].items())}",
         *_cold_line(report.get("cold") or {}),
         *_heads_line(report),
+        *([f"- embedding retrieval: {report['retrieval']['label']}"] if report.get("retrieval") else []),
         f"- written: {report['timestamp']}",
         "",
         "| model | domain | " + " | ".join(cols) + " |",

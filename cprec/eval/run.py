@@ -7,7 +7,9 @@
 2. Read the eval inputs of the prepared folder (``eval.prepared_dir`` or ``data.output_dir``) and
    build one ranking task per domain (``eval.max_users`` caps users per domain, seeded).
 3. ``llm-pretrained`` (``eval.rank_pretrained``): item and user embeddings (item cache under
-   ``<eval.output_dir>/cache/``), scored by dot product, ranked under ``eval.protocol``.
+   ``<eval.output_dir>/cache/``), scored by dot product, ranked under ``eval.protocol``; the full
+   protocol streams over item chunks (`cprec.eval.topk`; under torchrun each rank encodes and
+   ranks a slice of every catalogue), or goes through a FAISS index (``eval.retrieval=faiss``).
    ``llm-generative`` (``eval.generative``) and ``llm-reranked`` (``eval.rerank_top_n``): the same
    checkpoint ranking items by its likelihood of writing them after the history
    (`cprec.eval.generative`).
@@ -24,8 +26,9 @@
    tracker (``tracking``; rank 0): config as params, every metric, per-step fine-tuning loss
    (``finetune/loss``), the report files, tags naming the checkpoint and its training run.
 
-Under torchrun, encoding and fine-tuning are spread over the ranks; rank 0 trains the baselines and
-writes the report (other ranks return an empty dict).
+Under torchrun, encoding and fine-tuning are spread over the ranks, and so is the full ranking of
+embedding rows (`item_sharding`); rank 0 trains the baselines and writes the report (other ranks
+return an empty dict).
 """
 
 from __future__ import annotations
@@ -48,16 +51,18 @@ from cprec.eval.encode import (
     ItemEmbeddingCache,
     PromptBuilder,
     checkpoint_identity,
+    encode_item_shard,
     encode_items,
     encode_users,
     load_model,
     load_tokenizer,
     resolve_dtype,
 )
+from cprec.eval.faiss_index import FaissRanker, describe
 from cprec.eval.finetune_state import model_identity
 from cprec.eval.generative import generative_rows
 from cprec.eval.inputs import Catalogue, EvalInputs, load_inputs, load_split_users
-from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, cold_counts, evaluate
+from cprec.eval.ranking import DomainTask, ScoreFn, build_tasks, cold_counts, evaluate, rank_task
 from cprec.eval.report import (
     build_report,
     checkpoint_tags,
@@ -68,6 +73,7 @@ from cprec.eval.report import (
     summary_lines,
     write_report,
 )
+from cprec.eval.topk import EmbeddingScorer, ItemShard
 from cprec.lifetime import hold_folder
 from cprec.prepare.tokenize import special_ids
 from cprec.runtime.checkpoint import resolve_checkpoint, tokenizer_identity
@@ -170,17 +176,22 @@ class LLMSide:
         return PromptBuilder(self.tokenizer, self.cfg.data.prompt, self.cfg.eval.max_history_items, max_len)
 
     def score_fn(
-        self, model, model_id: str, tasks: dict[str, DomainTask], segmented: bool = False
+        self, model, model_id: str, tasks: dict[str, DomainTask], segmented: bool = False, shard: bool = False
     ) -> ScoreFn:
-        """Encode the tasks' items (cached) and users now; scoring is then one matmul per batch.
-        ``segmented``: user prompts as all-position fine-tuning reads them (`PromptBuilder.user_ids`)."""
+        """Encode the tasks' items (cached) and users now: an `EmbeddingScorer` (dense scores = one
+        matmul per batch; the full protocol streams over item chunks), or with ``eval.retrieval=faiss``
+        a `FaissRanker` over it. ``segmented``: user prompts as all-position fine-tuning reads them
+        (`PromptBuilder.user_ids`). ``shard``: each rank encodes and keeps a slice of the items."""
         builder = self.builder(model.config)
         enc = Encoder(model, self.pad_id, self.cfg.eval.pooling, self.cfg.eval.batch_size)
         cat = self.inputs.catalogue
         items, users = {}, {}
         for d, task in tasks.items():
-            rows = task.rows.tolist()
-            items[d] = encode_items(enc, builder, cat, rows, self.cache, model_id, desc=f"items ({d})")
+            rows, desc = task.rows.tolist(), f"items ({d})"
+            if shard:
+                items[d] = encode_item_shard(enc, builder, cat, rows, self.cache, model_id, desc)
+            else:
+                items[d] = ItemShard.of(encode_items(enc, builder, cat, rows, self.cache, model_id, desc))
             hist = [u.history for u in task.users]
             users[d] = encode_users(enc, builder, cat, hist, desc=f"users ({d})", segmented=segmented)
         if builder.unknown_history_items:
@@ -189,14 +200,43 @@ class LLMSide:
                 builder.unknown_history_items,
             )
 
-        def score(task: DomainTask, batch) -> torch.Tensor:
-            return users[task.domain][torch.as_tensor(batch)] @ items[task.domain].t()
+        scorer = EmbeddingScorer(users, items, self.cfg.eval.item_chunk)
+        if self.cfg.eval.retrieval == "faiss":
+            return FaissRanker(scorer, self.cfg.eval.faiss_index, max(self.cfg.eval.ks))
+        return scorer
 
-        return score
+
+def item_sharding(ecfg) -> bool:
+    """Whether each rank holds only a slice of the items of the embedding rows: under torchrun,
+    when nothing needs a domain's whole item embeddings on one rank (the sampled protocol's dense
+    scores, the re-ranker's candidates and a FAISS index do)."""
+    return (
+        dist_info().world_size > 1
+        and ecfg.protocol == "full"
+        and ecfg.retrieval == "exact"
+        and not ecfg.rerank_top_n
+    )
+
+
+class _ByDomain:
+    """One score function per domain as one: dense scores and full ranking go to the domain's."""
+
+    def __init__(self, fns: dict[str, ScoreFn]):
+        self.fns = fns
+
+    @property
+    def sharded(self) -> bool:
+        return any(getattr(f, "sharded", False) for f in self.fns.values())
+
+    def __call__(self, task: DomainTask, batch) -> torch.Tensor:
+        return self.fns[task.domain](task, batch)
+
+    def rank_full(self, task: DomainTask, batch_size: int):
+        return rank_task(task, self.fns[task.domain], "full", batch_size=batch_size)
 
 
 def _by_domain(fns: dict[str, ScoreFn]) -> ScoreFn:
-    return lambda task, batch: fns[task.domain](task, batch)
+    return _ByDomain(fns)
 
 
 def finetune_metric(scope: str) -> str:
@@ -260,7 +300,9 @@ def finetuned_score_fn(
         details[scope] = {k: v for k, v in state.items() if k != "losses"} | {"folder": str(folder)}
         model = load_model(folder, dtype=side.dtype)
         scope_tasks = tasks if domains is None else {d: tasks[d] for d in domains}
-        fn = side.score_fn(model, f"{model_identity(folder)}:{side.dtype}", scope_tasks, all_positions)
+        fn = side.score_fn(
+            model, f"{model_identity(folder)}:{side.dtype}", scope_tasks, all_positions, item_sharding(ecfg)
+        )
         for d in scope_tasks:
             fns[d] = fn
         del model
@@ -364,9 +406,10 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         )
         ranks[name] = {d: r.astype(int).tolist() for d, r in per_domain.items()}
         seconds[f"rank/{name}"] = time.perf_counter() - t0
-        log.info("%s", headline_line(name, results[name], ecfg.ks))  # per domain: report.md, DEBUG
-        for line in summary_lines(name, results[name], ecfg.ks):
-            log.debug("%s", line)
+        if is_main:
+            log.info("%s", headline_line(name, results[name], ecfg.ks))  # per domain: report.md, DEBUG
+            for line in summary_lines(name, results[name], ecfg.ks):
+                log.debug("%s", line)
 
     results: dict[str, dict] = {}
     ranks: dict[str, dict[str, list[int]]] = {}  # per-user target ranks: intervals, paired tests
@@ -374,17 +417,18 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
     hf_dir, ckpt = resolve_hf_folder(cfg)
     tracker.set_tags(checkpoint_tags(ckpt))
     side = LLMSide(cfg, prepared, inputs)
+    retrieval = describe(ecfg.retrieval, ecfg.faiss_index)
 
     if ecfg.rank_pretrained:
         t = time.perf_counter()
         model = load_model(hf_dir, dtype=side.dtype)
-        fn = side.score_fn(model, f"{ckpt['id']}:{side.dtype}", tasks)
+        fn = side.score_fn(model, f"{ckpt['id']}:{side.dtype}", tasks, shard=item_sharding(ecfg))
         del model
         gc.collect()
         seconds["encode/llm-pretrained"] = time.perf_counter() - t
-        if is_main:
+        if is_main or fn.sharded:  # sharded items: every rank ranks its slice
             rank("llm-pretrained", fn)
-        models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling}
+        models["llm-pretrained"] = {"folder": str(hf_dir), "pooling": ecfg.pooling, "retrieval": retrieval}
 
     if ecfg.generative or ecfg.rerank_top_n:  # llm-generative / llm-reranked: cprec.eval.generative
         t = time.perf_counter()
@@ -401,9 +445,9 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         t = time.perf_counter()
         fn, details = finetuned_score_fn(cfg, side, hf_dir, ckpt["id"], tasks, tracker)
         seconds["finetune+encode/llm-finetuned"] = time.perf_counter() - t
-        if is_main:
+        if is_main or fn.sharded:
             rank("llm-finetuned", fn)
-        models["llm-finetuned"] = {"scope": ecfg.finetune_scope, "runs": details}
+        models["llm-finetuned"] = {"scope": ecfg.finetune_scope, "runs": details, "retrieval": retrieval}
 
     if not is_main:
         barrier()
@@ -447,6 +491,7 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
         skipped=inputs.skipped,
         seconds=seconds,
         cold=cold,
+        retrieval=retrieval if (ecfg.rank_pretrained or ecfg.finetune) else None,
     )
     report["item_cache"] = {"hits": side.cache.hits, "misses": side.cache.misses}
     report["users"] = {d: [u.user for u in tk.users] for d, tk in tasks.items()}  # order of "ranks"
