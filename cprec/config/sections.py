@@ -351,6 +351,11 @@ class TrainConfig:
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """Keep optimizer states on CPU (ZeRO-Offload)."""
+    memory_per_rank_gb: float = 0.0
+    """Memory (GiB) one rank may use for weights, gradients and optimizer state: the GPU's on a GPU
+    run, the host's on a CPU run. A model whose estimate (parameters x bytes per rank for the ZeRO
+    stage, dtype and offload, `cprec.runtime.memory`) exceeds it fails at start. 0 = what the
+    machine has (the GPU's memory; on CPU the host's memory / ranks on the node)."""
     seed: int = 1234
     """Seed for model init, data order and dropout."""
     log_every: int = 10
@@ -380,6 +385,7 @@ class TrainConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "two in [0,1)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
+        _check(self.memory_per_rank_gb >= 0, "train.memory_per_rank_gb", "must be >= 0 (0 = the machine's)")
         _check(self.log_every > 0, "train.log_every", "must be > 0")
 
 
