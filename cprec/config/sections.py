@@ -215,9 +215,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     """Share input embedding and output head."""
     attn_backend: str = "auto"
-    """Packed attention kernel: auto, reference, sdpa, loop, flash."""
+    """Packed attention kernel: auto, reference, sdpa, loop, flash (transformers' flash_attention_2,
+    CUDA + flash-attn), flex (torch flex_attention; the CUDA choice of auto without flash-attn)."""
     ce_backend: str = "auto"
-    """Loss kernel: auto, reference (full logits), chunked."""
+    """Loss kernel: auto, reference (full logits), chunked, liger (Liger Kernel's fused linear
+    cross-entropy, CUDA + liger-kernel; auto's choice there)."""
     ce_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy."""
     gradient_checkpointing: bool = False
@@ -234,8 +236,9 @@ class ModelConfig:
         if self.num_kv_heads:
             _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", "must divide num_heads")
         _check(self.intermediate_size >= 0, "model.intermediate_size", "must be >= 0")
-        _one_of(self.attn_backend, "model.attn_backend", ("auto", "reference", "sdpa", "loop", "flash"))
-        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked"))
+        attn_backends = ("auto", "reference", "sdpa", "loop", "flash", "flex")
+        _one_of(self.attn_backend, "model.attn_backend", attn_backends)
+        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked", "liger"))
         _check(self.ce_chunk_size > 0, "model.ce_chunk_size", "must be > 0")
         _one_of(self.dtype, "model.dtype", ("bf16", "fp32"))
 
