@@ -197,8 +197,8 @@ def build_model(
     a from-scratch model. ``cfg.gradient_checkpointing`` turns on non-reentrant activation
     checkpointing of every decoder layer. ``zero3``: the engine's ZeRO-3 DeepSpeed config, to build
     the model partitioned (every rank of the process group must call this; see module docstring);
-    with it, ``load_weights=False`` builds a folder model's architecture without reading its
-    weights (a checkpoint replaces them). Without ``zero3`` a folder's weights are always read.
+    with it, ``load_weights=False`` builds the architecture without reading a folder's weights or
+    drawing random ones (a checkpoint replaces them). Without ``zero3`` weights are always there.
     """
     if cfg.name_or_path:
         model = _from_folder(cfg, vocab_size, zero3, load_weights)
@@ -215,7 +215,7 @@ def build_model(
         if zero3 is not None:
             from . import sharded
 
-            model = sharded.construct(config, zero3)
+            model = sharded.construct(config, zero3, random_init=load_weights)
         else:
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         source = f"from scratch ({cfg.arch})"

@@ -105,12 +105,46 @@ def zero3_scope(ds_config: dict) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def construct(hf_config, ds_config: dict) -> nn.Module:
-    """A partitioned causal LM from a transformers config (random weights, drawn on rank 0)."""
+def partition_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype ``zero.Init`` gives the partitions under this DeepSpeed config (bf16 or fp32)."""
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
+@contextlib.contextmanager
+def _without_random_init() -> Iterator[None]:
+    """Skip transformers' ZeRO-3 weight initialisation (every module gathered, rank 0 drawing its
+    values) for a model whose every weight is about to be read from a checkpoint: it would cost the
+    time of a random init and a full gather of the largest module, for values overwritten at once.
+    ``from_config`` imports ``initialize_weights_zero3`` when it runs, so replacing the module
+    attribute for the duration is enough; where transformers has no such function this does nothing."""
+    import transformers.integrations.deepspeed as hf_ds
+
+    original = getattr(hf_ds, "initialize_weights_zero3", None)
+    if original is None:
+        yield
+        return
+    hf_ds.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        hf_ds.initialize_weights_zero3 = original
+
+
+def construct(hf_config, ds_config: dict, random_init: bool = True) -> nn.Module:
+    """A partitioned causal LM from a transformers config (random weights drawn on rank 0, or none
+    at all with ``random_init=False``, for a caller that loads every weight next).
+
+    Modules are constructed directly in the partitions' dtype: ``zero.Init`` would otherwise create
+    each tensor in fp32 and then cast it, holding both copies of the largest one (the embedding) at
+    once. The config keeps saying fp32, as the unsharded build's does: the optimizer's master
+    weights and every export are fp32."""
     from transformers import AutoModelForCausalLM
 
-    with zero3_scope(ds_config):
-        return AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    skip = contextlib.nullcontext() if random_init else _without_random_init()
+    with zero3_scope(ds_config), skip:
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=partition_dtype(ds_config))
+    model.config.dtype = torch.float32
+    return model
 
 
 def is_partitioned(model: nn.Module) -> bool:
@@ -217,17 +251,15 @@ def load(folder: str | Path, ds_config: dict, vocab_size: int, weights: bool = T
     """A partitioned causal LM with the weights of local HF ``folder``; the embeddings grow (gathered
     once, by transformers) when the tokenizer has more ids than the model has rows.
 
-    ``weights=False`` builds the architecture only (random weights), for a caller that loads a
-    checkpoint over it."""
+    ``weights=False`` builds the architecture only (weights uninitialised), for a caller that loads
+    a checkpoint over it."""
     from transformers import AutoConfig
 
     folder = Path(folder).expanduser()
     files = weight_files(folder, need_safetensors=True) if weights else []
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with zero3_scope(ds_config):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = construct(config, ds_config, random_init=False)  # the file or a checkpoint fills every weight
+    with zero3_scope(ds_config):  # transformers gathers the embeddings to grow them
         counts = load_partitions(model, files) if weights else {"loaded": 0, "skipped": 0}
         rows = model.get_input_embeddings().weight.ds_shape[0]
         if vocab_size > rows:
