@@ -72,11 +72,18 @@ def grown_vocab(folder: Path, dtype: str) -> dict:
     )
     model = build_model(cfg.model, VOCAB + 27, zero3=eng.zero3_build_config(spec))
     emb = model.get_input_embeddings().weight
+    # transformers builds the grown table unpartitioned (deepspeed.initialize partitions it), with
+    # the folder's rows copied in: compare them with the file.
+    from safetensors import safe_open
+
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(folder / index["model.embed_tokens.weight"]), framework="pt") as f:
+        saved = f.get_tensor("model.embed_tokens.weight")
     return {
-        "rows": int(emb.ds_shape[0]),
+        "rows": int(getattr(emb, "ds_shape", emb.shape)[0]),
         "config_vocab": int(model.config.vocab_size),
         "tied_after_resize": model.get_output_embeddings().weight is emb,
-        "partitioned_after_resize": hasattr(emb, "ds_tensor"),
+        "old_rows_kept": bool(torch.equal(emb.data[:VOCAB].float(), saved.to(emb.dtype).float())),
     }
 
 
