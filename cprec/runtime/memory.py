@@ -39,6 +39,10 @@ class MemoryEstimate:
     """How ``device_bytes`` per parameter was computed, e.g. ``(2 + 2 + 12) / 8``."""
 
 
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / GIB:.1f} GiB" if n_bytes >= GIB / 10 else f"{n_bytes / 1024**2:.0f} MiB"
+
+
 def estimate(n_params: int, spec: EngineSpec, sharded_build: bool) -> MemoryEstimate:
     """Model-state bytes per rank for ``n_params`` parameters under ``spec`` (see module docstring)."""
     bf16 = spec.dtype == "bf16"
@@ -107,25 +111,25 @@ def check_fits(
     # On a CPU run "device" and host are one memory; on a GPU the host copy has the host's memory.
     need = est.device_bytes if gpu else est.device_bytes + est.host_bytes
     what = (
-        f"{n_params:,} parameters x ({est.formula}) bytes = {est.device_bytes / GIB:.1f} GiB of weights, "
+        f"{n_params:,} parameters x ({est.formula}) bytes = {_size(est.device_bytes)} of weights, "
         f"gradients and optimizer state per rank (ZeRO-{spec.zero_stage}, {spec.dtype}, "
         f"{spec.world_size} rank(s))"
     )
     if not gpu and est.host_bytes:
-        what += f" + {est.host_bytes / GIB:.1f} GiB on the host"
+        what += f" + {_size(est.host_bytes)} on the host"
         if not sharded_build:
             what += " (the full fp32 copy an unsharded build holds at start-up)"
-    log.info("memory estimate: %s; budget %.1f GiB (%s)", what, budget / GIB, where)
+    log.info("memory estimate: %s; budget %s (%s)", what, _size(budget), where)
     problems = []
     if need > budget:
-        problems.append(f"{what} needs {need / GIB:.1f} GiB, more than the {budget / GIB:.1f} GiB of {where}")
+        problems.append(f"{what} needs {_size(need)}, more than the {_size(budget)} of {where}")
     if gpu and est.host_bytes:
         host, host_where = available_bytes(False, local_ranks)
         if est.host_bytes > host:
             problems.append(
-                f"{n_params:,} parameters need {est.host_bytes / GIB:.1f} GiB of host memory per rank "
+                f"{n_params:,} parameters need {_size(est.host_bytes)} of host memory per rank "
                 f"(offloaded optimizer state and/or the full fp32 copy of an unsharded build), more than "
-                f"the {host / GIB:.1f} GiB of {host_where}"
+                f"the {_size(host)} of {host_where}"
             )
     if problems:
         fixes = []
