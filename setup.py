@@ -40,7 +40,8 @@ setup(
         "accelerate>=1.0",
     ],
     extras_require={
-        "gpu": ["flash-attn>=2.6"],
+        # CUDA fast paths: flash varlen attention, Liger fused linear cross-entropy (Triton).
+        "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
         # benchmarks/train.py compares against a plain HF Trainer, which needs accelerate.
         "bench": ["accelerate>=1.0"],
         # data.engine=ray: distributed preparation (cprec.prepare.distributed); tests skip without it.

@@ -15,6 +15,10 @@ large bf16 matmul on this machine (``--peak-flops`` to give one instead).
 
     python benchmarks/train.py --out benchmarks/results/train.json
     python benchmarks/train.py --config configs/demo_ml1m.yaml    # on the ML-1M demo shards
+    # On a GPU, without data: synthetic shards of the model's vocabulary, no HF baseline, MFU
+    # against the chip's bf16 peak (cprec.train.mfu.GPU_PEAKS).
+    python benchmarks/train.py --device cuda --synthetic-vocab 151936 --seq-len 4096 --micro-batch 4 \
+        --no-baseline model.arch=qwen2 model.hidden_size=896 ...
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ def load_cfg(args):
 def run_cprec(args, overrides: list[str], work: Path) -> dict:
     out = work / "cprec_run"
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    if args.nproc > 1:
+    if args.device == "cuda":
+        env.pop("DS_ACCELERATOR")
+    if args.nproc > 1 and args.device == "cpu":
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.nproc))
         launcher = [
             sys.executable,
@@ -189,12 +195,13 @@ def run_hf(args, work: Path, tokens_per_step: float) -> dict:
 
 # ------------------------------------------------------------------------------------- main
 def model_flops(cfg, vocab: int, seq_len: int) -> tuple[int, float]:
-    from cprec.model.build import build_model
+    from cprec.model.build import meta_model
     from cprec.model.flops import count_params, flops_per_token
 
-    model = build_model(cfg.model, vocab)
+    model = meta_model(cfg.model, vocab)  # shapes only: a 0.5B model costs no memory here
     n = count_params(model, exclude_input_embeddings=True)
-    return count_params(model), flops_per_token(cfg.model, n, seq_len)
+    shape = model.config if cfg.model.name_or_path else cfg.model
+    return count_params(model), flops_per_token(shape, n, seq_len)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=1, help="cprec ranks (CPU processes)")
     p.add_argument("--zero-stage", type=int, default=3)
     p.add_argument("--peak-flops", type=float, default=0.0, help="peak FLOP/s per device (0 = measure)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: one GPU per rank")
+    p.add_argument("--no-baseline", action="store_true", help="skip the HF Trainer baseline")
+    p.add_argument(
+        "--synthetic-vocab", type=int, default=0, help="train on synthetic shards of this vocabulary"
+    )
+    p.add_argument("--synthetic-dir", default="", help="where the synthetic shards go (kept for reuse)")
     p.add_argument("--out", default="benchmarks/results/train.json")
     p.add_argument("--part", choices=["hf"], help=argparse.SUPPRESS)  # internal: run one side only
     p.add_argument("--tokens-per-step", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -226,15 +239,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.part == "hf":  # a clean process for the baseline (no DeepSpeed/process-group state)
             print(json.dumps(run_hf(args, work, args.tokens_per_step)))
             return 0
+        if args.synthetic_vocab:
+            from synthetic import write_synthetic_prepared
+
+            root = Path(args.synthetic_dir or work / "synthetic") / f"vocab{args.synthetic_vocab}"
+            args.prepared = str(write_synthetic_prepared(root, args.synthetic_vocab))
         cfg, overrides = load_cfg(args)
         prepared = Path(cfg.data.output_dir)
         if not (prepared / "manifest.json").is_file():
             log.error("no prepared shards at %s: run `cprec prepare %s` first", prepared, args.config)
             return 2
-        from cprec.train.mfu import measure_matmul_flops
+        from cprec.train.mfu import measure_matmul_flops, peak_flops
 
         peak, peak_source = args.peak_flops, "given"
-        if not peak:
+        if not peak and args.device == "cuda":
+            os.environ.pop("DS_ACCELERATOR", None)
+            peak, peak_source = peak_flops()  # the chip's dense bf16 peak from the table
+        elif not peak:
             peak, peak_source = measure_matmul_flops(seconds=3.0), "measured: 2048x2048 bf16 matmul, 3 s"
         log.info("peak %.3g FLOP/s (%s)", peak, peak_source)
         vocab = json.loads((prepared / "manifest.json").read_text())["tokenizer"]["vocab_size"]
@@ -243,24 +264,27 @@ def main(argv: list[str] | None = None) -> int:
         log.info("cprec: %d+%d steps on %d rank(s)", args.warmup, args.steps, args.nproc)
         ours = run_cprec(args, overrides, work)
         log.info("cprec: %.0f tokens/s", ours["tokens_per_s"])
-        cmd = [sys.executable, __file__, "--part", "hf", f"--tokens-per-step={ours['tokens_per_step']}"]
-        cmd += [f"--config={args.config}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
-        cmd += [
-            f"--seq-len={args.seq_len}",
-            f"--micro-batch={args.micro_batch}",
-            f"--prepared={args.prepared}",
-        ]
-        cmd += args.overrides
-        log.info("hf_trainer: %d+%d steps", args.warmup, args.steps)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"HF Trainer baseline failed:\n{proc.stderr[-4000:]}")
-        hf = json.loads(proc.stdout.strip().splitlines()[-1])
-        log.info("hf_trainer: %.0f tokens/s", hf["tokens_per_s"])
+        hf = None
+        if not args.no_baseline:
+            cmd = [sys.executable, __file__, "--part", "hf", f"--tokens-per-step={ours['tokens_per_step']}"]
+            cmd += [f"--config={args.config}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
+            cmd += [
+                f"--seq-len={args.seq_len}",
+                f"--micro-batch={args.micro_batch}",
+                f"--prepared={args.prepared}",
+            ]
+            cmd += args.overrides
+            log.info("hf_trainer: %d+%d steps", args.warmup, args.steps)
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"HF Trainer baseline failed:\n{proc.stderr[-4000:]}")
+            hf = json.loads(proc.stdout.strip().splitlines()[-1])
+            log.info("hf_trainer: %.0f tokens/s", hf["tokens_per_s"])
 
     devices = args.nproc
     ours["mfu"] = ours["tokens_per_s"] * fpt / (peak * devices)
-    hf["mfu"] = hf["tokens_per_s"] * fpt / peak
+    if hf is not None:
+        hf["mfu"] = hf["tokens_per_s"] * fpt / peak
     result = {
         "benchmark": "train",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -284,16 +308,20 @@ def main(argv: list[str] | None = None) -> int:
             "zero_stage": args.zero_stage,
             "warmup_steps": args.warmup,
             "timed_steps": args.steps,
+            "device": args.device,
+            "overrides": args.overrides,
         },
         "peak_flops_per_device": peak,
         "peak_source": peak_source,
         "cprec": ours,
         "hf_trainer": hf,
-        "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"],
+        "speedup_tokens_per_s": ours["tokens_per_s"] / hf["tokens_per_s"] if hf else None,
         "goal_speedup": 1.3,
-        "note": "2-core machine shared with other jobs: timings are noisy",
+        "note": "2-core machine shared with other jobs: timings are noisy"
+        if args.device == "cpu"
+        else f"{args.nproc} GPU(s)",
     }
-    out = REPO / args.out
+    out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

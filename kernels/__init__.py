@@ -14,6 +14,8 @@ from .dispatch import (
     packed_attention,
 )
 from .flash import flash_available
+from .flex import flex_available
+from .liger import liger_available
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -23,6 +25,8 @@ __all__ = [
     "chunked_cross_entropy",
     "cross_entropy_reference",
     "flash_available",
+    "flex_available",
+    "liger_available",
     "lm_cross_entropy",
     "packed_attention",
 ]

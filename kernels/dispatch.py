@@ -5,12 +5,15 @@ Attention (packed causal, no cross-document attention):
 - ``reference``: explicit masked softmax in fp32 (ground truth, slow).
 - ``sdpa``: one SDPA call with a ``[B, 1, L, L]`` block-diagonal causal mask.
 - ``loop``: one causal SDPA call per document slice (no mask, work follows the documents).
-- ``flash``: flash-attn ``flash_attn_varlen_func`` (CUDA + flash-attn only).
-- ``auto``: ``flash`` when flash-attn imports and the tensors are on CUDA; otherwise ``loop`` or
-  ``sdpa`` by the cost model in :func:`choose_attention_backend`.
+- ``flash``: transformers' ``flash_attention_2`` varlen path (CUDA + flash-attn only).
+- ``flex``: ``torch.nn.attention.flex_attention`` with a document-causal block mask (compiled on
+  CUDA; eager elsewhere, for tests).
+- ``auto``: ``flash`` when flash-attn imports and the tensors are on CUDA, ``flex`` on CUDA without
+  flash-attn; on CPU ``loop`` or ``sdpa`` by the cost model in :func:`choose_attention_backend`.
 
-Loss (``lm_cross_entropy``): ``reference`` (full logits), ``chunked`` (never ``[N, V]``), ``auto``
-(chunked once ``N * V`` exceeds :data:`CE_AUTO_CHUNK_ELEMENTS`).
+Loss (``lm_cross_entropy``): ``reference`` (full logits), ``chunked`` (never ``[N, V]``), ``liger``
+(Liger Kernel's fused linear cross-entropy, CUDA only), ``auto`` (``liger`` on CUDA when
+liger-kernel imports, else chunked once ``N * V`` exceeds :data:`CE_AUTO_CHUNK_ELEMENTS`).
 
 Each distinct choice is logged once (INFO), so a run's log says which kernels it used.
 """
@@ -23,6 +26,8 @@ import torch
 
 from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
 from .flash import flash_available, flash_problem, packed_attention_flash
+from .flex import flex_available, packed_attention_flex
+from .liger import liger_available, liger_cross_entropy, liger_unavailable_reason
 from .loop import packed_attention_loop
 from .reference import packed_attention_reference
 from .sdpa import packed_attention_sdpa
@@ -30,8 +35,8 @@ from .segments import bounds_list, segment_lengths
 
 log = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash")
-CE_BACKENDS = ("auto", "reference", "chunked")
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash", "flex")
+CE_BACKENDS = ("auto", "reference", "chunked", "liger")
 
 # Cost model for auto on CPU (benchmarks/kernels.py, 8 heads of 64, fwd+bwd): the masked SDPA
 # costs ~45-50 ns per entry of the whole L x L block of every row; the per-document loop ~70 ns per
@@ -40,8 +45,8 @@ CE_BACKENDS = ("auto", "reference", "chunked")
 # The overhead is therefore set high, LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries per segment, so the loop
 # is only chosen when it clearly wins: 2048-token rows of 100-300-token documents -> loop (1.4-2x
 # faster than sdpa, 3-5x faster than the reference); 512-token rows of 20-60-token documents -> sdpa.
-# On CUDA without flash-attn auto takes the masked SDPA (memory-efficient kernel): kernel launches
-# would dominate the loop there (not measured here: no GPU on the development machine).
+# On CUDA without flash-attn auto takes flex attention: a block-sparse fused kernel, where the loop
+# would be dominated by kernel launches and the masked SDPA computes all L x L entries.
 LOOP_SEGMENT_OVERHEAD_TOKENS = 256
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26
@@ -80,8 +85,10 @@ def choose_attention_backend(
         return requested, "forced by config"
     if device_type == "cuda" and flash_ok:
         return "flash", "auto: flash-attn importable and tensors on CUDA"
+    if device_type == "cuda" and flex_available():
+        return "flex", "auto: tensors on CUDA but flash-attn absent"
     if device_type == "cuda":
-        return "sdpa", "auto: tensors on CUDA but flash-attn absent"
+        return "sdpa", "auto: tensors on CUDA but flash-attn and flex_attention absent"
     loop_work = sum(n * n for n in seg_lengths) + len(seg_lengths) * LOOP_SEGMENT_OVERHEAD_TOKENS**2
     mask_work = batch * seq_len * seq_len
     where = f"no flash on {device_type}"
@@ -121,13 +128,33 @@ def packed_attention(
         return packed_attention_loop(q, k, v, bounds, scale, dropout)
     if name == "sdpa":
         return packed_attention_sdpa(q, k, v, cu_seqlens, scale, dropout)
+    if name == "flex":
+        return packed_attention_flex(q, k, v, bounds, scale, dropout)
     return packed_attention_reference(q, k, v, cu_seqlens, scale, dropout)
 
 
-def choose_ce_backend(requested: str, n_tokens: int, vocab_size: int) -> tuple[str, str]:
-    """Return ``(backend, reason)`` for the loss; ``auto`` chunks once ``N * V`` is large."""
+def choose_ce_backend(
+    requested: str,
+    n_tokens: int,
+    vocab_size: int,
+    device_type: str = "cpu",
+    liger_ok: bool | None = None,
+) -> tuple[str, str]:
+    """Return ``(backend, reason)`` for the loss; ``auto`` takes Liger on CUDA when it imports, and
+    otherwise chunks once ``N * V`` is large. A forced ``liger`` that cannot run raises RuntimeError."""
     if requested not in CE_BACKENDS:
         raise ValueError(f"unknown cross-entropy backend {requested!r}; choose from {list(CE_BACKENDS)}")
+    if requested == "liger" or (requested == "auto" and device_type == "cuda"):
+        if liger_ok is None:
+            liger_ok = liger_available()
+        if requested == "liger" and not (liger_ok and device_type == "cuda"):
+            why = liger_unavailable_reason() if not liger_ok else f"tensors on '{device_type}'"
+            raise RuntimeError(
+                f"model.ce_backend=liger needs liger-kernel on CUDA tensors ({why}); "
+                "use auto|chunked|reference"
+            )
+        if liger_ok:
+            return "liger", "forced by config" if requested == "liger" else "auto: CUDA and liger-kernel"
     if requested != "auto":
         return requested, "forced by config"
     if n_tokens * vocab_size > CE_AUTO_CHUNK_ELEMENTS:
@@ -148,11 +175,13 @@ def lm_cross_entropy(
 
     ``labels [N]`` hold target ids or -100 (ignored). No valid label gives 0 rather than NaN.
     """
-    name, why = choose_ce_backend(backend, hidden.shape[0], weight.shape[0])
+    name, why = choose_ce_backend(backend, hidden.shape[0], weight.shape[0], hidden.device.type)
     _log_once("cross-entropy", name, why)
     if name == "chunked":
         return chunked_cross_entropy(hidden, weight, labels, chunk_size, bias=bias)
     if not bool((labels != -100).any()):
         # F.cross_entropy gives NaN here; keep the graph so every parameter still gets a (zero) grad.
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()
+    if name == "liger":
+        return liger_cross_entropy(hidden, weight, labels, bias=bias)
     return cross_entropy_reference(hidden, weight, labels, bias=bias)

@@ -1,8 +1,10 @@
-"""Packed attention through flash-attn's ``flash_attn_varlen_func`` (CUDA only, optional import).
+"""Packed attention through transformers' own ``flash_attention_2`` path (CUDA only, optional).
 
-flash-attn has no CPU build, so it is imported lazily and its absence is a normal state: the
-dispatcher falls back to a CPU backend under ``auto`` and raises a clear error when ``flash`` is
-forced. The kernel handles GQA natively and needs fp16/bf16 tensors on a CUDA device.
+There is no varlen wrapper of ours here any more: transformers' flash attention function already
+takes exactly what a packed batch carries (``cu_seq_lens_q/k`` over the flattened ``B * L`` tokens,
+``max_length_q/k``) and calls flash-attn's ``flash_attn_varlen_func`` with them, GQA included. This
+module only adapts the call to the dispatcher's layout and says clearly when flash-attn is absent
+(it has no CPU build: under ``auto`` the dispatcher then falls back, a forced ``flash`` raises).
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ _INSTALL_HINT = "pip install 'cprec[gpu]' (flash-attn>=2.6, CUDA build)"
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[Callable | None, str]:
     try:
-        from flash_attn import flash_attn_varlen_func
-    except Exception as exc:  # ImportError, or a broken CUDA build raising OSError/RuntimeError
+        import flash_attn  # noqa: F401  (a broken CUDA build raises OSError/RuntimeError here)
+        from transformers.integrations.flash_attention import flash_attention_forward
+    except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
-    return flash_attn_varlen_func, ""
+    return flash_attention_forward, ""
 
 
 def flash_available() -> bool:
-    """True when ``flash_attn.flash_attn_varlen_func`` can be imported."""
+    """True when flash-attn and transformers' flash attention integration can be imported."""
     return _load()[0] is not None
 
 
@@ -52,6 +55,17 @@ def flash_problem(device_type: str, dtype: torch.dtype | None = None, importable
     return ""
 
 
+class _FlashCaller:
+    """The attention-module attributes transformers' flash function reads (its implementation name,
+    causality, layer index): the dispatcher calls it without the model's module."""
+
+    class config:  # noqa: N801  (mirrors ``module.config``)
+        _attn_implementation = "flash_attention_2"
+
+    is_causal = True
+    layer_idx = None
+
+
 def packed_attention_flash(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,27 +75,24 @@ def packed_attention_flash(
     scale: float | None = None,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]`` via flash-attn varlen (causal)."""
+    """``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, L, H, D]`` via transformers' flash varlen path."""
     problem = flash_problem(q.device.type, q.dtype)
     if problem:
         raise RuntimeError(f"attention backend 'flash': {problem}")
     fn = _load()[0]
-    b, h, n, d = q.shape
-    # [B, H, L, D] -> [B*L, H, D]: flash-attn's packed ("unpadded") layout.
-    qf = q.transpose(1, 2).reshape(b * n, h, d)
-    kf = k.transpose(1, 2).reshape(b * n, k.shape[1], d)
-    vf = v.transpose(1, 2).reshape(b * n, v.shape[1], d)
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    out = fn(
-        qf,
-        kf,
-        vf,
-        cu_seqlens_q=cu,
-        cu_seqlens_k=cu,
-        max_seqlen_q=int(max_seqlen),
-        max_seqlen_k=int(max_seqlen),
-        dropout_p=dropout,
-        softmax_scale=scale,
-        causal=True,
+    out, _ = fn(
+        _FlashCaller(),
+        q,
+        k,
+        v,
+        None,  # no padding mask: the boundaries say everything
+        dropout=dropout,
+        scaling=scale,
+        is_causal=True,
+        cu_seq_lens_q=cu,
+        cu_seq_lens_k=cu,
+        max_length_q=int(max_seqlen),
+        max_length_k=int(max_seqlen),
     )
-    return out.view(b, n, h, d)
+    return out.reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3])

@@ -507,3 +507,23 @@ def test_docker_readme_build_line_matches_the_layout():
     # Everything the install needs is in the build context.
     for needed in ("setup.py", "README.md", "pyproject.toml", "cprec", "kernels"):
         assert needed not in ignored and (REPO / needed).exists()
+
+
+def test_gpu_check_dry_run_prepares_tests_and_both_benchmarks(tmp_path):
+    """launch/gpu_check.sh is ready to run: the gpu-marked tests, then benchmarks/train.py on the
+    SmolLM2-135M and Qwen2-0.5B shapes (bf16, ZeRO-3, 4096-token rows) with valid overrides."""
+    proc = _run("gpu_check.sh", str(tmp_path / "out"), env=_clean_env(DRY_RUN="1", PYTHON="python3"))
+    cmds = _commands(proc.stdout)
+    assert len(cmds) == 3
+    assert cmds[0][cmds[0].index("pytest") + 1 : cmds[0].index("pytest") + 3] == ["-m", "gpu"]
+    shapes = {}
+    for cmd in cmds[1:]:
+        args = _after(cmd, "benchmarks/train.py")
+        flags = {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and i + 1 < len(args)}
+        assert flags["--device"] == "cuda" and flags["--seq-len"] == "4096" and flags["--zero-stage"] == "3"
+        overrides = [a for a in args if "=" in a and not a.startswith("--")]
+        cfg = load_config(REPO / "configs" / "food_kitchen_stable.yaml", overrides)
+        assert cfg.model.dtype == "bf16" and cfg.model.max_position_embeddings >= 4096
+        shapes[int(flags["--synthetic-vocab"])] = cfg.model
+    assert shapes[49152].hidden_size == 576 and shapes[49152].num_layers == 30  # SmolLM2-135M
+    assert shapes[151936].arch == "qwen2" and shapes[151936].hidden_size == 896  # Qwen2-0.5B

@@ -233,9 +233,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     """Share input embedding and output head."""
     attn_backend: str = "auto"
-    """Packed attention kernel: auto, reference, sdpa, loop, flash."""
+    """Packed attention kernel: auto, reference, sdpa, loop, flash (transformers' flash_attention_2,
+    CUDA + flash-attn), flex (torch flex_attention; the CUDA choice of auto without flash-attn)."""
     ce_backend: str = "auto"
-    """Loss kernel: auto, reference (full logits), chunked."""
+    """Loss kernel: auto, reference (full logits), chunked, liger (Liger Kernel's fused linear
+    cross-entropy, CUDA + liger-kernel; auto's choice there)."""
     ce_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy."""
     gradient_checkpointing: bool = False
@@ -252,8 +254,9 @@ class ModelConfig:
         if self.num_kv_heads:
             _check(self.num_heads % self.num_kv_heads == 0, "model.num_kv_heads", "must divide num_heads")
         _check(self.intermediate_size >= 0, "model.intermediate_size", "must be >= 0")
-        _one_of(self.attn_backend, "model.attn_backend", ("auto", "reference", "sdpa", "loop", "flash"))
-        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked"))
+        attn_backends = ("auto", "reference", "sdpa", "loop", "flash", "flex")
+        _one_of(self.attn_backend, "model.attn_backend", attn_backends)
+        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked", "liger"))
         _check(self.ce_chunk_size > 0, "model.ce_chunk_size", "must be > 0")
         _one_of(self.dtype, "model.dtype", ("bf16", "fp32"))
 
@@ -369,6 +372,11 @@ class TrainConfig:
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """Keep optimizer states on CPU (ZeRO-Offload)."""
+    memory_per_rank_gb: float = 0.0
+    """Memory (GiB) one rank may use for weights, gradients and optimizer state: the GPU's on a GPU
+    run, the host's on a CPU run. A model whose estimate (parameters x bytes per rank for the ZeRO
+    stage, dtype and offload, `cprec.runtime.memory`) exceeds it fails at start. 0 = what the
+    machine has (the GPU's memory; on CPU the host's memory / ranks on the node)."""
     seed: int = 1234
     """Seed for model init, data order and dropout."""
     log_every: int = 10
@@ -398,6 +406,7 @@ class TrainConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "two in [0,1)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
+        _check(self.memory_per_rank_gb >= 0, "train.memory_per_rank_gb", "must be >= 0 (0 = the machine's)")
         _check(self.log_every > 0, "train.log_every", "must be > 0")
 
 

@@ -6,11 +6,17 @@ From a folder (continual pre-training of an existing Llama / Qwen2 / Mistral / O
 ``AutoModelForCausalLM.from_pretrained(folder)``; the embeddings grow when the tokenizer has more
 ids than the model has rows. Nothing is downloaded: the folder must exist locally.
 
+Sharded (``zero3=`` a ZeRO-3 DeepSpeed config, what training passes for ``train.zero_stage=3``):
+the model is built inside ``deepspeed.zero.Init`` and a folder's weights are read slice by slice
+into the partitions (:mod:`cprec.model.sharded`), so no rank holds the full model; the partitions
+take the engine's dtype. Without it (ZeRO 0/1/2, single-process tools) every process builds the
+whole model as described below.
+
 Precision: weights are kept in fp32 whatever ``cfg.dtype`` says. Under DeepSpeed the engine's bf16
 mode casts the module and keeps fp32 master weights in the optimizer; without DeepSpeed,
 :class:`cprec.model.packed.PackedCausalLM` runs the decoder under ``torch.autocast(bfloat16)`` when
 ``cfg.dtype == "bf16"``. Loading a bf16 checkpoint therefore upcasts it (2x host memory while
-loading; build inside ``deepspeed.zero.Init`` for models that do not fit one host).
+loading; the sharded build avoids both copies).
 """
 
 from __future__ import annotations
@@ -95,8 +101,64 @@ def folder_vocab_size(folder: str | Path) -> int:
     return int(conf["vocab_size"])
 
 
-def _from_folder(cfg: ModelConfig, vocab_size: int):
+def fill_special_ids(config, bos_token_id=None, eos_token_id=None, pad_token_id=None) -> None:
+    """Special-token ids into a folder model's config, only where the folder left them unset."""
+    for name, value in (
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+    ):
+        if value is not None and getattr(config, name, None) is None:
+            setattr(config, name, value)
+
+
+def meta_model(
+    cfg: ModelConfig,
+    vocab_size: int,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
+    """The model `build_model` would build, on the meta device: names, shapes, config and
+    generation config, no weights (what an export needs to check and describe a checkpoint)."""
     from transformers import AutoModelForCausalLM
+
+    if cfg.name_or_path:
+        config = model_hf_config(cfg, vocab_size)
+        fill_special_ids(config, bos_token_id, eos_token_id, pad_token_id)
+    else:
+        config = hf_config(
+            cfg, vocab_size, bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        )
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.config.use_cache = False
+    folder = Path(cfg.name_or_path).expanduser() if cfg.name_or_path else None
+    if folder is not None and (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model
+
+
+def model_hf_config(cfg: ModelConfig, vocab_size: int):
+    """The transformers config of the model `build_model` would build (nothing is built): a folder's
+    own config with the vocabulary grown to the tokenizer's, or `hf_config`."""
+    if not cfg.name_or_path:
+        return hf_config(cfg, vocab_size)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(Path(cfg.name_or_path).expanduser(), local_files_only=True)
+    text = getattr(config, "text_config", None) or config
+    text.vocab_size = max(int(text.vocab_size), vocab_size)
+    return config
+
+
+def _from_folder(cfg: ModelConfig, vocab_size: int, zero3: dict | None = None, load_weights: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    from . import sharded
 
     folder = Path(cfg.name_or_path).expanduser()
     if not (folder / "config.json").is_file():
@@ -104,6 +166,9 @@ def _from_folder(cfg: ModelConfig, vocab_size: int):
             f"model.name_or_path: {folder} is not a local HF model folder (no config.json); "
             "models are never downloaded, save one with save_pretrained() first"
         )
+    if zero3 is not None:
+        return sharded.load(folder, zero3, vocab_size, weights=load_weights)
+    sharded.weight_files(folder)  # an incomplete shard index fails here, naming the missing file
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     rows = model.get_input_embeddings().weight.shape[0]
     if vocab_size > rows:
@@ -122,21 +187,22 @@ def build_model(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
+    zero3: dict | None = None,
+    load_weights: bool = True,
 ):
     """Return a ``transformers.PreTrainedModel`` (causal LM, fp32 weights, ``use_cache`` off).
 
     ``vocab_size`` is the tokenizer's; special-token ids, when given, go into the model config (for a
     folder model only where the folder left them unset). ``seed`` seeds the random initialisation of
     a from-scratch model. ``cfg.gradient_checkpointing`` turns on non-reentrant activation
-    checkpointing of every decoder layer.
+    checkpointing of every decoder layer. ``zero3``: the engine's ZeRO-3 DeepSpeed config, to build
+    the model partitioned (every rank of the process group must call this; see module docstring);
+    with it, ``load_weights=False`` builds the architecture without reading a folder's weights or
+    drawing random ones (a checkpoint replaces them). Without ``zero3`` weights are always there.
     """
     if cfg.name_or_path:
-        model = _from_folder(cfg, vocab_size)
-        for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)):
-            if value is not None and getattr(model.config, name, None) is None:
-                setattr(model.config, name, value)
-        if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = pad_token_id
+        model = _from_folder(cfg, vocab_size, zero3, load_weights)
+        fill_special_ids(model.config, bos_token_id, eos_token_id, pad_token_id)
         source = str(cfg.name_or_path)
     else:
         from transformers import AutoModelForCausalLM
@@ -146,17 +212,24 @@ def build_model(
         )
         if seed is not None:
             torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if zero3 is not None:
+            from . import sharded
+
+            model = sharded.construct(config, zero3, random_init=load_weights)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         source = f"from scratch ({cfg.arch})"
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    emb = model.get_input_embeddings().weight
     log.info(
-        "model %s: %s parameters (%s without input embeddings), vocab %d, gradient checkpointing %s",
+        "model %s: %s parameters (%s without input embeddings), vocab %d, gradient checkpointing %s%s",
         source,
         f"{count_params(model):,}",
         f"{count_params(model, exclude_input_embeddings=True):,}",
-        model.get_input_embeddings().weight.shape[0],
+        getattr(emb, "ds_shape", emb.shape)[0],
         "on" if cfg.gradient_checkpointing else "off",
+        ", ZeRO-3 partitioned at construction" if zero3 is not None else "",
     )
     return model

@@ -32,6 +32,17 @@ def count_params(
     return total
 
 
+def config_params(hf_config) -> int:
+    """Parameters of the causal LM a transformers config describes, counted on the meta device
+    (no memory, a fraction of a second): what the memory check needs before anything is built."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    return count_params(model)
+
+
 def flops_per_token(model_config, n_params: int, seq_len: float, *, causal: bool = False) -> float:
     """Training FLOPs (forward + backward) per token: ``6 N + 12 * layers * hidden * seq_len``.
 

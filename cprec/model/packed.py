@@ -9,7 +9,8 @@ would attend to the ones before it and get positions that do not restart. Here:
 - attention goes through the ``cprec_packed`` implementation registered with transformers'
   ``AttentionInterface``: it reads the segment boundaries (``cu_seq_lens_q`` / ``max_length_q``,
   the names transformers' own flash varlen path uses) from the forward kwargs and calls the
-  :mod:`cprec_kernels` dispatcher (reference | sdpa | loop | flash);
+  :mod:`cprec_kernels` dispatcher (reference | sdpa | loop | flex | flash, the last being
+  transformers' own ``flash_attention_2`` varlen function fed with these boundaries);
 - no ``[B, L, L]`` mask is built for a packed call (the mask function returns None), while plain
   calls without boundaries (padded evaluation batches, generation) keep transformers' SDPA
   semantics: the registered implementation then forwards to ``sdpa_attention_forward`` with the

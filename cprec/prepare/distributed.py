@@ -71,7 +71,10 @@ from cprec.prepare.buckets import (
 )
 from cprec.prepare.clean import clean_catalogue, clean_events
 from cprec.prepare.documents import EncoderState, build_specs, corpus_pick, merge_corpus_picks
-from cprec.prepare.pipeline import (
+from cprec.prepare.prompts import PromptRenderer
+from cprec.prepare.schema import IssueLog, SpilledEvents
+from cprec.prepare.split import split, train_sequences_table
+from cprec.prepare.stages import (
     _Clock,
     build_manifest,
     catalogue_of,
@@ -83,9 +86,6 @@ from cprec.prepare.pipeline import (
     write_items_file,
     write_shards,
 )
-from cprec.prepare.prompts import PromptRenderer
-from cprec.prepare.schema import IssueLog, SpilledEvents
-from cprec.prepare.split import split, train_sequences_table
 
 log = logging.getLogger(__name__)
 

@@ -80,7 +80,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # A ZeRO-3 partition (built under zero.Init) is an empty 1-D tensor: its shape is ds_shape.
+            dims = len(getattr(p, "ds_shape", p.shape))
+            (decay if dims >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -193,11 +195,18 @@ def clear_stale_build_lock(name: str) -> bool:
     return True
 
 
+def zero3_build_config(spec: EngineSpec) -> dict | None:
+    """The DeepSpeed config to build the model under ``zero.Init`` with (`cprec.model.sharded`): the
+    very one `init_engine` will use, so partitioning and dtype match; None below ZeRO-3."""
+    return deepspeed_config(spec, on_gpu()) if spec.zero_stage == 3 else None
+
+
 def init_engine(model: nn.Module, spec: EngineSpec, universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine (call `start_distributed` first).
 
-    ``universal`` sets DeepSpeed's ``checkpoint.load_universal`` so the next ``load_checkpoint``
-    reads a universal checkpoint (resume on a different world size).
+    ``model`` may already be ZeRO-3 partitioned (built with `zero3_build_config`). ``universal``
+    sets DeepSpeed's ``checkpoint.load_universal`` so the next ``load_checkpoint`` reads a universal
+    checkpoint (resume on a different world size).
     """
     import deepspeed
 

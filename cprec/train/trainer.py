@@ -344,10 +344,14 @@ def truncate_metrics(output_dir: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
-def build_module(cfg: Config, tok: dict) -> tuple[torch.nn.Module, float]:
+def build_module(
+    cfg: Config, tok: dict, zero3: dict | None = None, load_weights: bool = True
+) -> tuple[torch.nn.Module, float]:
     """The HF causal LM wrapped for packed batches, and its training FLOPs per token (for MFU).
 
-    Seeded, so every rank builds the same initial weights.
+    Seeded, so every rank builds the same initial weights. ``zero3`` (the engine's ZeRO-3 config)
+    builds it partitioned under ``zero.Init``; then ``load_weights=False`` skips reading a base
+    folder whose weights a checkpoint is about to replace.
     """
     from cprec.model.build import build_model
     from cprec.model.flops import count_params, flops_per_token
@@ -360,10 +364,29 @@ def build_module(cfg: Config, tok: dict) -> tuple[torch.nn.Module, float]:
         eos_token_id=tok.get("eos_id"),
         pad_token_id=tok.get("pad_id"),
         seed=cfg.train.seed,
+        zero3=zero3,
+        load_weights=load_weights,
     )
     shape = hf.config if cfg.model.name_or_path else cfg.model
     flops = flops_per_token(shape, count_params(hf, exclude_input_embeddings=True), cfg.train.seq_len)
     return PackedCausalLM(hf, cfg.model), flops
+
+
+def check_memory(cfg: Config, spec: eng.EngineSpec, vocab: int, sharded: bool) -> None:
+    """Fail before building when the model states cannot fit (`cprec.runtime.memory`)."""
+    from cprec.model.build import model_hf_config
+    from cprec.model.flops import config_params
+    from cprec.runtime import memory
+
+    memory.check_fits(
+        config_params(model_hf_config(cfg.model, vocab)),
+        spec,
+        sharded_build=sharded,
+        budget_gb=cfg.train.memory_per_rank_gb,
+        gpu=eng.on_gpu(),
+        local_ranks=memory.local_world_size(),
+        device_index=dist.dist_info().local_rank if eng.on_gpu() else 0,
+    )
 
 
 def setup(cfg: Config) -> Run | None:
@@ -390,9 +413,14 @@ def setup(cfg: Config) -> Run | None:
         return None
     universal = plan.checkpoint is not None and plan.state["world_size"] != info.world_size
     universal = universal and cfg.train.zero_stage > 0
+    spec = engine_spec(cfg, geo)
+    zero3 = eng.zero3_build_config(spec)  # ZeRO-3: built partitioned, no rank holds the full model
+    check_memory(cfg, spec, vocab, sharded=zero3 is not None)
     ckpt_io.seed_everything(cfg.train.seed)
-    module, flops_per_token = build_module(cfg, manifest["tokenizer"])
-    engine = eng.init_engine(module, engine_spec(cfg, geo), universal=universal)
+    module, flops_per_token = build_module(
+        cfg, manifest["tokenizer"], zero3=zero3, load_weights=plan.checkpoint is None
+    )
+    engine = eng.init_engine(module, spec, universal=universal)
     if plan.checkpoint is not None:
         if universal:
             log.warning(
@@ -513,7 +541,12 @@ def _run_phase(cfg: Config) -> Path:
         if r is not None and r.step < r.end_step:  # stopped by a signal: resumable, not finished
             r.tracker.finish("KILLED")
             return out
-        if dist.is_main() and final is not None and (r is not None or not (out / "final").is_dir()):
+        if r is not None and final is not None and cfg.train.zero_stage == 3:
+            from cprec.runtime.export import export_engine
+
+            # Every rank: one parameter gathered at a time, rank 0 writes (no full copy anywhere).
+            export_engine(r.engine, final, out / "final")
+        elif dist.is_main() and final is not None and (r is not None or not (out / "final").is_dir()):
             from cprec.runtime.export import export_checkpoint
 
             export_checkpoint(final, out / "final")

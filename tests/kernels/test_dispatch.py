@@ -8,7 +8,13 @@ import pytest
 import torch
 
 import cprec_kernels.dispatch as dispatch
-from cprec_kernels import choose_attention_backend, choose_ce_backend, flash_available, packed_attention
+from cprec_kernels import (
+    choose_attention_backend,
+    choose_ce_backend,
+    flash_available,
+    lm_cross_entropy,
+    packed_attention,
+)
 
 
 def test_forced_backends_are_used_as_named():
@@ -21,9 +27,9 @@ def test_auto_prefers_flash_on_cuda_when_importable():
 
 
 def test_auto_falls_back_when_flash_attn_is_absent():
-    # A CUDA tensor without flash-attn takes the masked SDPA path.
+    # A CUDA tensor without flash-attn takes flex attention (block-sparse, no [L, L] mask).
     name, why = choose_attention_backend("auto", "cuda", [100] * 20, 1, 2000, flash_ok=False)
-    assert name == "sdpa" and "flash-attn absent" in why
+    assert name == "flex" and "flash-attn absent" in why
     # On CPU flash is never chosen, even if importable.
     assert choose_attention_backend("auto", "cpu", [100] * 20, 1, 2000, flash_ok=True)[0] in ("loop", "sdpa")
 
@@ -69,6 +75,25 @@ def test_ce_auto_threshold():
     assert choose_ce_backend("auto", 16, 1000)[0] == "reference"
     assert choose_ce_backend("auto", 16384, 32000)[0] == "chunked"
     assert choose_ce_backend("reference", 16384, 32000)[0] == "reference"
+
+
+def test_ce_auto_takes_liger_on_cuda_only():
+    assert choose_ce_backend("auto", 16384, 32000, "cuda", liger_ok=True)[0] == "liger"
+    # CPU paths are unchanged, whether or not liger-kernel imports.
+    assert choose_ce_backend("auto", 16384, 32000, "cpu", liger_ok=True)[0] == "chunked"
+    assert choose_ce_backend("auto", 16, 1000, "cuda", liger_ok=False)[0] == "reference"
+    assert choose_ce_backend("chunked", 16384, 32000, "cuda", liger_ok=True)[0] == "chunked"
+
+
+def test_forcing_liger_where_it_cannot_run_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="liger-kernel on CUDA"):
+        choose_ce_backend("liger", 8, 8, "cpu", liger_ok=True)
+    with pytest.raises(RuntimeError, match="liger-kernel on CUDA"):
+        choose_ce_backend("liger", 8, 8, "cuda", liger_ok=False)
+    # Through the real dispatcher on this machine's CPU tensors.
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(RuntimeError, match="liger"):
+        lm_cross_entropy(hidden, weight, torch.tensor([1, 2, 3, -100]), backend="liger")
 
 
 def test_choice_is_logged_once_per_backend(caplog, monkeypatch):

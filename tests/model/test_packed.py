@@ -269,12 +269,19 @@ def test_opt_folder_model_packed_equals_one_by_one(tmp_path, pack, make_docs, ti
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_flash_packed_model_close_to_one_by_one_on_gpu(pack, make_docs, tiny_cfg):
-    from cprec_kernels import flash_available
+@pytest.mark.parametrize("attn,ce", [("flash", "chunked"), ("flash", "liger"), ("flex", "reference")])
+def test_packed_model_close_to_one_by_one_on_gpu(pack, make_docs, tiny_cfg, attn, ce):
+    """Flash varlen (transformers' flash_attention_2 path) or compiled flex attention, with the
+    chunked or Liger loss: a packed batch gives each document's one-by-one logits and loss."""
+    from cprec_kernels import flash_available, flex_available, liger_available
 
-    if not flash_available():
+    if attn == "flash" and not flash_available():
         pytest.skip("needs flash-attn")
-    cfg = tiny_cfg(dtype="bf16", attn_backend="flash")
+    if attn == "flex" and not flex_available():
+        pytest.skip("needs flex_attention")
+    if ce == "liger" and not liger_available():
+        pytest.skip("needs liger-kernel")
+    cfg = tiny_cfg(dtype="bf16", attn_backend=attn, ce_backend=ce)
     model = build_model(cfg, VOCAB, seed=21).to("cuda", torch.bfloat16)
     ref = eager_copy(model)
     wrapper = PackedCausalLM(model, cfg).eval()
