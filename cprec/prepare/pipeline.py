@@ -40,12 +40,11 @@ from cprec.prepare.prompts import PromptRenderer
 from cprec.prepare.schema import IssueLog
 from cprec.prepare.shards import file_sha256
 from cprec.prepare.split import split, train_sequences_table
-from cprec.prepare.stages import (  # noqa: F401 (the stage helpers, re-exported)
+from cprec.prepare.stages import (
     PIPELINE_VERSION,
     _Clock,
     build_manifest,
     catalogue_of,
-    corpus_lines,
     encoder_state,
     frames_needed,
     item_tables,
