@@ -18,7 +18,7 @@ def cprec_train(*args: str) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=300,  # a CLI start (imports, DeepSpeed init) on a loaded 2-core machine
     )
 
 
