@@ -104,7 +104,7 @@ def test_engine_export_equals_the_checkpoint_export(stable_run, tmp_path):
 
     final = stable_run / "final"
     from_files = export_checkpoint(
-        ck.resolve_checkpoint(stable_run / "checkpoints" / "final"), tmp_path / "f"
+        ck.resolve_checkpoint(stable_run / "checkpoints" / "phase_end"), tmp_path / "f"
     )
     engine_w = load_file(final / "model.safetensors")
     files_w = load_file(from_files / "model.safetensors")
