@@ -355,6 +355,10 @@ class TrainConfig:
     """Seed for model init, data order and dropout."""
     log_every: int = 10
     """Log metrics every N steps."""
+    profile_steps: int = 0
+    """Run torch.profiler over this many steps after the first one (rank 0) and write
+    <output_dir>/profile/ops.txt and trace.json; 0 = off (the profiler slows the steps it records).
+    The cheap per-step breakdown (time/forward_s, ...) is always in metrics.jsonl."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     """The streaming loader."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -381,6 +385,7 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
         _check(self.log_every > 0, "train.log_every", "must be > 0")
+        _check(self.profile_steps >= 0, "train.profile_steps", "must be >= 0")
 
 
 # --------------------------------------------------------------------------------------- eval
