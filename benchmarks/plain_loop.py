@@ -65,9 +65,9 @@ def train_plain(
     model.train()
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=1e-8)
     docs = list(docs)
-    times, tokens, losses = [], [], []
+    times, cpu, tokens, losses = [], [], [], []
     for _ in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         batch, real = pack_rows(docs, t.seq_len, micro_batch, pad_id)
         loss = model(**batch)
         loss.backward()
@@ -77,14 +77,17 @@ def train_plain(
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         tokens.append(real)
     timed_tokens = sum(tokens[warmup:])
-    seconds = sum(times[warmup:])
+    seconds, cpu_seconds = sum(times[warmup:]), sum(cpu[warmup:])
     return {
         "timed_steps": steps,
         "tokens": timed_tokens,
         "seconds": seconds,
         "tokens_per_s": timed_tokens / seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_s": timed_tokens / cpu_seconds,
         "tokens_per_step": timed_tokens / steps,
         "final_loss": losses[-1],
         "step_seconds": times[warmup:],

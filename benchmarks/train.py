@@ -203,7 +203,8 @@ def child_cprec(args, work: Path) -> dict:
     spec = MODELS[args.model]
     out = work / "cprec_run"
     argv = ["--log-level", "WARNING", "train", str(REPO / spec.config)]
-    argv += train_overrides(args) + model_overrides(spec, args) + [f"train.output_dir={out}"]
+    argv += train_overrides(args) + model_overrides(spec, args) + json.loads(args.variant_overrides or "[]")
+    argv.append(f"train.output_dir={out}")
     rc = cli.main(argv)
     if rc:
         raise RuntimeError(f"cprec train exited with {rc}")
@@ -213,6 +214,7 @@ def child_cprec(args, work: Path) -> dict:
     timed = rows[args.warmup :]
     t0, t1 = rows[args.warmup - 1], rows[-1]
     tokens, seconds = t1["tokens"] - t0["tokens"], t1["time"] - t0["time"]
+    cpu_seconds = t1["cpu_time"] - t0["cpu_time"]  # rank 0's process
     world = int(os.environ.get("WORLD_SIZE", "1"))
     breakdown = {}
     for key in [k for k in timed[0] if k.startswith("time/")]:
@@ -222,6 +224,8 @@ def child_cprec(args, work: Path) -> dict:
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_s": tokens / world / cpu_seconds,  # per rank: rank 0's tokens / its CPU time
         "non_pad_fraction": tokens / (len(timed) * world * args.micro_batch * args.seq_len),
         "tokens_per_step": tokens / len(timed),
         "final_loss": t1["loss"],
@@ -261,10 +265,12 @@ def child_hf(args, work: Path) -> dict:
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
     times: list[float] = []
+    cpu: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     model = build_model(cfg.model, int(tok["vocab_size"]), pad_token_id=pad, seed=cfg.train.seed)
     model.set_attn_implementation("sdpa")
@@ -291,6 +297,7 @@ def child_hf(args, work: Path) -> dict:
     # The collator runs once per step (no accumulation); step i used counts[i].
     tokens = sum(counts[args.warmup : steps])
     seconds = times[steps - 1] - times[args.warmup - 1]
+    cpu_seconds = cpu[steps - 1] - cpu[args.warmup - 1]
     capacity = sum(
         batch * max(map(len, docs[i * batch : (i + 1) * batch])) for i in range(args.warmup, steps)
     )
@@ -299,6 +306,8 @@ def child_hf(args, work: Path) -> dict:
         "tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_s": tokens / cpu_seconds,
         "non_pad_fraction": tokens / capacity,
         "tokens_per_step": tokens / args.steps,
         "docs_per_batch": batch,
@@ -328,14 +337,19 @@ CHILDREN = {"cprec": child_cprec, "hf_trainer": child_hf, "plain": child_plain}
 
 
 def run_child(args) -> int:
-    """``--part SIDE``: pin, run one side, write its JSON (plus how it was pinned) to ``--result``."""
-    pinned = pin_self(args.cores, args.threads) if not os.environ.get("LOCAL_RANK") else {}
-    if os.environ.get("LOCAL_RANK"):  # a torchrun rank: threads set, affinity from the launcher's taskset
-        import torch
+    """``--part SIDE``: pin, run one side, write its JSON (plus how it was pinned) to ``--result``.
 
-        torch.set_num_threads(args.threads)
-        pinned = {"affinity": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
-        pinned["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+    A torchrun rank keeps the affinity of the launcher's ``taskset`` and only sets its threads."""
+    import torch
+
+    if os.environ.get("LOCAL_RANK") is None:
+        pin_self(args.cores, args.threads)
+    torch.set_num_threads(args.threads)
+    pinned = {
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     with tempfile.TemporaryDirectory(prefix=f"cprec-bench-{args.part}-") as tmp:
         result = CHILDREN[args.part](args, Path(tmp))
     if result:
@@ -345,6 +359,17 @@ def run_child(args) -> int:
 
 
 # ------------------------------------------------------------------------------- the parent
+def parse_variants(items: list[str]) -> dict[str, list[str]]:
+    """``NAME:key=value;key=value`` -> {NAME: overrides}: extra cprec sides (A/B of one change)."""
+    out = {}
+    for item in items:
+        name, sep, rest = item.partition(":")
+        if not sep or not name or "=" not in rest:
+            raise ValueError(f"--variant {item!r}: want NAME:key=value[;key=value]")
+        out[name] = [o for o in rest.split(";") if o]
+    return out
+
+
 def child_env(args) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -353,25 +378,22 @@ def child_env(args) -> dict:
     return env
 
 
-def child_args(args, model: str, side: str, result: Path) -> list[str]:
-    out = [f"--part={side}", f"--model={model}", f"--result={result}", f"--cores={args.cores}"]
-    out += [f"--threads={args.threads}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
-    out += [f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}"]
-    if args.zero_stage is not None:
-        out.append(f"--zero-stage={args.zero_stage}")
-    return out + ["--", *args.overrides]
-
-
 def launch(args, model: str, side: str, work: Path) -> dict:
-    result = work / f"{model}-{side}.json"
+    """One run of one side in a pinned child process; its result JSON."""
+    result = work / f"{model}-{side.replace(':', '_')}.json"
     result.unlink(missing_ok=True)
-    pin = ["taskset", "-c", args.cores]
-    if side == "cprec" and args.nproc > 1:
-        cmd = [*pin, sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
-        cmd += ["--standalone", __file__]
-    else:
-        cmd = [*pin, sys.executable, __file__]
-    cmd += child_args(args, model, side, result)
+    part, _, variant = side.partition(":")
+    cmd = ["taskset", "-c", args.cores, sys.executable]
+    if part == "cprec" and args.nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--standalone"]
+    cmd += [__file__, f"--part={part}", f"--model={model}", f"--result={result}", f"--cores={args.cores}"]
+    cmd += [f"--threads={args.threads}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
+    cmd += [f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}"]
+    if args.zero_stage is not None:
+        cmd.append(f"--zero-stage={args.zero_stage}")
+    if variant:
+        cmd.append(f"--variant-overrides={json.dumps(args.variants[variant])}")
+    cmd += ["--", *args.overrides]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(args), capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not result.is_file():
@@ -385,17 +407,8 @@ def ensure_prepared(spec: ModelSpec, args) -> Path:
     prepared = REPO / spec.prepared
     if not (prepared / "manifest.json").is_file():
         log.info("%s: preparing %s (cprec prepare %s)", spec.name, prepared, spec.config)
-        cmd = [
-            "taskset",
-            "-c",
-            args.cores,
-            sys.executable,
-            "-m",
-            "cprec.cli",
-            "prepare",
-            str(REPO / spec.config),
-        ]
-        cmd += model_overrides(spec, args)
+        cmd = ["taskset", "-c", args.cores, sys.executable, "-m", "cprec.cli", "prepare"]
+        cmd += [str(REPO / spec.config), *model_overrides(spec, args)]
         subprocess.run(cmd, cwd=REPO, env=child_env(args), check=True)
     return prepared
 
@@ -410,7 +423,6 @@ def model_facts(spec: ModelSpec, args) -> dict:
     vocab = int(manifest["tokenizer"]["vocab_size"])
     model = build_model(cfg.model, vocab)
     shape = model.config if cfg.model.name_or_path else cfg.model
-    n = count_params(model, exclude_input_embeddings=True)
     c = model.config
     return {
         "params": count_params(model),
@@ -425,108 +437,138 @@ def model_facts(spec: ModelSpec, args) -> dict:
         },
         "dtype": cfg.model.dtype,
         "zero_stage": cfg.train.zero_stage,
-        "train_flops_per_token": flops_per_token(shape, n, args.seq_len),
+        "train_flops_per_token": flops_per_token(
+            shape, count_params(model, exclude_input_embeddings=True), args.seq_len
+        ),
     }
+
+
+def summarize(runs: list[dict], flops_per_token: float, peak: float) -> dict:
+    """Median and spread over one side's repeats (wall and CPU-time throughput), MFU of the median."""
+    tps = spread([r["tokens_per_s"] for r in runs])
+    devices = runs[0].get("ranks", 1)
+    out = {
+        "tokens_per_s": tps,
+        "tokens_per_cpu_s": spread([r["tokens_per_cpu_s"] for r in runs]),
+        "mfu": tps["median"] * flops_per_token / (peak * devices),
+        "non_pad_fraction": statistics.median(r.get("non_pad_fraction", 1.0) for r in runs),
+        "pinning": runs[0]["pinning"],
+        "runs": runs,
+    }
+    if "step_breakdown_s" in runs[0]:
+        keys = runs[0]["step_breakdown_s"]
+        out["step_breakdown_s"] = {k: statistics.median(r["step_breakdown_s"][k] for r in runs) for k in keys}
+    return out
 
 
 def bench_model(args, name: str, work: Path, peak: float) -> dict:
     spec = MODELS[name]
     ensure_prepared(spec, args)
     facts = model_facts(spec, args)
-    sides = [s for s in SIDES if s in args.sides]
+    sides = list(args.sides) + [f"cprec:{v}" for v in args.variants]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
+    failed: dict[str, str] = {}
     for rep in range(args.repeats):
         order = sides[rep % len(sides) :] + sides[: rep % len(sides)]  # rotate: no side always first
         for side in order:
             log.info("%s: repeat %d/%d, %s", name, rep + 1, args.repeats, side)
-            r = launch(args, name, side, work)
+            try:
+                r = launch(args, name, side, work)
+            except RuntimeError as e:
+                if ":" not in side:
+                    raise
+                log.error("%s", e)  # a failing A/B variant is recorded, the others go on
+                failed[side] = str(e)[-2000:]
+                sides.remove(side)
+                continue
             runs[side].append(r)
-            log.info("%s %s: %.0f tokens/s", name, side, r["tokens_per_s"])
+            log.info(
+                "%s %s: %.0f tokens/s, %.0f per CPU-s", name, side, r["tokens_per_s"], r["tokens_per_cpu_s"]
+            )
     entry = {"model": name, "description": spec.description, "config": spec.config, "prepared": spec.prepared}
     entry["overrides"] = [o for o in model_overrides(spec, args) if not o.startswith("data.output_dir=")]
     entry.update(facts)
-    entry["sides"] = {}
-    for side, rs in runs.items():
-        tps = spread([r["tokens_per_s"] for r in rs])
-        devices = rs[0].get("ranks", 1)
-        summary = {
-            "tokens_per_s": tps,
-            "mfu": tps["median"] * facts["train_flops_per_token"] / (peak * devices),
-            "non_pad_fraction": statistics.median(
-                r["non_pad_fraction"] for r in rs if "non_pad_fraction" in r
-            )
-            if any("non_pad_fraction" in r for r in rs)
-            else 1.0,
-            "pinning": rs[0]["pinning"],
-            "runs": rs,
-        }
-        if side == "cprec":
-            keys = rs[0]["step_breakdown_s"]
-            summary["step_breakdown_s"] = {
-                k: statistics.median(r["step_breakdown_s"][k] for r in rs) for k in keys
-            }
-        entry["sides"][side] = summary
-    med = {s: entry["sides"][s]["tokens_per_s"]["median"] for s in sides}
+    entry["sides"] = {s: summarize(rs, facts["train_flops_per_token"], peak) for s, rs in runs.items() if rs}
+    if args.variants:
+        entry["variants"] = args.variants
+    if failed:
+        entry["failed"] = failed
+    med = {s: v["tokens_per_s"]["median"] for s, v in entry["sides"].items()}
+    cpu = {s: v["tokens_per_cpu_s"]["median"] for s, v in entry["sides"].items()}
     if "cprec" in med and "hf_trainer" in med:
         entry["speedup"] = med["cprec"] / med["hf_trainer"]
+        entry["speedup_cpu_time"] = cpu["cprec"] / cpu["hf_trainer"]
         entry["speedup_per_repeat"] = [
             a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["cprec"], runs["hf_trainer"])
         ]
     if "cprec" in med and "plain" in med:
         entry["speedup_vs_plain"] = med["cprec"] / med["plain"]
+        entry["speedup_vs_plain_cpu_time"] = cpu["cprec"] / cpu["plain"]
+    if "cprec" in med:
+        for v in args.variants:  # A/B: each variant against the default cprec side
+            side = f"cprec:{v}"
+            if side not in med:
+                continue
+            entry.setdefault("variant_ratio", {})[v] = {
+                "tokens_per_s": med[side] / med["cprec"],
+                "tokens_per_cpu_s": cpu[side] / cpu["cprec"],
+            }
     return entry
 
 
 # ------------------------------------------------------------------------------- README table
 QUIET_COMMAND = (
-    "taskset -c 0 python benchmarks/train.py --models smollm2-135m,qwen2-0.5b-shape --steps 6 --warmup 2 "
-    "--repeats 3 --cores 0 --threads 1 --merge"
+    "taskset -c 0 python benchmarks/train.py --models smollm2-135m,qwen2-0.5b-shape --steps 6 "
+    "--warmup 2 --repeats 3 --cores 0 --threads 1 --merge"
 )
+BREAKDOWN = ("forward", "backward", "optimizer", "loader", "comm")
+
+
+def _tps(entry: dict, side: str, key: str = "tokens_per_s") -> str:
+    s = entry["sides"].get(side)
+    if not s:
+        return "—"
+    t = s[key]
+    return f"{t['median']:,.0f} [{t['min']:,.0f}, {t['max']:,.0f}]"
+
+
+def _ratio(entry: dict, key: str) -> str:
+    return f"{entry[key]:.2f}×" if key in entry else "—"
 
 
 def table(results: dict) -> str:
     """The README table (from the JSON): one row per model, then the models not measured yet."""
     lines = [
-        "| model | params | CPRec tok/s (median [min, max]) | plain packed loop | HF Trainer, padded | "
-        "speedup vs HF | vs plain | CPRec MFU | CPRec step: fwd / bwd / opt / loader / comm |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | params | CPRec tok/s [min, max] | plain packed loop | HF Trainer, padded | "
+        "CPRec / HF | CPRec / plain | per CPU-second: CPRec / HF, / plain | CPRec MFU | "
+        "CPRec step: " + " / ".join(BREAKDOWN) + " |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-
-    def cell(entry: dict, side: str) -> str:
-        s = entry["sides"].get(side)
-        if not s:
-            return "—"
-        t = s["tokens_per_s"]
-        return f"{t['median']:,.0f} [{t['min']:,.0f}, {t['max']:,.0f}]"
-
     done = set()
     for e in results["models"]:
         done.add(e["model"])
-        b = e["sides"].get("cprec", {}).get("step_breakdown_s", {})
+        ours = e["sides"].get("cprec", {})
+        b = ours.get("step_breakdown_s", {})
         step = b.get("step") or 1.0
-        parts = " / ".join(
-            f"{100 * b.get(k, 0) / step:.0f}%" for k in ("forward", "backward", "optimizer", "loader", "comm")
-        )
-        mfu = e["sides"].get("cprec", {}).get("mfu")
+        parts = " / ".join(f"{100 * b.get(k, 0) / step:.0f}%" for k in BREAKDOWN) + f" of {step:.2f} s"
+        mfu = f"{ours['mfu']:.2f}" if ours else "—"
+        cpu = f"{_ratio(e, 'speedup_cpu_time')}, {_ratio(e, 'speedup_vs_plain_cpu_time')}"
         lines.append(
-            f"| {e['model']} | {e['params'] / 1e6:.1f}M | {cell(e, 'cprec')} | {cell(e, 'plain')} | "
-            f"{cell(e, 'hf_trainer')} | {e.get('speedup', float('nan')):.2f}× | "
-            f"{e.get('speedup_vs_plain', float('nan')):.2f}× | {mfu:.2f} | {parts} (step {step:.2f} s) |"
-            if mfu is not None
-            else f"| {e['model']} | {e['params'] / 1e6:.1f}M | — | {cell(e, 'plain')} | {cell(e, 'hf_trainer')} | — | — | — | — |"
+            f"| {e['model']} | {e['params'] / 1e6:.1f}M | {_tps(e, 'cprec')} | {_tps(e, 'plain')} | "
+            f"{_tps(e, 'hf_trainer')} | {_ratio(e, 'speedup')} | {_ratio(e, 'speedup_vs_plain')} | {cpu} | "
+            f"{mfu} | {parts if b else '—'} |"
         )
     for name in MODELS:
         if name not in done:
-            lines.append(
-                f"| {name} | not measured in this JSON: run `{QUIET_COMMAND}` on a quiet machine | | | | | | | |"
-            )
+            lines.append(f"| {name} | not measured yet: needs a quiet machine (command below) |||||||||")
     p, s = results["pinning"], results["settings"]
     lines += [
         "",
-        f"Pinned: cores `{p['cores']}`, {p['threads']} thread(s) per side ({results['repeats']} interleaved "
-        f"repeats; {s['warmup']} warm-up + {s['steps']} timed steps of {s['micro_batch']} × {s['seq_len']} "
-        f"tokens; peak {results['peak_flops_per_device'] / 1e9:.0f} GFLOP/s bf16 matmul, measured pinned). "
-        f"{results['note']}",
+        f"Pinned to cores `{p['cores']}`, {p['threads']} thread(s) per side, {results['repeats']} "
+        f"interleaved repeats (median [min, max]); {s['warmup']} warm-up + {s['steps']} timed steps of "
+        f"{s['micro_batch']} × {s['seq_len']} tokens; MFU against a "
+        f"{results['peak_flops_per_device'] / 1e9:.0f} GFLOP/s bf16 matmul measured pinned in the same "
+        f"run. {results['note']}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -547,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="7m", help=f"comma-separated, of {list(MODELS)}")
     p.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, of {list(SIDES)}")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:key=value[;key=value]: an extra cprec side with these overrides (A/B; repeatable)",
+    )
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs per side")
@@ -564,14 +612,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=SIDES, help=argparse.SUPPRESS)  # internal: one side, in a child
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--variant-overrides", default="", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="extra dotted config overrides for every side")
     return p
 
 
 DEFAULT_NOTE = (
-    "Measured on a 2-core machine whose core 0 was shared with other jobs (core 1 held by another "
-    "benchmark): absolute tokens/s are low and noisy, the ratios between interleaved sides are what to "
-    "read. The 135M rows need a quiet machine: " + QUIET_COMMAND
+    "Measured on a 2-core machine whose core 0 was shared with other jobs while core 1 ran another "
+    "benchmark: wall-clock tokens/s are low and noisy; the per-CPU-second ratios (each process's own "
+    "CPU time, which other jobs' turns on the core do not inflate) and the ratios between interleaved "
+    f"sides are what to read. The 135M and 0.5B rows need a quiet machine: `{QUIET_COMMAND}`."
 )
 
 
@@ -590,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown model(s) {bad}; choose from {list(MODELS)}")
     args.sides = [s for s in args.sides.split(",") if s]
+    if set(args.sides) - set(SIDES):
+        p.error(f"unknown side(s) {sorted(set(args.sides) - set(SIDES))}; choose from {list(SIDES)}")
+    try:
+        args.variants = parse_variants(args.variant)
+    except ValueError as e:
+        p.error(str(e))
     pinned = pin_self(args.cores, args.threads)  # the peak is measured like the children run
     from cprec.train.mfu import measure_matmul_flops
 
@@ -624,7 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "peak_flops_per_device": peak,
         "peak_source": peak_source,
-        "goals": {"7m_speedup": 2.5, "smollm2-135m_speedup": 1.5, "smollm2-135m_speedup_vs_plain": 1.2},
+        "goals": {
+            "7m": {"speedup": 2.5},
+            "smollm2-135m": {"speedup": 1.5, "speedup_vs_plain": 1.2, "mfu": 0.3},
+        },
         "models": entries,
         "note": args.note or DEFAULT_NOTE,
     }

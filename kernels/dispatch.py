@@ -33,16 +33,21 @@ log = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash")
 CE_BACKENDS = ("auto", "reference", "chunked")
 
-# Cost model for auto on CPU (benchmarks/kernels.py, 8 heads of 64, fwd+bwd): the masked SDPA
-# costs ~45-50 ns per entry of the whole L x L block of every row; the per-document loop ~70 ns per
-# entry of its documents' blocks plus a fixed cost per segment (Python and two small kernels) of
-# ~0.5-1 ms on an idle machine but several ms when the cores are shared (small OpenMP regions stall).
-# The overhead is therefore set high, LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries per segment, so the loop
-# is only chosen when it clearly wins: 2048-token rows of 100-300-token documents -> loop (1.4-2x
-# faster than sdpa, 3-5x faster than the reference); 512-token rows of 20-60-token documents -> sdpa.
+# Cost model for auto on CPU, in units of one entry of the masked SDPA's L x L block per row: the
+# per-document loop costs LOOP_ENTRY_COST per entry of its documents' blocks plus a fixed
+# LOOP_SEGMENT_OVERHEAD_TOKENS**2 per segment (Python and two small kernels), whatever the heads.
+# Calibrated with CPU time per fwd+bwd (benchmarks/results/train_ab.json, "attention"), bf16, one
+# thread, 8 x 32 (7M model) and 9/3 x 64 (SmolLM2-135M) heads, on real food-kitchen and ML-1M
+# batches and synthetic ones: fitted entry cost 1.2-1.35, overhead 23-26k entries (150-160 tokens
+# squared) for both shapes. So: ML-1M 4 x 512 rows (14 segments of ~140 tokens) -> loop (1.2-1.3x
+# faster than sdpa), 2048-token rows of 100-300-token documents -> loop (3-4.5x), 512-token rows of
+# 20-60-token documents -> sdpa (1.2-1.5x), one document filling the row -> sdpa. The loop slices are
+# 4-D so SDPA takes its fused kernel; the old 3-D slices fell back to the math path, which is what
+# an earlier, higher overhead (256**2) had been fitted to.
 # On CUDA without flash-attn auto takes the masked SDPA (memory-efficient kernel): kernel launches
 # would dominate the loop there (not measured here: no GPU on the development machine).
-LOOP_SEGMENT_OVERHEAD_TOKENS = 256
+LOOP_SEGMENT_OVERHEAD_TOKENS = 160
+LOOP_ENTRY_COST = 1.3
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26
 
@@ -89,7 +94,8 @@ def choose_attention_backend(
         return "flash", "auto: flash-attn importable and tensors on CUDA"
     if device_type == "cuda":
         return "sdpa", "auto: tensors on CUDA but flash-attn absent"
-    loop_work = sum(n * n for n in seg_lengths) + len(seg_lengths) * LOOP_SEGMENT_OVERHEAD_TOKENS**2
+    loop_work = LOOP_ENTRY_COST * sum(n * n for n in seg_lengths)
+    loop_work = int(loop_work + len(seg_lengths) * LOOP_SEGMENT_OVERHEAD_TOKENS**2)
     mask_work = batch * seq_len * seq_len
     where = f"no flash on {device_type}"
     if loop_work < mask_work:

@@ -351,6 +351,9 @@ class TrainConfig:
     """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """Keep optimizer states on CPU (ZeRO-Offload)."""
+    fused_adamw: bool = True
+    """On CPU, torch's fused AdamW kernel (one pass per tensor instead of one per op: ~10x faster
+    updates on one core); false = the per-op AdamW. GPUs always use DeepSpeed's FusedAdam."""
     seed: int = 1234
     """Seed for model init, data order and dropout."""
     log_every: int = 10

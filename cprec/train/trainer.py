@@ -305,6 +305,9 @@ def log_step(r: Run, loss: float, lr: float, step_times: dict[str, float] | None
     seconds per section); tracker metrics every ``log_every`` steps and at the end."""
     grad_norm = r.engine.get_global_grad_norm()
     row = {"step": r.step, "loss": loss, "lr": lr, "tokens": r.meter.tokens_seen, "time": time.time()}
+    # CPU seconds of this process so far: throughput per CPU-second stays comparable when the
+    # machine is shared (benchmarks/train.py), where wall time also counts other jobs' turns.
+    row["cpu_time"] = time.process_time()
     row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
     row.update(step_times or {})
     if r.step % r.cfg.train.log_every == 0 or r.step == r.end_step:
@@ -312,7 +315,8 @@ def log_step(r: Run, loss: float, lr: float, step_times: dict[str, float] | None
         row.update(window)
         row.update(skips.gather(r.loader, r.engine.device).metrics())  # collective too
         row["mfu"] = mfu_mod.mfu(window["tokens_per_s"], r.flops_per_token, r.peak_flops, r.geo.world_size)
-        metrics = {k: v for k, v in row.items() if k not in ("step", "time") and v is not None}
+        skip = ("step", "time", "cpu_time")
+        metrics = {k: v for k, v in row.items() if k not in skip and v is not None}
         metrics["phase_tokens"] = r.meter.phase_tokens
         r.tracker.log_metrics(metrics, r.step)
         log.info(
