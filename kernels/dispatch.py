@@ -35,18 +35,17 @@ CE_BACKENDS = ("auto", "reference", "chunked")
 
 # Cost model for auto on CPU, in units of one entry of the masked SDPA's L x L block per row: the
 # per-document loop costs LOOP_ENTRY_COST per entry of its documents' blocks plus a fixed
-# LOOP_SEGMENT_OVERHEAD_TOKENS**2 per segment (Python and two small kernels), whatever the heads.
-# Calibrated with CPU time per fwd+bwd (benchmarks/results/train_ab.json, "attention"), bf16, one
-# thread, 8 x 32 (7M model) and 9/3 x 64 (SmolLM2-135M) heads, on real food-kitchen and ML-1M
-# batches and synthetic ones: fitted entry cost 1.2-1.35, overhead 23-26k entries (150-160 tokens
-# squared) for both shapes. So: ML-1M 4 x 512 rows (14 segments of ~140 tokens) -> loop (1.2-1.3x
-# faster than sdpa), 2048-token rows of 100-300-token documents -> loop (3-4.5x), 512-token rows of
-# 20-60-token documents -> sdpa (1.2-1.5x), one document filling the row -> sdpa. The loop slices are
-# 4-D so SDPA takes its fused kernel; the old 3-D slices fell back to the math path, which is what
-# an earlier, higher overhead (256**2) had been fitted to.
-# On CUDA without flash-attn auto takes the masked SDPA (memory-efficient kernel): kernel launches
-# would dominate the loop there (not measured here: no GPU on the development machine).
-LOOP_SEGMENT_OVERHEAD_TOKENS = 160
+# LOOP_SEGMENT_OVERHEAD_TOKENS**2 per segment (Python and its small kernels), whatever the heads.
+# Fitted to CPU time per fwd+bwd (benchmarks/results/train_ab.json, "attention"): bf16, one thread,
+# q/k/v laid out as the model produces them, 8 x 32 heads (7M model) and 9/3 x 64 (SmolLM2-135M),
+# on real food-kitchen and ML-1M batches and synthetic ones; both shapes give an entry cost of
+# 1.25-1.4 and an overhead of 11-12k entries (~110 tokens squared). So: 4 x 512 rows of 100-150-token
+# documents (food-kitchen, ML-1M) -> loop, 1.5-1.8x faster than sdpa; 2048-token rows of 100-300-token
+# documents -> loop (4-5x); 512-token rows of 8-24-token documents -> sdpa (1.3-1.5x); one document
+# filling the row -> sdpa. (An earlier fit, 256**2 per segment and no entry cost, chose sdpa for
+# the first case.) On CUDA without flash-attn auto takes the masked SDPA (memory-efficient kernel):
+# kernel launches would dominate the loop there (not measured here: no GPU on the development machine).
+LOOP_SEGMENT_OVERHEAD_TOKENS = 112
 LOOP_ENTRY_COST = 1.3
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26

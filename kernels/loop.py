@@ -32,17 +32,18 @@ def packed_attention_loop(
     for start, end in zip(bounds[:-1], bounds[1:]):
         row, lo = divmod(start, n)
         hi = lo + (end - start)
-        # 4-D slices: SDPA's fused (flash) kernels take only [B, H, L, D]; a 3-D call silently
-        # falls back to the unfused math path, which costs 2-3x more per document on CPU.
+        # 3-D slices: SDPA serves them with its math path (two bmm + softmax). On CPU that is
+        # faster for per-document calls than the fused flash kernel a 4-D slice would get (1.1-1.4x
+        # in bf16 on real batches, benchmarks/results/train_ab.json "attention").
         out = F.scaled_dot_product_attention(
-            q[row : row + 1, :, lo:hi],
-            k[row : row + 1, :, lo:hi],
-            v[row : row + 1, :, lo:hi],
+            q[row, :, lo:hi],
+            k[row, :, lo:hi],
+            v[row, :, lo:hi],
             dropout_p=dropout,
             is_causal=True,
             scale=scale,
             enable_gqa=gqa,
         )
-        pieces.append(out[0].transpose(0, 1))  # [n_i, H, D]
+        pieces.append(out.transpose(0, 1))  # [n_i, H, D]
     # Segments come in flattened-token order, so concatenating them rebuilds the [B*L] token axis.
     return torch.cat(pieces, dim=0).view(b, n, h, d)

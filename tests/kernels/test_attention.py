@@ -102,19 +102,6 @@ def test_backend_bf16_close_to_fp64_truth(backend):
     torch.testing.assert_close(got.double(), per_document_truth(q, k, v, bounds), atol=3e-2, rtol=3e-2)
 
 
-def test_loop_runs_on_sdpa_fused_kernel():
-    """Each document's SDPA call takes the fused (flash) kernel: with only that kernel allowed, a
-    3-D slice (which SDPA serves with its slower math path alone) would raise "No available kernel"."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    bounds = random_bounds(2, 64, 5, 30, seed=3)
-    q, k, v = qkv(2, 4, 2, 64, 16, torch.float32)
-    cu = torch.tensor(bounds, dtype=torch.int32)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        out = packed_attention_loop(q, k, v, bounds)
-    torch.testing.assert_close(out, packed_attention_reference(q, k, v, cu), atol=1e-5, rtol=1e-5)
-
-
 def test_scale_and_single_token_segments():
     bounds = [0, 1, 2, 5, 6, 8]
     cu = torch.tensor(bounds, dtype=torch.int32)
