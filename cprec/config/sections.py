@@ -348,13 +348,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm (0 = off)."""
     zero_stage: int = 3
-    """DeepSpeed ZeRO stage (on several ranks; see zero_stage_one_rank)."""
-    zero_stage_one_rank: int = 1
-    """ZeRO stage when the job runs on a single rank, at most train.zero_stage: partitioning over one
-    rank saves no memory, while ZeRO-3's per-module gathers and hooks cost time (stage 1 trains the
-    7M model at 1.3-1.5x the tokens per CPU-second of stage 3: benchmarks/results/train_ab.json).
-    -1 = train.zero_stage everywhere. A checkpoint moves between stages through DeepSpeed's universal
-    checkpoint, as between world sizes."""
+    """DeepSpeed ZeRO stage."""
     offload_optimizer: bool = False
     """Keep optimizer states on CPU (ZeRO-Offload)."""
     fused_adamw: bool = True
@@ -393,7 +387,6 @@ class TrainConfig:
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "two in [0,1)")
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
-        _one_of(self.zero_stage_one_rank, "train.zero_stage_one_rank", (-1, 0, 1, 2, 3))
         _check(self.log_every > 0, "train.log_every", "must be > 0")
         _check(self.profile_steps >= 0, "train.profile_steps", "must be >= 0")
 

@@ -44,14 +44,6 @@ def batch_geometry(train: TrainConfig, world_size: int) -> BatchGeometry:
     return BatchGeometry(world_size, train.micro_batch_size, accum, train.seq_len)
 
 
-def zero_stage(train: TrainConfig, world_size: int) -> int:
-    """The ZeRO stage a run uses: ``train.zero_stage``, or on one rank ``train.zero_stage_one_rank``
-    when that is lower (and not -1)."""
-    if world_size == 1 and train.zero_stage_one_rank >= 0:
-        return min(train.zero_stage, train.zero_stage_one_rank)
-    return train.zero_stage
-
-
 def engine_spec(cfg: Config, geo: BatchGeometry) -> EngineSpec:
     """The pre-training engine: train.* optimizer and ZeRO settings, model.dtype, this geometry."""
     t = cfg.train
@@ -59,7 +51,7 @@ def engine_spec(cfg: Config, geo: BatchGeometry) -> EngineSpec:
         micro_batch_size=geo.micro_batch_size,
         grad_accum=geo.grad_accum,
         world_size=geo.world_size,
-        zero_stage=zero_stage(t, geo.world_size),
+        zero_stage=t.zero_stage,
         offload_optimizer=t.offload_optimizer,
         dtype=cfg.model.dtype,
         lr=t.lr,

@@ -36,7 +36,7 @@ from cprec.runtime import engine as eng
 from cprec.runtime.tracking import Tracker, make_tracker
 from cprec.train import mfu as mfu_mod
 from cprec.train import skips, steptime
-from cprec.train.geometry import BatchGeometry, batch_geometry, engine_spec, zero_stage
+from cprec.train.geometry import BatchGeometry, batch_geometry, engine_spec
 from cprec.train.schedule import Schedule, build_schedule, phase_steps
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,7 @@ def check_tokenizer(cfg: Config, manifest: dict, plan: StartPlan, manifest_path:
         )
 
 
-def saved_zero_stage(state: dict) -> int:
-    """The ZeRO stage a checkpoint was written with (``train.zero_stage`` before the stage depended
-    on the world size)."""
-    return int(state.get("zero_stage", state["config"]["train"]["zero_stage"]))
-
-
-def check_compatible(cfg: Config, plan: StartPlan, vocab_size: int, world_size: int = 1) -> None:
+def check_compatible(cfg: Config, plan: StartPlan, vocab_size: int) -> None:
     """Fail early, naming the field, when a checkpoint cannot be loaded into this model."""
     if plan.checkpoint is None:
         return
@@ -141,11 +135,9 @@ def check_compatible(cfg: Config, plan: StartPlan, vocab_size: int, world_size: 
     diffs = [d for d, k in zip(diffs, _WEIGHT_FIELDS) if saved.get(k) != getattr(cfg.model, k)]
     if plan.state.get("vocab_size") != vocab_size:
         diffs.append(f"vocab size: {plan.state.get('vocab_size')} there, {vocab_size} here")
-    saved_stage, stage = saved_zero_stage(plan.state), zero_stage(cfg.train, world_size)
-    if (saved_stage == 0) != (stage == 0):  # stage 0 keeps no ZeRO optimizer shards to convert
-        diffs.append(
-            f"ZeRO stage (train.zero_stage / train.zero_stage_one_rank): {saved_stage} there, {stage} here"
-        )
+    saved_stage = plan.state["config"]["train"]["zero_stage"]
+    if (saved_stage == 0) != (cfg.train.zero_stage == 0):
+        diffs.append(f"train.zero_stage: {saved_stage} there, {cfg.train.zero_stage} here")
     if diffs:
         raise ValueError(f"incompatible checkpoint {plan.checkpoint}: " + "; ".join(diffs))
 
@@ -410,7 +402,7 @@ def setup(cfg: Config) -> Run | None:
     ckpt_io.clean_leftovers(out)
     plan = plan_start(cfg)
     check_tokenizer(cfg, manifest, plan, prepared / "manifest.json")
-    check_compatible(cfg, plan, vocab, info.world_size)
+    check_compatible(cfg, plan, vocab)
     if plan.kind == "resume":
         step, phase_start = plan.state["step"], plan.state["phase_start_step"]
     else:
@@ -419,28 +411,19 @@ def setup(cfg: Config) -> Run | None:
     if step >= end_step:
         log.info("phase already complete at step %d (%s); nothing to do", step, plan.checkpoint)
         return None
-    # Another world size or ZeRO stage: ZeRO shards are laid out per rank and stage, so the
-    # checkpoint goes through DeepSpeed's universal format.
-    stage = zero_stage(cfg.train, info.world_size)
-    universal = plan.checkpoint is not None and (
-        plan.state["world_size"] != info.world_size or saved_zero_stage(plan.state) != stage
-    )
-    universal = universal and stage > 0
+    universal = plan.checkpoint is not None and plan.state["world_size"] != info.world_size
+    universal = universal and cfg.train.zero_stage > 0
     ckpt_io.seed_everything(cfg.train.seed)
     module, flops_per_token = build_module(cfg, manifest["tokenizer"])
     engine = eng.init_engine(module, engine_spec(cfg, geo), universal=universal)
-    resharded = plan.checkpoint is not None and plan.state["world_size"] != info.world_size
     if plan.checkpoint is not None:
         if universal:
             log.warning(
-                "checkpoint %s was written by %d rank(s) at ZeRO-%d, this run has %d at ZeRO-%d: loading "
-                "weights and optimizer through a universal checkpoint%s",
+                "checkpoint %s was written by %d ranks, this run has %d: loading weights and optimizer "
+                "through a universal checkpoint; the loader restarts at epoch granularity, RNG reseeded",
                 plan.checkpoint,
                 plan.state["world_size"],
-                saved_zero_stage(plan.state),
                 info.world_size,
-                stage,
-                "; the loader restarts at epoch granularity, RNG reseeded" if resharded else "",
             )
             ckpt_io.ensure_universal(plan.checkpoint)
         ckpt_io.load(engine, plan.checkpoint, universal=universal)
@@ -449,7 +432,7 @@ def setup(cfg: Config) -> Run | None:
     seed = cfg.train.seed + (step if plan.kind == "init" else 0)
     loader = build_loader(loader_settings(cfg, seed=seed), info.rank, info.world_size)
     if plan.kind == "resume":
-        restore_rank_state(plan, loader, info.rank, resharded)
+        restore_rank_state(plan, loader, info.rank, universal)
         truncate_metrics(out, step)
     else:
         ckpt_io.seed_everything(seed + 7919 * info.rank)
@@ -466,7 +449,6 @@ def setup(cfg: Config) -> Run | None:
     base_state = {
         "phase": cfg.train.phase,
         "world_size": info.world_size,
-        "zero_stage": stage,
         "geometry": dataclasses.asdict(geo),
         "tracking_uri": getattr(tracker, "uri", None),
         "config": config_to_dict(cfg),
@@ -506,11 +488,11 @@ def setup(cfg: Config) -> Run | None:
     )
 
 
-def restore_rank_state(plan: StartPlan, loader, rank: int, resharded: bool) -> None:
+def restore_rank_state(plan: StartPlan, loader, rank: int, universal: bool) -> None:
     """Loader position and RNG streams of this rank, exactly; after a world-size change, the loader
     gets every saved rank's state (it restarts each stream at the epoch they had reached) and the
     RNG is reseeded."""
-    if not resharded:
+    if not universal:
         state = ckpt_io.read_rank_state(plan.checkpoint, rank)
         loader.load_state_dict(state["loader"])
         ckpt_io.set_rng_state(state["rng"])

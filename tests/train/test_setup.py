@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cprec.config import load_config
-from cprec.train.geometry import batch_geometry, engine_spec, zero_stage
+from cprec.train.geometry import batch_geometry
 from cprec.train.trainer import StartPlan, check_compatible, check_tokenizer
 
 
@@ -41,28 +41,6 @@ def test_incompatible_checkpoint_names_fields():
     with pytest.raises(ValueError, match="vocab size: 100 there, 120 here"):
         check_compatible(load_config(None, []), plan, 120)
     check_compatible(load_config(None, ["model.attn_backend=sdpa"]), plan, 100)  # kernels may change
-
-
-def test_zero_stage_follows_the_world_size():
-    cfg = load_config(None, [])  # train.zero_stage 3, train.zero_stage_one_rank 1
-    assert zero_stage(cfg.train, 1) == 1 and zero_stage(cfg.train, 2) == 3
-    assert engine_spec(cfg, batch_geometry(cfg.train, 1)).zero_stage == 1
-    assert engine_spec(cfg, batch_geometry(cfg.train, 4)).zero_stage == 3
-    assert zero_stage(load_config(None, ["train.zero_stage_one_rank=-1"]).train, 1) == 3
-    assert zero_stage(load_config(None, ["train.zero_stage=0"]).train, 1) == 0  # never above zero_stage
-    with pytest.raises(ValueError, match="train.zero_stage_one_rank"):
-        load_config(None, ["train.zero_stage_one_rank=4"])
-
-
-def test_checkpoint_moves_between_sharded_stages_but_not_to_stage_zero():
-    cfg = load_config(None, [])
-    plan = StartPlan("resume", Path("/ck/step_0000004"), _state())  # written at ZeRO-3 (no zero_stage key)
-    check_compatible(cfg, plan, 100, world_size=1)  # ZeRO-1 here: converted through a universal checkpoint
-    with pytest.raises(ValueError, match=r"ZeRO stage .*: 3 there, 0 here"):
-        check_compatible(load_config(None, ["train.zero_stage_one_rank=0"]), plan, 100, world_size=1)
-    stage0 = StartPlan("init", Path("/ck/step_0000006"), _state(zero_stage=0))
-    with pytest.raises(ValueError, match=r"ZeRO stage .*: 0 there, 3 here"):
-        check_compatible(cfg, stage0, 100, world_size=2)
 
 
 def test_tokenizer_mismatch_with_checkpoint():
