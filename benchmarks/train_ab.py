@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--engine-json", default="", help="a benchmarks/train.py --variant result to merge")
     p.add_argument("--out", default="benchmarks/results/train_ab.json")
+    p.add_argument("--note", action="append", default=[], help="PART=TEXT: what a part's numbers say")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_to_default": e.get("variant_ratio", {}),
                 "failed": e.get("failed", {}),
             }
+    for note in args.note:
+        part, _, text = note.partition("=")
+        result.setdefault("notes", {})[part] = text
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     return 0

@@ -40,7 +40,7 @@ CE_BACKENDS = ("auto", "reference", "chunked")
 # q/k/v laid out as the model produces them, 8 x 32 heads (7M model) and 9/3 x 64 (SmolLM2-135M),
 # on real food-kitchen and ML-1M batches and synthetic ones; both shapes give an entry cost of
 # 1.25-1.4 and an overhead of 11-12k entries (~110 tokens squared). So: 4 x 512 rows of 100-150-token
-# documents (food-kitchen, ML-1M) -> loop, 1.5-1.8x faster than sdpa; 2048-token rows of 100-300-token
+# documents (food-kitchen, ML-1M) -> loop, 1.5-1.7x faster than sdpa; 2048-token rows of 100-300-token
 # documents -> loop (4-5x); 512-token rows of 8-24-token documents -> sdpa (1.3-1.5x); one document
 # filling the row -> sdpa. (An earlier fit, 256**2 per segment and no entry cost, chose sdpa for
 # the first case.) On CUDA without flash-attn auto takes the masked SDPA (memory-efficient kernel):
