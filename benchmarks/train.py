@@ -394,12 +394,13 @@ def launch(args, model: str, side: str, work: Path) -> dict:
     if variant:
         cmd.append(f"--variant-overrides={json.dumps(args.variants[variant])}")
     cmd += ["--", *args.overrides]
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(args), capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not result.is_file():
         raise RuntimeError(f"{side} on {model} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = json.loads(result.read_text())
     out["process_wall_s"] = time.perf_counter() - start
+    out["load_average_1min"] = [load_before, os.getloadavg()[0]]  # how busy the machine was
     return out
 
 
