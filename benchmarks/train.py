@@ -462,6 +462,18 @@ def summarize(runs: list[dict], flops_per_token: float, peak: float) -> dict:
     return out
 
 
+def run_settings(args) -> dict:
+    return {
+        "seq_len": args.seq_len,
+        "micro_batch": args.micro_batch,
+        "nproc": args.nproc,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "zero_stage_override": args.zero_stage,
+        "overrides": args.overrides,
+    }
+
+
 def bench_model(args, name: str, work: Path, peak: float) -> dict:
     spec = MODELS[name]
     ensure_prepared(spec, args)
@@ -487,6 +499,13 @@ def bench_model(args, name: str, work: Path, peak: float) -> dict:
                 "%s %s: %.0f tokens/s, %.0f per CPU-s", name, side, r["tokens_per_s"], r["tokens_per_cpu_s"]
             )
     entry = {"model": name, "description": spec.description, "config": spec.config, "prepared": spec.prepared}
+    entry["run"] = {  # this entry's own run (entries of earlier runs are kept by --merge)
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": run_settings(args),
+        "repeats": args.repeats,
+        "pinning": {"cores": args.cores, "threads": args.threads},
+        "peak_flops_per_device": peak,
+    }
     entry["overrides"] = [o for o in model_overrides(spec, args) if not o.startswith("data.output_dir=")]
     entry.update(facts)
     entry["sides"] = {s: summarize(rs, facts["train_flops_per_token"], peak) for s, rs in runs.items() if rs}
@@ -562,15 +581,22 @@ def table(results: dict) -> str:
     for name in MODELS:
         if name not in done:
             lines.append(f"| {name} | not measured yet: needs a quiet machine (command below) |||||||||")
-    p, s = results["pinning"], results["settings"]
-    lines += [
-        "",
-        f"Pinned to cores `{p['cores']}`, {p['threads']} thread(s) per side, {results['repeats']} "
-        f"interleaved repeats (median [min, max]); {s['warmup']} warm-up + {s['steps']} timed steps of "
-        f"{s['micro_batch']} × {s['seq_len']} tokens; MFU against a "
-        f"{results['peak_flops_per_device'] / 1e9:.0f} GFLOP/s bf16 matmul measured pinned in the same "
-        f"run. {results['note']}",
-    ]
+    lines.append("")
+    for e in results["models"]:
+        r = e.get("run") or {  # an entry written before entries carried their own run
+            "settings": results["settings"],
+            "repeats": results["repeats"],
+            "pinning": results["pinning"],
+            "peak_flops_per_device": results["peak_flops_per_device"],
+        }
+        s, p = r["settings"], r["pinning"]
+        lines.append(
+            f"- {e['model']}: pinned to cores `{p['cores']}`, {p['threads']} thread(s) per side, "
+            f"{r['repeats']} interleaved repeats (median [min, max]), {s['warmup']} warm-up + {s['steps']} "
+            f"timed steps of {s['micro_batch']} × {s['seq_len']} tokens, MFU against a "
+            f"{r['peak_flops_per_device'] / 1e9:.0f} GFLOP/s bf16 matmul measured pinned in the same run."
+        )
+    lines += ["", results["note"]]
     return "\n".join(lines) + "\n"
 
 
@@ -670,15 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "pinning": {"cores": args.cores, "threads": args.threads, "parent": pinned},
         "repeats": args.repeats,
-        "settings": {
-            "seq_len": args.seq_len,
-            "micro_batch": args.micro_batch,
-            "nproc": args.nproc,
-            "warmup": args.warmup,
-            "steps": args.steps,
-            "zero_stage_override": args.zero_stage,
-            "overrides": args.overrides,
-        },
+        "settings": run_settings(args),
         "peak_flops_per_device": peak,
         "peak_source": peak_source,
         "goals": {
