@@ -38,16 +38,20 @@ log = logging.getLogger(__name__)
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash", "flex")
 CE_BACKENDS = ("auto", "reference", "chunked", "liger")
 
-# Cost model for auto on CPU (benchmarks/kernels.py, 8 heads of 64, fwd+bwd): the masked SDPA
-# costs ~45-50 ns per entry of the whole L x L block of every row; the per-document loop ~70 ns per
-# entry of its documents' blocks plus a fixed cost per segment (Python and two small kernels) of
-# ~0.5-1 ms on an idle machine but several ms when the cores are shared (small OpenMP regions stall).
-# The overhead is therefore set high, LOOP_SEGMENT_OVERHEAD_TOKENS**2 entries per segment, so the loop
-# is only chosen when it clearly wins: 2048-token rows of 100-300-token documents -> loop (1.4-2x
-# faster than sdpa, 3-5x faster than the reference); 512-token rows of 20-60-token documents -> sdpa.
-# On CUDA without flash-attn auto takes flex attention: a block-sparse fused kernel, where the loop
-# would be dominated by kernel launches and the masked SDPA computes all L x L entries.
-LOOP_SEGMENT_OVERHEAD_TOKENS = 256
+# Cost model for auto on CPU, in units of one entry of the masked SDPA's L x L block per row: the
+# per-document loop costs LOOP_ENTRY_COST per entry of its documents' blocks plus a fixed
+# LOOP_SEGMENT_OVERHEAD_TOKENS**2 per segment (Python and its small kernels), whatever the heads.
+# Fitted to CPU time per fwd+bwd (benchmarks/results/train_ab.json, "attention"): bf16, one thread,
+# q/k/v laid out as the model produces them, 8 x 32 heads (7M model) and 9/3 x 64 (SmolLM2-135M),
+# on real food-kitchen and ML-1M batches and synthetic ones; both shapes give an entry cost of
+# 1.25-1.4 and an overhead of 11-12k entries (~110 tokens squared). So: 4 x 512 rows of 100-150-token
+# documents (food-kitchen, ML-1M) -> loop, 1.5-1.7x faster than sdpa; 2048-token rows of 100-300-token
+# documents -> loop (4-5x); 512-token rows of 8-24-token documents -> sdpa (1.3-1.5x); one document
+# filling the row -> sdpa. (An earlier fit, 256**2 per segment and no entry cost, chose sdpa for
+# the first case.) On CUDA without flash-attn auto takes flex attention (a block-sparse fused
+# kernel), and the masked SDPA where flex is absent: kernel launches would dominate the loop there.
+LOOP_SEGMENT_OVERHEAD_TOKENS = 112
+LOOP_ENTRY_COST = 1.3
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26
 
@@ -89,7 +93,8 @@ def choose_attention_backend(
         return "flex", "auto: tensors on CUDA but flash-attn absent"
     if device_type == "cuda":
         return "sdpa", "auto: tensors on CUDA but flash-attn and flex_attention absent"
-    loop_work = sum(n * n for n in seg_lengths) + len(seg_lengths) * LOOP_SEGMENT_OVERHEAD_TOKENS**2
+    loop_work = LOOP_ENTRY_COST * sum(n * n for n in seg_lengths)
+    loop_work = int(loop_work + len(seg_lengths) * LOOP_SEGMENT_OVERHEAD_TOKENS**2)
     mask_work = batch * seq_len * seq_len
     where = f"no flash on {device_type}"
     if loop_work < mask_work:

@@ -32,6 +32,9 @@ def packed_attention_loop(
     for start, end in zip(bounds[:-1], bounds[1:]):
         row, lo = divmod(start, n)
         hi = lo + (end - start)
+        # 3-D slices: SDPA serves them with its math path (two bmm + softmax). On CPU that is
+        # faster for per-document calls than the fused flash kernel a 4-D slice would get (1.1-1.4x
+        # in bf16 on real batches, benchmarks/results/train_ab.json "attention").
         out = F.scaled_dot_product_attention(
             q[row, :, lo:hi],
             k[row, :, lo:hi],

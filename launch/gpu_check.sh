@@ -84,8 +84,8 @@ smol=(model.arch=llama model.hidden_size=576 model.num_layers=30 model.num_heads
 if [[ -n "${SMOLLM2_DIR:-}" ]]; then smol=("model.name_or_path=$SMOLLM2_DIR"); fi
 qwen=(model.arch=qwen2 model.hidden_size=896 model.num_layers=24 model.num_heads=14 model.num_kv_heads=2
     model.intermediate_size=4864 model.tie_word_embeddings=true model.rope_theta=1000000)
-common=(--device cuda --no-baseline --seq-len 4096 --zero-stage 3 --warmup 3 --steps 10
-    --synthetic-dir /tmp/cprec-synthetic)
+common=(--device cuda --no-baseline --no-readme --repeats 1 --seq-len 4096 --zero-stage 3 --warmup 3
+    --steps 10 --synthetic-dir /tmp/cprec-synthetic)
 bench_rc=0
 run_cmd timeout 600 "$PY" benchmarks/train.py "${common[@]}" --synthetic-vocab 49152 --micro-batch 8 \
     --out "$OUT/train_smollm2_135m.json" model.dtype=bf16 "${smol[@]}" 2>&1 | tail -40 || bench_rc=1
@@ -102,10 +102,13 @@ tail = [ln for ln in log.splitlines() if re.search(r"\d+ (passed|failed|skipped)
 summary = {"gpu_tests_rc": tests_rc, "gpu_tests": tail[-1] if tail else "no result", "train": {}}
 for f in sorted(out.glob("train_*.json")):
     r = json.loads(f.read_text())
+    entry = r["models"][0]
+    ours = entry["sides"]["cprec"]
     summary["train"][f.stem] = {
-        "params": r["model"]["params"],
-        "tokens_per_s": round(r["cprec"]["tokens_per_s"]),
-        "mfu": round(r["cprec"]["mfu"], 4),
+        "params": entry["params"],
+        "tokens_per_s": round(ours["tokens_per_s"]["median"]),
+        "mfu": round(ours["mfu"], 4),
+        "step_breakdown_s": ours.get("step_breakdown_s"),
         "peak_flops": r["peak_flops_per_device"],
         "peak_source": r["peak_source"],
         "rows": f'{r["settings"]["micro_batch"]} x {r["settings"]["seq_len"]}',

@@ -58,4 +58,5 @@ def engine_spec(cfg: Config, geo: BatchGeometry) -> EngineSpec:
         betas=tuple(t.betas),
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
+        fused_adamw=t.fused_adamw,
     )

@@ -35,7 +35,7 @@ from cprec.runtime import dist, faults
 from cprec.runtime import engine as eng
 from cprec.runtime.tracking import Tracker, make_tracker
 from cprec.train import mfu as mfu_mod
-from cprec.train import skips
+from cprec.train import skips, steptime
 from cprec.train.geometry import BatchGeometry, batch_geometry, engine_spec
 from cprec.train.schedule import Schedule, build_schedule, phase_steps
 
@@ -247,25 +247,41 @@ def train_loop(r: Run) -> Path | None:
     rank0 = dist.is_main()
     bar = tqdm(total=r.end_step, initial=r.step, desc=f"{r.cfg.train.phase}", disable=not rank0)
     stop_signal = StopSignal()  # a SLURM time limit / preemption: save at the step's end, then exit
+    device = r.engine.device
+    profiler = steptime.StepProfiler(
+        r.cfg.train.profile_steps if rank0 else 0, r.cfg.train.output_dir, cuda=device.type == "cuda"
+    )
+    times = steptime.StepTimes(device, label_ranges=profiler.active)
     r.meter.start_window()
     while r.step < r.end_step:
+        times.start_step()
         lr = r.schedule(r.step)
         eng.set_lr(r.engine, lr)
         loss_sum, local_tokens = 0.0, 0
         for _ in range(r.geo.grad_accum):
-            batch = next(batches)
-            loss = r.engine(**model_inputs(batch, r.engine.device))
-            r.engine.backward(loss)
-            r.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            with times.section("loader"):
+                batch = next(batches)
+                inputs = model_inputs(batch, device)
+            with times.section("forward"):
+                loss = r.engine(**inputs)
+            with times.section("backward"):
+                r.engine.backward(loss)
+            with times.section("optimizer"):
+                r.engine.step()  # DeepSpeed updates only at the accumulation boundary
             loss_sum = loss_sum + loss.detach().float()  # stays on the device: no sync per micro-step
             local_tokens += r.meter.add_batch(batch)
         r.step += 1
-        loss, stop = r.meter.end_step(float(loss_sum), r.geo.grad_accum, local_tokens, stop_signal.received)
+        with times.section("comm"):
+            loss, stop = r.meter.end_step(
+                float(loss_sum), r.geo.grad_accum, local_tokens, stop_signal.received
+            )
+        step_times = times.end_step()
+        profiler.step()
         if not math.isfinite(loss):
             msg = f"loss is {loss} at step {r.step}; last good checkpoint: {r.last_checkpoint or 'none'}"
             log.error("%s", msg)
             raise NonFiniteLoss(f"{msg} (lower train.lr or raise train.schedule.warmup_steps, then rerun)")
-        log_step(r, loss, lr)
+        log_step(r, loss, lr, step_times)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
         every = r.cfg.train.checkpoint.every_steps
@@ -275,6 +291,7 @@ def train_loop(r: Run) -> Path | None:
         if stop:
             log.warning("stop requested (SIGTERM/SIGUSR1): saved step %d, exiting; rerun to resume", r.step)
             break
+    profiler.close()
     bar.close()
     skipped = skips.gather(r.loader, r.engine.device)  # collective: before rank 0 alone reports
     if rank0:
@@ -283,17 +300,23 @@ def train_loop(r: Run) -> Path | None:
     return r.last_checkpoint
 
 
-def log_step(r: Run, loss: float, lr: float) -> None:
-    """metrics.jsonl every step (rank 0); tracker metrics every ``log_every`` steps and at the end."""
+def log_step(r: Run, loss: float, lr: float, step_times: dict[str, float] | None = None) -> None:
+    """metrics.jsonl every step (rank 0), with the step's time breakdown (`steptime`: rank 0's
+    seconds per section); tracker metrics every ``log_every`` steps and at the end."""
     grad_norm = r.engine.get_global_grad_norm()
     row = {"step": r.step, "loss": loss, "lr": lr, "tokens": r.meter.tokens_seen, "time": time.time()}
+    # CPU seconds of this process so far: throughput per CPU-second stays comparable when the
+    # machine is shared (benchmarks/train.py), where wall time also counts other jobs' turns.
+    row["cpu_time"] = time.process_time()
     row["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+    row.update(step_times or {})
     if r.step % r.cfg.train.log_every == 0 or r.step == r.end_step:
         window = r.meter.log_window()  # collective: every rank calls it
         row.update(window)
         row.update(skips.gather(r.loader, r.engine.device).metrics())  # collective too
         row["mfu"] = mfu_mod.mfu(window["tokens_per_s"], r.flops_per_token, r.peak_flops, r.geo.world_size)
-        metrics = {k: v for k, v in row.items() if k not in ("step", "time") and v is not None}
+        skip = ("step", "time", "cpu_time")
+        metrics = {k: v for k, v in row.items() if k not in skip and v is not None}
         metrics["phase_tokens"] = r.meter.phase_tokens
         r.tracker.log_metrics(metrics, r.step)
         log.info(

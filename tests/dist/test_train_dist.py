@@ -50,6 +50,13 @@ def test_stable_run_layout(stable_run):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[0]["lr"] == pytest.approx(5e-4) and rows[1]["lr"] == pytest.approx(1e-3)  # warmup of 2
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    # Every row has the step's time breakdown; the sections and "other" add up to the whole step.
+    sections = [f"time/{k}_s" for k in ("loader", "forward", "backward", "optimizer", "comm", "other")]
+    for r in rows:
+        assert all(r[k] >= 0 for k in sections) and r["time/forward_s"] > 0 and r["time/backward_s"] > 0
+        assert sum(r[k] for k in sections) == pytest.approx(r["time/step_s"], rel=1e-6)
+        assert r["cpu_time"] > 0
+    assert not (stable_run / "profile").exists()  # the profiler is off unless asked for
 
 
 def test_mlflow_run_has_metrics(stable_run):
@@ -102,8 +109,13 @@ def test_anneal_branches_from_stable_checkpoint(train_yaml, stable_run, runs_roo
             "train.schedule.decay_shape=1-sqrt",
             "train.schedule.min_lr_ratio=0.1",
             "train.loader.mixing={A/domain: 3.0, B/domain: 1.0}",
+            "train.profile_steps=2",
         ],
     )
+    # torch.profiler over steps 2-3 of the run (rank 0), with the step sections as labelled ranges.
+    ops = (out / "profile" / "ops.txt").read_text()
+    assert "cprec/forward" in ops and "cprec/backward" in ops and "cprec/optimizer" in ops
+    assert (out / "profile" / "trace.json").stat().st_size > 0
     rows = metrics(out)
     assert [r["step"] for r in rows] == [7, 8, 9, 10]  # the global step continues from step 6
     for r in rows:  # LR of update (step - 1), decaying from the stable value at the hand-off

@@ -1,0 +1,301 @@
+"""A/B measurements behind the training-speed choices (`benchmarks/results/train_ab.json`).
+
+Each part times the candidates interleaved on one pinned core with one thread and reports the
+median **CPU time** of this thread per call (``time.thread_time``): on a machine shared with other
+jobs, wall time also counts their turns on the core, CPU time does not (it still feels their cache
+and memory traffic, hence several repeats and medians).
+
+- ``attention``: packed attention fwd+bwd, masked SDPA against the per-document loop (its 3-D math
+  path and, for comparison, 4-D slices that get SDPA's fused kernel), at the head shapes of the 7M
+  model (8 x 32) and SmolLM2-135M (9 query / 3 KV heads x 64), bf16, q/k/v laid out as the model
+  makes them (projection, view, transpose), on batches the loader packs from food-kitchen and
+  ML-1M and on synthetic ones; fits the cost model of `cprec_kernels.dispatch`.
+- ``ce``: the LM loss fwd+bwd at SmolLM2-135M's head (N = 2048 tokens, 576 wide, 49,152 vocabulary):
+  chunked with several chunk sizes against full logits.
+- ``adamw``: one AdamW update of 134.5M fp32 parameters (as one flat tensor, ZeRO's layout, and as
+  270 tensors): torch's per-op loop, foreach and fused implementations.
+- ``compile``: an RMSNorm + MLP block of SmolLM2-135M's shape, eager against ``torch.compile``
+  (inductor CPU backend), fwd+bwd, plus the compile time.
+
+The end-to-end A/Bs of the training engine (ZeRO stage, fused AdamW, attention backend) run through
+``benchmarks/train.py --variant`` and are merged here with ``--engine-json``.
+
+    taskset -c 0 python benchmarks/train_ab.py --parts attention,ce,adamw,compile
+    python benchmarks/train_ab.py --parts none --engine-json out/ab7m.json   # merge an engine A/B
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+log = logging.getLogger("benchmarks.train_ab")
+
+HEAD_SHAPES = {"7m": (8, 8, 32), "smollm2-135m": (9, 3, 64)}  # query heads, KV heads, head dim
+PREPARED = {"food-kitchen": ("configs/food_kitchen_stable.yaml", "out/prepared/food_kitchen"),
+            "ml1m": ("configs/demo_ml1m.yaml", "out/prepared/ml1m_smollm2")}  # fmt: skip
+
+
+def median_ms(values: list[float]) -> float:
+    return round(1e3 * statistics.median(values), 2)
+
+
+# ----------------------------------------------------------------------------------- attention
+def loader_bounds(name: str, batches: int, seq_len: int = 512, rows: int = 4) -> list[list[int]]:
+    """``cu_seqlens`` of the first packed batches the training loader makes from a prepared folder."""
+    from cprec.config import load_config
+    from cprec.stream.loader import build_loader
+    from cprec.stream.settings import loader_settings
+
+    config, folder = PREPARED[name]
+    overrides = [f"data.output_dir={REPO / folder}", f"train.seq_len={seq_len}"]
+    overrides += [f"train.micro_batch_size={rows}", "model.name_or_path=", "data.tokenizer.path="]
+    cfg = load_config(REPO / config, overrides)
+    loader = build_loader(loader_settings(cfg, seed=cfg.train.seed), 0, 1)
+    it = iter(loader)
+    out = [next(it)["cu_seqlens"].tolist() for _ in range(batches)]
+    loader.close()
+    return out
+
+
+def synthetic_bounds(rows: int, seq_len: int, lo: int, hi: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    bounds = [0]
+    for r in range(rows):
+        pos, end = r * seq_len, (r + 1) * seq_len
+        while pos < end:
+            pos = min(pos + rng.randint(lo, hi), end)
+            bounds.append(pos)
+    return bounds
+
+
+def loop_4d(q, k, v, bounds):
+    """The per-document loop with 4-D slices (SDPA's fused kernel), for comparison only."""
+    b, h, n, d = q.shape
+    pieces = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        row, lo = divmod(s, n)
+        sl = (slice(row, row + 1), slice(None), slice(lo, lo + e - s))
+        out = F.scaled_dot_product_attention(q[sl], k[sl], v[sl], is_causal=True, enable_gqa=k.shape[1] != h)
+        pieces.append(out[0].transpose(0, 1))
+    return torch.cat(pieces, 0).view(b, n, h, d)
+
+
+def bench_attention(args) -> list[dict]:
+    from cprec_kernels import choose_attention_backend, packed_attention
+    from cprec_kernels.segments import segment_lengths
+
+    sets = {
+        "food-kitchen 4x512": loader_bounds("food-kitchen", 3),
+        "ml1m 4x512": loader_bounds("ml1m", 3),
+        "synthetic 4x512, 20-60-token docs": [synthetic_bounds(4, 512, 20, 60, s) for s in range(3)],
+        "synthetic 4x512, 8-24-token docs": [synthetic_bounds(4, 512, 8, 24, s) for s in range(3)],
+        "synthetic 1x2048, 100-300-token docs": [synthetic_bounds(1, 2048, 100, 300, s) for s in range(3)],
+        "one document per 512-token row": [[0, 512, 1024, 1536, 2048]] * 3,
+    }
+    variants = ("sdpa", "loop", "loop_4d")
+    rows = []
+    for shape, (h, kv, d) in HEAD_SHAPES.items():
+        for set_name, batches in sets.items():
+            n = 2048 if "2048" in set_name else 512
+            b = batches[0][-1] // n
+            g = torch.Generator().manual_seed(0)
+            xq, xk, xv = (torch.randn(b, n, x * d, generator=g).bfloat16() for x in (h, kv, kv))
+            grad = torch.randn(b, n, h, d, generator=g).bfloat16()
+            times = {x: [] for x in variants}
+            for rep in range(args.repeats + 1):
+                for bounds in batches:
+                    for var in variants:
+                        a, bk, c = (t.clone().requires_grad_() for t in (xq, xk, xv))
+                        start = time.thread_time()
+                        q = a.view(b, n, h, d).transpose(1, 2)
+                        k = bk.view(b, n, kv, d).transpose(1, 2)
+                        v = c.view(b, n, kv, d).transpose(1, 2)
+                        if var == "loop_4d":
+                            out = loop_4d(q, k, v, bounds)
+                        else:
+                            cu = torch.tensor(bounds, dtype=torch.int32)
+                            out = packed_attention(q, k, v, cu, n, backend=var, bounds=bounds)
+                        out.backward(grad)
+                        if rep:  # the first round warms up
+                            times[var].append(time.thread_time() - start)
+            lengths = [segment_lengths(x) for x in batches]
+            row = {
+                "head_shape": shape,
+                "batches": set_name,
+                "rows": b,
+                "seq_len": n,
+                "segments": statistics.mean(map(len, lengths)),
+                "sum_doc_len_squared": statistics.mean(sum(x * x for x in ls) for ls in lengths),
+                "masked_entries": b * n * n,
+                "auto": choose_attention_backend("auto", "cpu", lengths[0], b, n, flash_ok=False)[0],
+                **{f"{v}_ms": median_ms(times[v]) for v in variants},
+            }
+            row["loop_speedup_vs_sdpa"] = round(row["sdpa_ms"] / row["loop_ms"], 3)
+            rows.append(row)
+            log.info("attention %s", row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- loss
+def bench_ce(args) -> list[dict]:
+    from cprec_kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference
+
+    n, width, vocab = 2048, 576, 49152
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(n, width, generator=g) * 0.5).bfloat16()
+    weight = (torch.randn(vocab, width, generator=g) * 0.02).bfloat16()
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    kinds = ["chunked 256", "chunked 1024", "chunked 4096", "full logits"]
+    times = {k: [] for k in kinds}
+    for rep in range(args.repeats + 1):
+        for kind in kinds:
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            start = time.thread_time()
+            if kind == "full logits":
+                loss = cross_entropy_reference(h, w, labels)
+            else:
+                loss = chunked_cross_entropy(h, w, labels, chunk_size=int(kind.split()[1]))
+            loss.backward()
+            if rep:
+                times[kind].append(time.thread_time() - start)
+    rows = [
+        {"kernel": k, "tokens": n, "hidden": width, "vocab": vocab, "fwd_bwd_ms": median_ms(v)}
+        for k, v in times.items()
+    ]
+    log.info("ce %s", rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------- AdamW
+def bench_adamw(args) -> list[dict]:
+    numel = 134_515_008  # SmolLM2-135M
+    rows = []
+    for layout in ("one flat tensor (ZeRO)", "270 tensors"):
+        times = {}
+        for impl in ("per-op loop", "foreach", "fused"):
+            sizes = [numel] if layout.startswith("one") else [numel // 270] * 270
+            params = [torch.nn.Parameter(torch.randn(s)) for s in sizes]
+            for p in params:
+                p.grad = torch.randn_like(p)
+            kw = {"per-op loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[
+                impl
+            ]
+            opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **kw)
+            opt.step()  # allocates the state
+            ts = []
+            for _ in range(args.repeats):
+                start = time.thread_time()
+                opt.step()
+                ts.append(time.thread_time() - start)
+            times[impl] = median_ms(ts)
+            del opt, params
+        rows.append({"layout": layout, "params": numel, **{f"{k}_ms": v for k, v in times.items()}})
+        log.info("adamw %s", rows[-1])
+    return rows
+
+
+# ------------------------------------------------------------------------------------- compile
+def bench_compile(args) -> dict:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mlp = LlamaRMSNorm(576), LlamaMLP(cfg)
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    eager = Block().bfloat16()
+    other = Block().bfloat16()
+    other.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 512, 576).bfloat16()
+
+    def run(m) -> float:
+        xx = x.clone().requires_grad_()
+        start = time.thread_time()
+        m(xx).sum().backward()
+        return time.thread_time() - start
+
+    start = time.perf_counter()
+    compiled = torch.compile(other)
+    run(compiled)
+    compile_s = time.perf_counter() - start
+    times = {"eager": [], "compiled": []}
+    for _ in range(args.repeats * 3):
+        times["eager"].append(run(eager))
+        times["compiled"].append(run(compiled))
+    out = {
+        "block": "RMSNorm + MLP, 576 -> 1536, [4, 512] tokens, bf16",
+        "compile_wall_s": round(compile_s, 1),
+    }
+    out.update({f"{k}_fwd_bwd_ms": median_ms(v) for k, v in times.items()})
+    log.info("compile %s", out)
+    return out
+
+
+PARTS = {"attention": bench_attention, "ce": bench_ce, "adamw": bench_adamw, "compile": bench_compile}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--parts", default="attention,ce,adamw", help=f"comma-separated, of {list(PARTS)} (or none)"
+    )
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--engine-json", default="", help="a benchmarks/train.py --variant result to merge")
+    p.add_argument("--out", default="benchmarks/results/train_ab.json")
+    p.add_argument("--note", action="append", default=[], help="PART=TEXT: what a part's numbers say")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    out_path = REPO / args.out
+    result = json.loads(out_path.read_text()) if out_path.is_file() else {"benchmark": "train_ab"}
+    result["machine"] = {"cpus": os.cpu_count(), "affinity": sorted(os.sched_getaffinity(0)), "threads": 1}
+    for part in [x for x in args.parts.split(",") if x and x != "none"]:
+        result[part] = {
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "metric": "median CPU time of this thread per call (time.thread_time), ms",
+            "results": PARTS[part](args),
+        }
+    if args.engine_json:
+        engine = json.loads(Path(args.engine_json).read_text())
+        for e in engine["models"]:
+            result.setdefault("engine", {})[e["model"]] = {
+                "timestamp": engine["timestamp"],
+                "metric": "cprec train: tokens per wall second and per CPU-second, medians",
+                "settings": engine["settings"],
+                "repeats": engine["repeats"],
+                "variants": e.get("variants", {}),
+                "tokens_per_s": {s: v["tokens_per_s"] for s, v in e["sides"].items()},
+                "tokens_per_cpu_s": {s: v["tokens_per_cpu_s"] for s, v in e["sides"].items()},
+                "step_breakdown_s": {s: v.get("step_breakdown_s") for s, v in e["sides"].items()},
+                "ratio_to_default": e.get("variant_ratio", {}),
+                "failed": e.get("failed", {}),
+            }
+    for note in args.note:
+        part, _, text = note.partition("=")
+        result.setdefault("notes", {})[part] = text
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
