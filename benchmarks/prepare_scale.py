@@ -6,22 +6,26 @@ catalogue of 20,000 items in two domains with short titles, a small sentencepiec
 pieces), one document per user (``data.kinds=[mixed]``: the runs measure how the job scales with
 events, not text volume). Each run is ``cprec.prepare.pipeline.run`` with ``data.engine=ray`` in a
 fresh Python process (so the driver's peak RSS is that run's), with ``data.buckets`` = events /
-250k, so a bucket's size - what one task holds - is the same at every scale. The single-process path
-(``data.engine=local``) on the 1M log is the baseline in the same run.
+250k, so a bucket's size - what one task holds - is the same at every scale. The single-process
+path (``data.engine=local``) is the baseline in the same run (on the 1M log; ``--local-large`` also
+on the large one).
 
 Memory: the driver's peak RSS (``ru_maxrss``) and the peak RSS of every process Ray names
 ``ray::...`` (``VmHWM`` from ``/proc``, sampled every 0.2 s while the job runs): the task workers
 (``ray::cprec-split``, ``ray::cprec-shards``, ``ray::IDLE``) and Ray's two per-node agents
 (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``, about 50 MB each, so the largest is always a
-task worker; the sum includes them). Ray's other daemons - GCS, raylet - are reported apart.
+task worker). The sum is over every such process the run had, which Ray replaces over a long run,
+so it is not memory held at one time. Ray's other daemons (GCS, raylet) are reported apart, under
+``ray_system_peak_rss_sum_mb``, which for a single-process run holds its tokenization process.
 ``memory_ratio`` = (driver peak + the largest worker peak) at 10M over the same at 1M: the memory
-one driver and one worker need (goal <= 1.5). The sums over workers are reported too.
+one driver and one worker need (goal <= 1.5).
 
 Speed: events/s = events read / wall time of ``pipeline.run`` (Ray's start included), with 1 and
 2 Ray workers on the 1M log. The development machine has 2 cores and core 1 is reserved for other
 benchmarks, so every process here is pinned to core 0 (``--cpus 0``, the default): two workers
-then share one core, and the 2-vs-1 ratio says what scheduling costs, not how the job scales. The
-JSON records the cores used next to it; on a machine with free cores pass ``--cpus 0,1``.
+then share one core, and the 2-vs-1 ratio is not parallel scaling (see ``cores_note`` in the
+JSON). On a machine with free cores pass ``--cpus 0,1``. ``--reuse`` keeps the runs already in
+``--out`` and runs only the missing ones.
 
     python benchmarks/prepare_scale.py --out benchmarks/results/prepare_scale.json
 """
@@ -233,6 +237,12 @@ def main() -> int:
     ap.add_argument("--cpus", default="0", help="cores every run is pinned to (taskset -c)")
     ap.add_argument("--with-100m", action="store_true", help="also the 100M-event log (hours)")
     ap.add_argument("--sizes", default="1,10", help="log sizes in millions of events (smoke test: 0.02,0.05)")
+    ap.add_argument(
+        "--local-large", action="store_true", help="also the single-process path on the large log (its RSS)"
+    )
+    ap.add_argument(
+        "--reuse", action="store_true", help="keep the runs already in --out (same names), run the rest"
+    )
     ap.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -255,9 +265,17 @@ def main() -> int:
     log.info("synthetic logs ready in %.0fs", time.perf_counter() - t0)
     work = cache / "work"
     plan = [(small, "ray", 1)] + [(n, "ray", 1) for n in sizes[1:]] + [(small, "ray", 2), (small, "local", 1)]
-    runs = {}
+    plan += [(large, "local", 1)] if args.local_large else []
+    runs, machine = {}, {}
+    if args.reuse and args.out and Path(args.out).is_file():
+        previous = json.loads(Path(args.out).read_text())
+        runs, machine = previous["runs"], previous.get("machine", {})
+        load_start = machine.get("load_avg_start", load_start)
     for n, engine, workers in plan:  # the memory pair first; partial results saved after each run
         name = f"{_name(n)}_{engine}" + (f"_{workers}w" if engine == "ray" else "")
+        if name in runs:
+            log.info("reusing %s from %s", name, args.out)
+            continue
         runs[name] = _child(args, logs[n], engine, workers, n, work)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +303,9 @@ def main() -> int:
             3,
         ),
         "memory_ratio_sizes": [small, large],
-        "local_driver_peak_rss_mb": runs[f"{_name(small)}_local"]["driver_peak_rss_mb"],
+        "local_driver_peak_rss_mb": {
+            name.split("_")[0]: r["driver_peak_rss_mb"] for name, r in runs.items() if r["engine"] == "local"
+        },
         "workers_speedup_2_over_1": round(
             runs[f"{_name(small)}_ray_2w"]["events_per_s"] / one["events_per_s"], 3
         ),
@@ -293,7 +313,8 @@ def main() -> int:
         "cores_used": cores,
         "cores_note": (
             "every process pinned to these cores (taskset); with one core the two workers share it, "
-            "so the 2-vs-1 ratio measures scheduling overhead, not scaling"
+            "so the 2-vs-1 ratio is not parallel scaling: on a core shared with other jobs two worker "
+            "processes get two scheduler shares, and the load changed between the runs"
             if len(cores) < 2
             else "workers had a core each"
         ),
