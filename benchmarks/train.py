@@ -61,6 +61,9 @@ sys.path.insert(0, str(REPO))  # children are started as scripts: `benchmarks.*`
 log = logging.getLogger("benchmarks.train")
 
 SIDES = ("cprec", "hf_trainer", "plain")
+# With --nproc > 1: `cprec train` on one rank (the first of --cores), interleaved with the N-rank
+# side, for the scaling ratio of the same run (``scaling_vs_1_rank``).
+ONE_RANK = "cprec_1rank"
 README_MARKERS = ("<!-- train-table:start -->", "<!-- train-table:end -->")
 
 
@@ -403,10 +406,13 @@ def launch(args, model: str, side: str, work: Path) -> dict:
     result = work / f"{model}-{side.replace(':', '_')}.json"
     result.unlink(missing_ok=True)
     part, _, variant = side.partition(":")
-    cmd = [sys.executable] if args.device == "cuda" else ["taskset", "-c", args.cores, sys.executable]
-    if part == "cprec" and args.nproc > 1:
+    cores, nproc = args.cores, args.nproc
+    if part == ONE_RANK:
+        part, nproc, cores = "cprec", 1, str(min(parse_cores(args.cores)))
+    cmd = [sys.executable] if args.device == "cuda" else ["taskset", "-c", cores, sys.executable]
+    if part == "cprec" and nproc > 1:
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--standalone"]
-    cmd += [__file__, f"--part={part}", f"--model={model}", f"--result={result}", f"--cores={args.cores}"]
+    cmd += [__file__, f"--part={part}", f"--model={model}", f"--result={result}", f"--cores={cores}"]
     cmd += [f"--threads={args.threads}", f"--steps={args.steps}", f"--warmup={args.warmup}"]
     cmd += [f"--seq-len={args.seq_len}", f"--micro-batch={args.micro_batch}", f"--device={args.device}"]
     if args.prepared:
@@ -520,7 +526,7 @@ def bench_model(args, name: str, work: Path, peak: float) -> dict:
             log.info(
                 "%s %s: %.0f tokens/s, %.0f per CPU-s", name, side, r["tokens_per_s"], r["tokens_per_cpu_s"]
             )
-    entry = {"model": name, "description": spec.description, "config": spec.config}
+    entry = {"model": name, "ranks": args.nproc, "description": spec.description, "config": spec.config}
     entry["prepared"] = str(spec_prepared(spec, args).relative_to(REPO)) if spec.prepared else args.prepared
     entry["run"] = {  # this entry's own run (entries of earlier runs are kept by --merge)
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -544,6 +550,8 @@ def bench_model(args, name: str, work: Path, peak: float) -> dict:
         entry["speedup_per_repeat"] = [
             a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(runs["cprec"], runs["hf_trainer"])
         ]
+    if "cprec" in med and ONE_RANK in med:
+        entry["scaling_vs_1_rank"] = med["cprec"] / med[ONE_RANK]
     if "cprec" in med and "plain" in med:
         entry["speedup_vs_plain"] = med["cprec"] / med["plain"]
         entry["speedup_vs_plain_cpu_time"] = cpu["cprec"] / cpu["plain"]
@@ -590,6 +598,7 @@ def table(results: dict) -> str:
     done = set()
     for e in results["models"]:
         done.add(e["model"])
+        label = e["model"] + (f" × {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
         ours = e["sides"].get("cprec", {})
         b = ours.get("step_breakdown_s", {})
         step = b.get("step") or 1.0
@@ -597,7 +606,7 @@ def table(results: dict) -> str:
         mfu = f"{ours['mfu']:.2f}" if ours else "—"
         cpu = f"{_ratio(e, 'speedup_cpu_time')}, {_ratio(e, 'speedup_vs_plain_cpu_time')}"
         lines.append(
-            f"| {e['model']} | {e['params'] / 1e6:.1f}M | {_tps(e, 'cprec')} | {_tps(e, 'plain')} | "
+            f"| {label} | {e['params'] / 1e6:.1f}M | {_tps(e, 'cprec')} | {_tps(e, 'plain')} | "
             f"{_tps(e, 'hf_trainer')} | {_ratio(e, 'speedup')} | {_ratio(e, 'speedup_vs_plain')} | {cpu} | "
             f"{mfu} | {parts if b else '—'} |"
         )
@@ -613,11 +622,19 @@ def table(results: dict) -> str:
             "peak_flops_per_device": results["peak_flops_per_device"],
         }
         s, p = r["settings"], r["pinning"]
+        label = e["model"] + (f" × {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
+        scaling = ""
+        if "scaling_vs_1_rank" in e:
+            scaling = (
+                f" {e['ranks']} ranks (one thread each) reach {e['scaling_vs_1_rank']:.2f}× the tokens/s "
+                f"of one rank ({_tps(e, ONE_RANK)}, pinned to one of the cores, interleaved in the same run)."
+            )
         lines.append(
-            f"- {e['model']}: pinned to cores `{p['cores']}`, {p['threads']} thread(s) per side, "
+            f"- {label}: pinned to cores `{p['cores']}`, {p['threads']} thread(s) per side, "
             f"{r['repeats']} interleaved repeats (median [min, max]), {s['warmup']} warm-up + {s['steps']} "
             f"timed steps of {s['micro_batch']} × {s['seq_len']} tokens, MFU against a "
             f"{r['peak_flops_per_device'] / 1e9:.0f} GFLOP/s bf16 matmul measured pinned in the same run."
+            + scaling
         )
     lines += ["", results["note"]]
     return "\n".join(lines) + "\n"
@@ -709,8 +726,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown model(s) {bad}; choose from {list(MODELS)}")
     args.sides = [s for s in args.sides.split(",") if s]
-    if set(args.sides) - set(SIDES):
-        p.error(f"unknown side(s) {sorted(set(args.sides) - set(SIDES))}; choose from {list(SIDES)}")
+    if set(args.sides) - {*SIDES, ONE_RANK}:
+        unknown = sorted(set(args.sides) - {*SIDES, ONE_RANK})
+        p.error(f"unknown side(s) {unknown}; choose from {[*SIDES, ONE_RANK]}")
+    if ONE_RANK in args.sides and args.nproc < 2:
+        p.error(f"side {ONE_RANK} is the 1-rank baseline of an --nproc > 1 run")
     try:
         args.variants = parse_variants(args.variant)
     except ValueError as e:
@@ -731,7 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     out = REPO / args.out
     if args.merge and out.is_file():
         old = json.loads(out.read_text()).get("models", [])
-        entries = [e for e in old if e["model"] not in models] + entries
+        ran = {(e["model"], e.get("ranks", 1)) for e in entries}
+        entries = [e for e in old if (e["model"], e.get("ranks", 1)) not in ran] + entries
     result = {
         "benchmark": "train",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

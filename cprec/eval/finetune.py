@@ -265,6 +265,27 @@ def engine_spec(cfg: Config, world_size: int) -> EngineSpec:
     )
 
 
+def base_model(cfg: Config, base_dir: Path) -> nn.Module:
+    """The model fine-tuning starts from, as `finetune_to_folder` wants it.
+
+    Under ``eval.finetune_deepspeed`` with ZeRO-3 (and no LoRA) it is built partitioned
+    (`cprec.model.sharded.load`, the training job's loader): each rank reads only its slice of the
+    base's safetensors files, so no rank holds the full fp32 weights, as in pre-training. Otherwise
+    (ZeRO 0-2, or LoRA, whose wrappers need the linears' whole weights) every rank loads the full
+    fp32 model, which DeepSpeed then partitions or replicates."""
+    from cprec.eval.encode import load_model
+    from cprec.runtime.engine import zero3_build_config
+
+    info = start_distributed()  # zero.Init partitions over the process group
+    build = zero3_build_config(engine_spec(cfg, info.world_size))
+    if build is None or cfg.eval.lora_rank > 0:
+        return load_model(base_dir, dtype=torch.float32)
+    from cprec.model import sharded
+
+    log.info("fine-tuning model built ZeRO-3 partitioned from %s", base_dir)
+    return sharded.load(base_dir, build, vocab_size=0)
+
+
 def deepspeed_engine(module: nn.Module, cfg: Config, world_size: int):
     """A DeepSpeed engine for fine-tuning (call `cprec.runtime.engine.start_distributed` first)."""
     return init_engine(module, engine_spec(cfg, world_size))

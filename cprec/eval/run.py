@@ -277,7 +277,7 @@ def finetuned_score_fn(
         if state and state.get("completed") and state.get("key") == key:
             log.info("fine-tuned model for scope %r found in %s: reusing it", scope, folder)
         else:
-            model = load_model(base_dir, dtype=torch.float32)
+            model = finetune.base_model(cfg, base_dir)
             what = "user sequences" if all_positions else "pairs"
             log.info("fine-tuning scope %r on %d %s (skipped %s)", scope, len(examples), what, skipped)
             state = finetune.finetune_to_folder(

@@ -9,9 +9,10 @@ import torch
 
 from cprec.config import PromptConfig, load_config
 from cprec.eval.encode import PromptBuilder, load_model
-from cprec.eval.finetune import build_pairs, finetune_to_folder
+from cprec.eval.finetune import base_model, build_pairs, finetune_to_folder
 from cprec.eval.finetune_state import load_state
 from cprec.eval.inputs import load_inputs
+from cprec.model.sharded import is_partitioned
 from cprec.runtime import checkpoint as ck
 
 pytest.importorskip("deepspeed")
@@ -47,8 +48,8 @@ def test_deepspeed_finetune_matches_plain_and_resumes(
     builder = PromptBuilder(tiny_tokenizer, PromptConfig(), 5)
     cfg = _cfg(tmp_path, stage)
 
-    def tune(folder, stop_after=None, cfg=cfg):
-        model = load_model(tiny_model_dir, torch.device("cpu"))
+    def tune(folder, stop_after=None, cfg=cfg, model=None):
+        model = model if model is not None else load_model(tiny_model_dir, torch.device("cpu"))
         return finetune_to_folder(
             model, builder, cat, pairs, cfg, 0, base_dir=tiny_model_dir, folder=folder,
             key={"stage": stage}, skipped=skipped, stop_after=stop_after,
@@ -62,6 +63,12 @@ def test_deepspeed_finetune_matches_plain_and_resumes(
     assert ref["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-5)
     last = ck.latest_checkpoint(tmp_path / "ref")
     assert last.name == "step_0000003" and list(last.glob("*zero_pp_rank_0_*optim_states.pt"))
+
+    if stage == 3:  # the eval job's model: built partitioned from the folder, the same run
+        sharded_model = base_model(cfg, tiny_model_dir)
+        assert is_partitioned(sharded_model)
+        part = tune(tmp_path / "part", model=sharded_model)
+        assert part["losses"] == pytest.approx(ref["losses"], rel=1e-5)
 
     # Interrupted after step 2, resumed from DeepSpeed's checkpoint: the same run as uninterrupted.
     assert tune(tmp_path / "cut", stop_after=2) is None
