@@ -611,7 +611,7 @@ def table(results: dict) -> str:
             f"{mfu} | {parts if b else '—'} |"
         )
     for name in MODELS:
-        if name not in done:
+        if name not in done and MODELS[name].prepared:  # not "synthetic": a GPU-check entry
             lines.append(f"| {name} | not measured yet: needs a quiet machine (command below) |||||||||")
     lines.append("")
     for e in results["models"]:
