@@ -130,6 +130,84 @@ def _without_random_init() -> Iterator[None]:
         hf_ds.initialize_weights_zero3 = original
 
 
+# glibc's mallopt parameter and what the threshold goes back to afterwards: the ceiling of its own
+# dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), which a long-running process reaches.
+_M_MMAP_THRESHOLD = -3
+_BUILD_MMAP_THRESHOLD = 64 * 1024
+_AFTER_MMAP_THRESHOLD = 32 * 1024 * 1024
+_returning_depth = 0
+
+
+@contextlib.contextmanager
+def freed_memory_returned() -> Iterator[None]:
+    """While the model is built, give every allocation of 64 KiB or more its own mapping, so that
+    freeing it returns the memory to the OS at once.
+
+    Building under ``zero.Init`` creates each module's full tensors and frees them after
+    partitioning, gathers them again for initialisation, and receives rank 0's broadcasts. With
+    glibc's default *dynamic* mmap threshold (raised to the size of every freed mapping, up to 32
+    MiB) those tensors come from the heap after the first few, and freed heap memory stays in the
+    process: on the Qwen2-0.5B shape the ranks ended 0.5 GiB apart and peaked 0.35 GiB higher
+    (`benchmarks/memory.py`, ``ratio``). Afterwards the threshold is fixed at 32 MiB, the ceiling the
+    dynamic one reaches in a long run, so training allocates as before. Nothing happens where
+    ``mallopt`` is not available (not glibc)."""
+    global _returning_depth
+    mallopt = _mallopt() if _returning_depth == 0 else None  # the outermost build sets and resets it
+    _returning_depth += 1
+    if mallopt is not None:
+        mallopt(_M_MMAP_THRESHOLD, _BUILD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        _returning_depth -= 1
+        if mallopt is not None:
+            mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP_THRESHOLD)
+
+
+def _mallopt():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        fn = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+@contextlib.contextmanager
+def _without_init_broadcast() -> Iterator[None]:
+    """Partition each new parameter without ``zero.Init``'s broadcast from rank 0.
+
+    ``zero.Init`` broadcasts every freshly constructed tensor from rank 0 before partitioning it, so
+    that all ranks agree on random values. For a model whose every weight is read from a checkpoint
+    next, that is a full-model transfer of values about to be overwritten, and the receiving ranks'
+    transport buffers raised their peak memory above rank 0's (`benchmarks/memory.py`). DeepSpeed
+    has no switch for it, so its ``_zero_init_param`` is replaced for the duration by the same two
+    steps without the broadcast; where DeepSpeed has no such method this does nothing."""
+    from deepspeed.runtime.zero import partition_parameters as pp
+
+    original = getattr(pp.Init, "_zero_init_param", None)
+    if original is None or not hasattr(pp.Init, "_convert_to_deepspeed_param"):
+        yield
+        return
+
+    def partition_only(self, param):
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+    pp.Init._zero_init_param = partition_only
+    try:
+        yield
+    finally:
+        pp.Init._zero_init_param = original
+
+
 def construct(hf_config, ds_config: dict, random_init: bool = True) -> nn.Module:
     """A partitioned causal LM from a transformers config (random weights drawn on rank 0, or none
     at all with ``random_init=False``, for a caller that loads every weight next).
@@ -140,7 +218,11 @@ def construct(hf_config, ds_config: dict, random_init: bool = True) -> nn.Module
     weights and every export are fp32."""
     from transformers import AutoModelForCausalLM
 
-    skip = contextlib.nullcontext() if random_init else _without_random_init()
+    skip = contextlib.ExitStack()
+    skip.enter_context(freed_memory_returned())
+    if not random_init:  # values come from the checkpoint: neither drawn nor broadcast
+        skip.enter_context(_without_random_init())
+        skip.enter_context(_without_init_broadcast())
     with zero3_scope(ds_config), skip:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=partition_dtype(ds_config))
     model.config.dtype = torch.float32
@@ -253,9 +335,13 @@ def load(folder: str | Path, ds_config: dict, vocab_size: int, weights: bool = T
 
     ``weights=False`` builds the architecture only (weights uninitialised), for a caller that loads
     a checkpoint over it."""
+    with freed_memory_returned():
+        return _load(Path(folder).expanduser(), ds_config, vocab_size, weights)
+
+
+def _load(folder: Path, ds_config: dict, vocab_size: int, weights: bool) -> nn.Module:
     from transformers import AutoConfig
 
-    folder = Path(folder).expanduser()
     files = weight_files(folder, need_safetensors=True) if weights else []
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     model = construct(config, ds_config, random_init=False)  # the file or a checkpoint fills every weight

@@ -49,13 +49,17 @@ def test_sharded_build_peaks_far_below_the_full_copy(tmp_path):
     full_copy = n_params * 4 / 1024**3  # GiB of the fp32 model every rank used to hold
     for f in full:  # the old path really did hold the full copy
         assert f["peak_rss_gib"] - f["baseline_rss_gib"] > 0.9 * full_copy, f
-    # Measured here: full 1.68 GiB per rank, sharded 1.13 / 0.98 (0.31 of imports, a 0.28 GiB bf16
+    # Measured here: full 1.68 GiB per rank, sharded 0.87 on both (0.31 of imports, a 0.28 GiB bf16
     # partition, the rest zero.Init's transients, which do not grow with the model as the copy does).
     worst_full_gain = min(f["peak_rss_gib"] - f["baseline_rss_gib"] for f in full)
     for s in sharded:
         saved = worst_full_gain - (s["peak_rss_gib"] - s["baseline_rss_gib"])
-        assert saved > 0.4 * full_copy, (s, full)  # each rank spares at least 40% of a full copy
-    assert result["ratio"]["build"] < 0.75
+        assert saved > 0.5 * full_copy, (s, full)  # each rank spares at least half a full copy
+    # Freed transients go back to the OS (cprec.model.sharded.freed_memory_returned): the ranks that
+    # receive rank 0's initial values end where rank 0 does (they were 0.3 GiB above it without).
+    after = [s["rss_after_gib"] for s in sharded]
+    assert max(after) - min(after) < 0.1 * full_copy, sharded
+    assert result["ratio"]["build"] < 0.65
 
 
 @pytest.fixture(scope="module")
