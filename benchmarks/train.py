@@ -612,7 +612,7 @@ def table(results: dict) -> str:
         )
     for name in MODELS:
         if name not in done and MODELS[name].prepared:  # not "synthetic": a GPU-check entry
-            lines.append(f"| {name} | not measured yet: needs a quiet machine (command below) |||||||||")
+            lines.append(f"| {name} | not measured yet: `--models {name} --merge` on a quiet core |||||||||")
     lines.append("")
     for e in results["models"]:
         r = e.get("run") or {  # an entry written before entries carried their own run
