@@ -21,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import platform
-import random
 import resource
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch
 
 from cprec_kernels import choose_attention_backend, flash_available, packed_attention
 from cprec_kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference
-from cprec_kernels.segments import segment_lengths
+from cprec_kernels.segments import random_bounds, segment_lengths
 
 log = logging.getLogger("benchmarks.kernels")
 
@@ -42,17 +41,6 @@ SCENARIOS = [
     ("2048-row, 100-300-token docs", 1, 2048, 100, 300),
     ("4x512-row, 20-60-token docs", 4, 512, 20, 60),
 ]
-
-
-def random_bounds(rows: int, seq_len: int, lo: int, hi: int, seed: int = 0) -> list[int]:
-    rng = random.Random(seed)
-    bounds = [0]
-    for r in range(rows):
-        pos, end = r * seq_len, (r + 1) * seq_len
-        while pos < end:
-            pos = min(pos + rng.randint(lo, hi), end)
-            bounds.append(pos)
-    return bounds
 
 
 def time_attention(backend, q, k, v, cu, max_seqlen, bounds, grad_out, reps):

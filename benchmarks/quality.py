@@ -166,14 +166,9 @@ def table(results: dict) -> str:
 
 
 def write_readme(md: str, readme: Path = REPO / "README.md") -> None:
-    start, end = "<!-- quality-table:start -->", "<!-- quality-table:end -->"
-    text = readme.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        log.warning("README has no quality-table markers; not updated")
-        return
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + start + "\n" + md + end + tail, encoding="utf-8")
+    from benchmarks.readme_table import write_between
+
+    write_between(md, ("<!-- quality-table:start -->", "<!-- quality-table:end -->"), readme)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -641,14 +641,9 @@ def table(results: dict) -> str:
 
 
 def write_readme(md: str, readme: Path = REPO / "README.md") -> None:
-    start, end = README_MARKERS
-    text = readme.read_text(encoding="utf-8")
-    if start not in text or end not in text:
-        log.warning("README has no train-table markers; not updated")
-        return
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    readme.write_text(head + start + "\n" + md + end + tail, encoding="utf-8")
+    from benchmarks.readme_table import write_between
+
+    write_between(md, README_MARKERS, readme)
 
 
 # ------------------------------------------------------------------------------------- main

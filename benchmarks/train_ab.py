@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import random
 import statistics
 import sys
 import time
@@ -70,17 +69,6 @@ def loader_bounds(name: str, batches: int, seq_len: int = 512, rows: int = 4) ->
     return out
 
 
-def synthetic_bounds(rows: int, seq_len: int, lo: int, hi: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    bounds = [0]
-    for r in range(rows):
-        pos, end = r * seq_len, (r + 1) * seq_len
-        while pos < end:
-            pos = min(pos + rng.randint(lo, hi), end)
-            bounds.append(pos)
-    return bounds
-
-
 def loop_4d(q, k, v, bounds):
     """The per-document loop with 4-D slices (SDPA's fused kernel), for comparison only."""
     b, h, n, d = q.shape
@@ -95,14 +83,14 @@ def loop_4d(q, k, v, bounds):
 
 def bench_attention(args) -> list[dict]:
     from cprec_kernels import choose_attention_backend, packed_attention
-    from cprec_kernels.segments import segment_lengths
+    from cprec_kernels.segments import random_bounds, segment_lengths
 
     sets = {
         "food-kitchen 4x512": loader_bounds("food-kitchen", 3),
         "ml1m 4x512": loader_bounds("ml1m", 3),
-        "synthetic 4x512, 20-60-token docs": [synthetic_bounds(4, 512, 20, 60, s) for s in range(3)],
-        "synthetic 4x512, 8-24-token docs": [synthetic_bounds(4, 512, 8, 24, s) for s in range(3)],
-        "synthetic 1x2048, 100-300-token docs": [synthetic_bounds(1, 2048, 100, 300, s) for s in range(3)],
+        "synthetic 4x512, 20-60-token docs": [random_bounds(4, 512, 20, 60, s) for s in range(3)],
+        "synthetic 4x512, 8-24-token docs": [random_bounds(4, 512, 8, 24, s) for s in range(3)],
+        "synthetic 1x2048, 100-300-token docs": [random_bounds(1, 2048, 100, 300, s) for s in range(3)],
         "one document per 512-token row": [[0, 512, 1024, 1536, 2048]] * 3,
     }
     variants = ("sdpa", "loop", "loop_4d")

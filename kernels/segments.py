@@ -9,6 +9,8 @@ Outputs are ``[B, L, H, D]``, the layout a transformers attention function retur
 
 from __future__ import annotations
 
+import random
+
 import torch
 
 
@@ -35,6 +37,19 @@ def check_bounds(bounds: list[int], batch: int, seq_len: int) -> None:
             f"a segment crosses a row boundary: row starts {missing[:4]} are not in cu_seqlens "
             f"(each row of {seq_len} tokens must start a new segment)"
         )
+
+
+def random_bounds(rows: int, seq_len: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """Row-local segments of random lengths in [lo, hi] (the last one per row cut to fit): packed
+    rows of synthetic documents, for the kernels' tests and benchmarks."""
+    rng = random.Random(seed)
+    bounds = [0]
+    for r in range(rows):
+        pos, end = r * seq_len, (r + 1) * seq_len
+        while pos < end:
+            pos = min(pos + rng.randint(lo, hi), end)
+            bounds.append(pos)
+    return bounds
 
 
 def segment_lengths(bounds: list[int]) -> list[int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,21 +10,9 @@ from cprec_kernels import packed_attention
 from cprec_kernels.loop import packed_attention_loop
 from cprec_kernels.reference import packed_attention_reference
 from cprec_kernels.sdpa import block_diagonal_causal_mask, packed_attention_sdpa
-from cprec_kernels.segments import check_bounds, segment_ids
+from cprec_kernels.segments import check_bounds, random_bounds, segment_ids
 
 CPU_BACKENDS = ["sdpa", "loop", "reference"]
-
-
-def random_bounds(batch: int, seq_len: int, lo: int, hi: int, seed: int) -> list[int]:
-    """Row-local segments of random lengths in [lo, hi] (the last one per row is cut to fit)."""
-    rng = random.Random(seed)
-    bounds = [0]
-    for r in range(batch):
-        pos, end = r * seq_len, (r + 1) * seq_len
-        while pos < end:
-            pos = min(pos + rng.randint(lo, hi), end)
-            bounds.append(pos)
-    return bounds
 
 
 def qkv(batch, heads, kv_heads, seq_len, dim, dtype, seed=0):
