@@ -370,8 +370,15 @@ def run_child(args) -> int:
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    with tempfile.TemporaryDirectory(prefix=f"cprec-bench-{args.part}-") as tmp:
-        result = CHILDREN[args.part](args, Path(tmp))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # The ranks of one run share its output folder (checkpoints are written by all of them);
+        # it sits beside the result file, inside the parent's temporary folder, which removes it.
+        work = Path(args.result).with_suffix(".work")
+        work.mkdir(parents=True, exist_ok=True)
+        result = CHILDREN[args.part](args, work)
+    else:
+        with tempfile.TemporaryDirectory(prefix=f"cprec-bench-{args.part}-") as tmp:
+            result = CHILDREN[args.part](args, Path(tmp))
     if result:
         result["pinning"] = pinned
         Path(args.result).write_text(json.dumps(result))

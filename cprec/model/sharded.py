@@ -130,11 +130,14 @@ def _without_random_init() -> Iterator[None]:
         hf_ds.initialize_weights_zero3 = original
 
 
-# glibc's mallopt parameter and what the threshold goes back to afterwards: the ceiling of its own
-# dynamic threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit), which a long-running process reaches.
+# glibc's mallopt parameters and what they are set to after the build: the values its own dynamic
+# rule reaches in a long-running process (the mmap threshold's 64-bit ceiling, DEFAULT_MMAP_THRESHOLD_MAX,
+# and twice that as the trim threshold), since setting one by hand switches that rule off.
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _BUILD_MMAP_THRESHOLD = 64 * 1024
 _AFTER_MMAP_THRESHOLD = 32 * 1024 * 1024
+_AFTER_TRIM_THRESHOLD = 2 * _AFTER_MMAP_THRESHOLD
 _returning_depth = 0
 
 
@@ -148,9 +151,9 @@ def freed_memory_returned() -> Iterator[None]:
     glibc's default *dynamic* mmap threshold (raised to the size of every freed mapping, up to 32
     MiB) those tensors come from the heap after the first few, and freed heap memory stays in the
     process: on the Qwen2-0.5B shape the ranks ended 0.5 GiB apart and peaked 0.35 GiB higher
-    (`benchmarks/memory.py`, ``ratio``). Afterwards the threshold is fixed at 32 MiB, the ceiling the
-    dynamic one reaches in a long run, so training allocates as before. Nothing happens where
-    ``mallopt`` is not available (not glibc)."""
+    (`benchmarks/memory.py`, ``ratio``). Afterwards the thresholds are fixed where glibc's dynamic
+    rule takes them in a long run (mmap 32 MiB, trim 64 MiB), so training allocates as before.
+    Nothing happens where ``mallopt`` is not available (not glibc)."""
     global _returning_depth
     mallopt = _mallopt() if _returning_depth == 0 else None  # the outermost build sets and resets it
     _returning_depth += 1
@@ -162,6 +165,7 @@ def freed_memory_returned() -> Iterator[None]:
         _returning_depth -= 1
         if mallopt is not None:
             mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP_THRESHOLD)
+            mallopt(_M_TRIM_THRESHOLD, _AFTER_TRIM_THRESHOLD)
 
 
 def _mallopt():
