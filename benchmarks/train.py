@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -412,6 +413,7 @@ def launch(args, model: str, side: str, work: Path) -> dict:
     """One run of one side in a pinned child process; its result JSON."""
     result = work / f"{model}-{side.replace(':', '_')}.json"
     result.unlink(missing_ok=True)
+    shutil.rmtree(result.with_suffix(".work"), ignore_errors=True)  # an N-rank run's folder: never resumed
     part, _, variant = side.partition(":")
     cores, nproc = args.cores, args.nproc
     if part == ONE_RANK:
