@@ -584,6 +584,12 @@ QUIET_COMMAND = (
 BREAKDOWN = ("forward", "backward", "optimizer", "loader", "comm")
 
 
+def _label(entry: dict) -> str:
+    """An entry's name in the table: the model, and its ranks when more than one."""
+    ranks = entry.get("ranks", 1)
+    return entry["model"] + (f" × {ranks} ranks" if ranks > 1 else "")
+
+
 def _tps(entry: dict, side: str, key: str = "tokens_per_s") -> str:
     s = entry["sides"].get(side)
     if not s:
@@ -607,7 +613,7 @@ def table(results: dict) -> str:
     done = set()
     for e in results["models"]:
         done.add(e["model"])
-        label = e["model"] + (f" × {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
+        label = _label(e)
         ours = e["sides"].get("cprec", {})
         b = ours.get("step_breakdown_s", {})
         step = b.get("step") or 1.0
@@ -631,7 +637,7 @@ def table(results: dict) -> str:
             "peak_flops_per_device": results["peak_flops_per_device"],
         }
         s, p = r["settings"], r["pinning"]
-        label = e["model"] + (f" × {e['ranks']} ranks" if e.get("ranks", 1) > 1 else "")
+        label = _label(e)
         scaling = ""
         if "scaling_vs_1_rank" in e:
             scaling = (

@@ -426,6 +426,13 @@ class ItemEmbeddingCache:
         return p
 
 
+def _items_key(encoder, builder, catalogue, rows, cache, model_id) -> str | None:
+    """The cache key of the embeddings of catalogue ``rows`` (None: no cache, or no model id)."""
+    if cache is None or not model_id:
+        return None
+    return cache.key(model_id, catalogue.subset_hash(rows), builder.prompt, encoder.pooling)
+
+
 def encode_items(
     encoder: Encoder,
     builder: PromptBuilder,
@@ -437,9 +444,8 @@ def encode_items(
 ) -> torch.Tensor:
     """Embeddings [len(rows), H] of catalogue rows, from the cache when the key matches."""
     items = [catalogue.items[r] for r in rows]
-    key = None
-    if cache is not None and model_id:
-        key = cache.key(model_id, catalogue.subset_hash(rows), builder.prompt, encoder.pooling)
+    key = _items_key(encoder, builder, catalogue, rows, cache, model_id)
+    if key is not None:
         hit = cache.load(key, items)
         if hit is not None:
             log.info("item embeddings: cache hit %s (%d items)", cache.path(key).name, len(items))
@@ -470,10 +476,9 @@ def encode_item_shard(
     start, end = shard_range(len(rows), rank, world)
     mine = rows[start:end]
     items = [catalogue.items[r] for r in mine]
-    key = None
-    if cache is not None and model_id:
-        whole = cache.key(model_id, catalogue.subset_hash(rows), builder.prompt, encoder.pooling)
-        key = f"{whole}-{rank}of{world}"
+    key = _items_key(encoder, builder, catalogue, rows, cache, model_id)
+    if key is not None:
+        key = f"{key}-{rank}of{world}"
         hit = cache.load(key, items)
         if hit is not None:
             return ItemShard(hit, start, len(rows))

@@ -170,12 +170,7 @@ def _from_folder(cfg: ModelConfig, vocab_size: int, zero3: dict | None = None, l
         return sharded.load(folder, zero3, vocab_size, weights=load_weights)
     sharded.weight_files(folder)  # an incomplete shard index fails here, naming the missing file
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if vocab_size > rows:
-        log.info("resizing token embeddings %d -> %d to fit the tokenizer", rows, vocab_size)
-        model.resize_token_embeddings(vocab_size)
-    elif vocab_size < rows:
-        log.info("tokenizer uses %d of the model's %d embedding rows", vocab_size, rows)
+    sharded.fit_embeddings(model, vocab_size, rows=model.get_input_embeddings().weight.shape[0])
     return model
 
 

@@ -333,6 +333,16 @@ def load_partitions(model: nn.Module, files: list[Path]) -> dict[str, int]:
     return {"loaded": len(done), "skipped": len(skipped)}
 
 
+def fit_embeddings(model: nn.Module, vocab_size: int, rows: int) -> None:
+    """Grow the ``rows``-row embeddings of a loaded base to a larger tokenizer (a smaller one just
+    leaves rows unused); the unsharded and the partitioned load share it."""
+    if vocab_size > rows:
+        log.info("resizing token embeddings %d -> %d to fit the tokenizer", rows, vocab_size)
+        model.resize_token_embeddings(vocab_size)
+    elif vocab_size < rows:
+        log.info("tokenizer uses %d of the model's %d embedding rows", vocab_size, rows)
+
+
 def load(folder: str | Path, ds_config: dict, vocab_size: int, weights: bool = True) -> nn.Module:
     """A partitioned causal LM with the weights of local HF ``folder``; the embeddings grow (gathered
     once, by transformers) when the tokenizer has more ids than the model has rows.
@@ -351,12 +361,7 @@ def _load(folder: Path, ds_config: dict, vocab_size: int, weights: bool) -> nn.M
     model = construct(config, ds_config, random_init=False)  # the file or a checkpoint fills every weight
     with zero3_scope(ds_config):  # transformers gathers the embeddings to grow them
         counts = load_partitions(model, files) if weights else {"loaded": 0, "skipped": 0}
-        rows = model.get_input_embeddings().weight.ds_shape[0]
-        if vocab_size > rows:
-            log.info("resizing token embeddings %d -> %d to fit the tokenizer", rows, vocab_size)
-            model.resize_token_embeddings(vocab_size)
-        elif vocab_size < rows:
-            log.info("tokenizer uses %d of the model's %d embedding rows", vocab_size, rows)
+        fit_embeddings(model, vocab_size, rows=model.get_input_embeddings().weight.ds_shape[0])
     if (folder / "generation_config.json").is_file():  # what from_pretrained would have read
         from transformers import GenerationConfig
 
