@@ -222,12 +222,12 @@ def construct(hf_config, ds_config: dict, random_init: bool = True) -> nn.Module
     weights and every export are fp32."""
     from transformers import AutoModelForCausalLM
 
-    skip = contextlib.ExitStack()
-    skip.enter_context(freed_memory_returned())
+    scopes = contextlib.ExitStack()
+    scopes.enter_context(freed_memory_returned())
     if not random_init:  # values come from the checkpoint: neither drawn nor broadcast
-        skip.enter_context(_without_random_init())
-        skip.enter_context(_without_init_broadcast())
-    with zero3_scope(ds_config), skip:
+        scopes.enter_context(_without_random_init())
+        scopes.enter_context(_without_init_broadcast())
+    with zero3_scope(ds_config), scopes:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=partition_dtype(ds_config))
     model.config.dtype = torch.float32
     return model
