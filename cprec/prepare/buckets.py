@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from cprec.prepare.schema import NO_TARGET, Interactions, ItemDomainPairs, SpilledEvents
+from cprec.prepare.schema import NO_TARGET, Interactions, ItemDomainPairs, SpilledEvents, intern
 
 EVENT_SCHEMA = pa.schema(
     [
@@ -52,6 +52,7 @@ EVENT_SCHEMA = pa.schema(
         ("target", pa.int8()),
     ]
 )
+_COLUMNS = ("user", "item", "domain", "time", "file", "line", "target")
 _DOMAIN_BITS = 20  # (item, domain) key = item << 20 | domain: a million domains is plenty
 _PARTITIONING = pads.partitioning(pa.schema([("bucket", pa.int32())]), flavor="hive")
 
@@ -87,9 +88,9 @@ class BucketWriter:
         self.n_buckets = n_buckets
         self.flush_rows = flush_rows
         self._codes: dict[str, dict[str, int]] = {"item": {}, "domain": {}, "file": {}}
-        self._cols: dict[str, list] = {
-            k: [] for k in ("user", "item", "domain", "time", "file", "line", "target")
-        }
+        self._cols: dict[str, list] = {k: [] for k in _COLUMNS}  # rows of ``add``
+        self._chunks: list[dict] = []  # batches of ``add_batch`` (and sealed rows), in read order
+        self._buffered = 0  # rows in _chunks
         self._n = 0
         self._pairs: dict[int, list[int]] = {}  # key -> [count, first, last, first_file, first_line]
         self._bucket_rows = np.zeros(n_buckets, dtype=np.int64)
@@ -129,11 +130,48 @@ class BucketWriter:
         c["file"].append(file_code)
         c["line"].append(line)
         c["target"].append(target)
-        if len(c["user"]) >= self.flush_rows:
+        if self._buffered + len(c["user"]) >= self.flush_rows:
             self._flush()
 
+    def add_batch(self, user, item, domain, time, file_code: int, line, target) -> None:
+        """``add`` for a batch (``schema.InteractionsBuilder.add_batch``'s arguments)."""
+        self._seal_rows()
+        self._chunks.append(
+            {
+                "user": user.cast(pa.string()),
+                "item": intern(self._codes["item"], item),
+                "domain": intern(self._codes["domain"], domain),
+                "time": np.asarray(time, dtype=np.float64),
+                "file": np.full(len(user), file_code, dtype=np.int32),
+                "line": np.asarray(line, dtype=np.int64),
+                "target": np.asarray(target, dtype=np.int8),
+            }
+        )
+        self._buffered += len(user)
+        if self._buffered >= self.flush_rows:
+            self._flush()
+
+    def _seal_rows(self) -> None:
+        """The rows ``add`` buffered, as one chunk (so that rows and batches keep read order)."""
+        c = self._cols
+        if not c["user"]:
+            return
+        self._chunks.append(
+            {
+                "user": pa.array(c["user"], pa.string()),
+                "item": np.array(c["item"], dtype=np.int32),
+                "domain": np.array(c["domain"], dtype=np.int32),
+                "time": np.array(c["time"], dtype=np.float64),
+                "file": np.array(c["file"], dtype=np.int32),
+                "line": np.array(c["line"], dtype=np.int64),
+                "target": np.array(c["target"], dtype=np.int8),
+            }
+        )
+        self._buffered += len(c["user"])
+        self._cols = {k: [] for k in _COLUMNS}
+
     def __len__(self) -> int:
-        return self._n + len(self._cols["user"])
+        return self._n + self._buffered + len(self._cols["user"])
 
     def build(self) -> SpilledEvents:
         """Write what is buffered, wait for the writer, and describe the spilled events."""
@@ -170,40 +208,40 @@ class BucketWriter:
 
     # ---------------------------------------------------------------------------------- writing
     def _flush(self) -> None:
-        c = self._cols
-        n = len(c["user"])
-        if n == 0:
+        self._seal_rows()
+        if not self._chunks:
             return
-        users = c["user"]
-        buckets_of = {u: (user_hash(u) * self.n_buckets) >> 64 for u in set(users)}
-        bucket = np.fromiter((buckets_of[u] for u in users), dtype=np.int32, count=n)
-        item = np.array(c["item"], dtype=np.int32)
-        domain = np.array(c["domain"], dtype=np.int32)
-        file = np.array(c["file"], dtype=np.int32)
-        line = np.array(c["line"], dtype=np.int64)
-        target = np.array(c["target"], dtype=np.int8)
+        chunks, self._chunks, n, self._buffered = self._chunks, [], self._buffered, 0
+        col = {k: np.concatenate([ch[k] for ch in chunks]) for k in _COLUMNS if k != "user"}
+        users = pa.concat_arrays([ch["user"] for ch in chunks])
+        enc = users.dictionary_encode()  # a user's bucket is hashed once per batch
+        distinct = enc.dictionary.to_pylist()
+        of_user = np.fromiter(
+            ((user_hash(u) * self.n_buckets) >> 64 for u in distinct), np.int32, len(distinct)
+        )
+        bucket = of_user[enc.indices.to_numpy(zero_copy_only=False)]
         order = np.arange(self._n, self._n + n, dtype=np.int64)
-        self._summarise(item, domain, file, line, order)
+        self._summarise(col["item"], col["domain"], col["file"], col["line"], order)
         self._bucket_rows += np.bincount(bucket, minlength=self.n_buckets)
-        for b, f in set(zip(bucket.tolist(), file.tolist())):
+        pair = np.unique((bucket.astype(np.int64) << 32) | col["file"])
+        for b, f in zip((pair >> 32).tolist(), (pair & 0xFFFFFFFF).tolist()):
             self._bucket_files[b].add(f)
-        self._targets.update(np.unique(target).tolist())
+        self._targets.update(np.unique(col["target"]).tolist())
         batch = pa.record_batch(
             [
                 pa.array(bucket),
-                pa.array(users, pa.string()),
-                pa.array(item),
-                pa.array(domain),
-                pa.array(np.array(c["time"], dtype=np.float64)),
+                users,
+                pa.array(col["item"]),
+                pa.array(col["domain"]),
+                pa.array(col["time"]),
                 pa.array(order),
-                pa.array(file),
-                pa.array(line),
-                pa.array(target),
+                pa.array(col["file"]),
+                pa.array(col["line"]),
+                pa.array(col["target"]),
             ],
             schema=EVENT_SCHEMA,
         )
         self._n += n
-        self._cols = {k: [] for k in c}
         self._put(batch)
 
     def _summarise(self, item, domain, file, line, order) -> None:

@@ -170,7 +170,8 @@ def shard_bucket(job: BucketJob, bucket: int) -> dict:
         specs,
         job.state,
         dcfg,
-        num_workers=0,  # the task is the unit of parallelism
+        num_workers=0,  # the task is the unit of parallelism: one core, one tokenizer thread
+        threads=1,
         shard_prefix=f"shard-b{bucket:05d}-",
         key_prefix=f"b{bucket:05d}_",
     )

@@ -18,6 +18,7 @@ import hashlib
 import heapq
 import logging
 import multiprocessing as mp
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -115,12 +116,12 @@ _STATE: EncoderState | None = None
 _ENCODE = None
 
 
-def _init_worker(state: EncoderState) -> None:
+def _init_worker(state: EncoderState, threads: int) -> None:
     global _STATE, _ENCODE
     from cprec.prepare.tokenize import text_codec
 
     _STATE = state
-    _ENCODE = text_codec(state.tokenizer_dir)[0]
+    _ENCODE = text_codec(state.tokenizer_dir, threads=threads)[0]
 
 
 def _render(st: EncoderState, kind: str, domain: str, idx: np.ndarray) -> str:
@@ -186,16 +187,20 @@ def encode_chunk(specs: list[Spec]) -> tuple[list[Sample], int]:
 
 
 def encode_all(
-    specs: list[Spec], state: EncoderState, num_workers: int
+    specs: list[Spec], state: EncoderState, num_workers: int, threads: int = -1
 ) -> Iterator[tuple[list[Sample], int]]:
-    """Encoded chunks in spec order; ``num_workers`` processes (0 = in this process)."""
+    """Encoded chunks in spec order; ``num_workers`` processes (0 = in this process, encoding with
+    ``threads`` tokenizer threads, -1 = every core: a Ray task given one core passes 1). The
+    tokenizers thread by themselves (sentencepiece and HF's Rust one use every core), so each
+    of the ``num_workers`` processes gets its share of the cores instead, never more."""
     chunks = [specs[i : i + CHUNK_DOCS] for i in range(0, len(specs), CHUNK_DOCS)]
     if num_workers == 0 or len(chunks) <= 1:
-        _init_worker(state)
+        _init_worker(state, threads)
         for chunk in chunks:
             yield encode_chunk(chunk)
         return
+    share = max(1, len(os.sched_getaffinity(0)) // num_workers)
     # fork is cheap (no re-import) and safe here: no threads have been started by tokenizers.
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(state,)) as pool:
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(state, share)) as pool:
         yield from pool.imap(encode_chunk, chunks, chunksize=1)

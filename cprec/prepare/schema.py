@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,19 @@ class Interactions:
 _COLUMNS = ("user", "item", "domain", "time", "order", "file", "line", "target")
 
 
+def intern(codes: dict[str, int], values: pa.Array) -> np.ndarray:
+    """The codes of ``values`` (strings, no nulls) in the vocabulary ``codes``, new values added in
+    order of first appearance - as interning them one by one would - with Python work per
+    distinct value, not per row (Arrow's dictionary encoding numbers values by first appearance)."""
+    enc = values.dictionary_encode()
+    distinct = enc.dictionary.to_pylist()
+    mapping = np.fromiter((codes.setdefault(v, len(codes)) for v in distinct), np.int32, len(distinct))
+    return mapping[enc.indices.to_numpy(zero_copy_only=False)]
+
+
 class InteractionsBuilder:
-    """Appends events one by one (readers), interning ids into code vocabularies."""
+    """Appends events one by one or a batch at a time (readers), interning ids into code
+    vocabularies."""
 
     def __init__(self):
         self._codes: dict[str, dict[str, int]] = {"user": {}, "item": {}, "domain": {}, "file": {}}
@@ -184,6 +196,17 @@ class InteractionsBuilder:
         c["file"].append(file_code)
         c["line"].append(line)
         c["target"].append(target)
+
+    def add_batch(self, user, item, domain, time, file_code: int, line, target) -> None:
+        """``add`` for a batch: ``user``/``item``/``domain`` Arrow string arrays (no missing
+        values), ``time``/``line``/``target`` numpy arrays of the same length."""
+        c, n = self._cols, len(user)
+        for kind, values in (("user", user), ("item", item), ("domain", domain)):
+            c[kind].frombytes(intern(self._codes[kind], values).tobytes())
+        c["time"].frombytes(np.asarray(time, dtype=np.float64).tobytes())
+        c["file"].frombytes(np.full(n, file_code, dtype=np.int32).tobytes())
+        c["line"].frombytes(np.asarray(line, dtype=np.int64).tobytes())
+        c["target"].frombytes(np.asarray(target, dtype=np.int8).tobytes())
 
     def __len__(self) -> int:
         return len(self._cols["user"])

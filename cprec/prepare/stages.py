@@ -235,14 +235,16 @@ def write_shards(
     num_workers: int,
     shard_prefix: str = "shard-",
     key_prefix: str = "",
+    threads: int = -1,
 ):
-    """Encode the specs (``num_workers`` processes) and stream the samples into shards, in spec
-    order. Returns (shards, streams, documents cut to fit)."""
+    """Encode the specs (``num_workers`` processes, or this one with ``threads`` tokenizer
+    threads: ``documents.encode_all``) and stream the samples into shards, in spec order.
+    Returns (shards, streams, documents cut to fit)."""
     writer = ShardWriter(root, dcfg.shard_max_bytes, prefix=shard_prefix)
     streams: dict[str, dict[str, int]] = {}
     n_cut, key = 0, 0
     bar = tqdm(total=len(specs), desc="tokenize + write", unit=" seq", disable=None, leave=False)
-    chunks = encode_all(specs, state, num_workers)
+    chunks = encode_all(specs, state, num_workers, threads)
     for samples, cut in chunks:
         n_cut += cut
         for meta, ids in samples:

@@ -181,13 +181,14 @@ def batch_encoder(tok: Any) -> Callable[[list[str]], list[list[int]]]:
     return lambda texts: [tok.encode(t, add_special_tokens=False) for t in texts]
 
 
-def text_codec(folder: str | Path, tok: Any = None) -> tuple[Callable, Callable]:
+def text_codec(folder: str | Path, tok: Any = None, threads: int = -1) -> tuple[Callable, Callable]:
     """(encode_batch, decode) for bulk work on the tokenizer in ``folder``.
 
     For a BPE model trained here whose HF ids were checked equal to sentencepiece's, this is
     sentencepiece itself (about twice as fast as the HF wrapper); otherwise the HF tokenizer.
     One difference: the HF tokenizer turns special-token strings inside the text (``</s>``) into
     special ids, sentencepiece keeps them as text — which is what pre-training text wants.
+    ``threads``: how many threads encoding may use (-1: every core, the tokenizers' default).
     """
     folder = Path(folder)
     marker = folder / MARKER
@@ -196,8 +197,10 @@ def text_codec(folder: str | Path, tok: Any = None) -> tuple[Callable, Callable]
         if info.get("model_type") == "bpe" and info.get("ids_match_sentencepiece"):
             import sentencepiece as spm
 
-            sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"), num_threads=threads)
             return (lambda texts: sp.encode(list(texts))), sp.decode
+    if threads == 1:  # the Rust tokenizer's pool has no per-call size, but can be switched off
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tok = tok if tok is not None else load_tokenizer(folder)
     return batch_encoder(tok), tok.decode
 

@@ -80,6 +80,8 @@ def test_text_codec_matches_hf(bpe_folder):
         encode(texts) == batch_encoder(tok)(texts) == [tok.encode(t, add_special_tokens=False) for t in texts]
     )
     assert [decode(ids) for ids in encode(texts)] == texts
+    one_thread, _ = text_codec(bpe_folder, threads=1)  # what a Ray task given one core encodes with
+    assert one_thread(texts) == encode(texts)
 
 
 def test_training_is_deterministic(tmp_path, bpe_folder):

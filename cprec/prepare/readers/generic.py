@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cprec.config import DataConfig
 from cprec.prepare.readers.catalogue import add_item_text, build_catalogue, resolve_item_domains
+from cprec.prepare.readers.columnar import BatchRules, columnar_reads, read_parquet_events
 from cprec.prepare.readers.records import (
     EventReader,
     as_id,
@@ -40,6 +41,11 @@ def _event_files(cfg: DataConfig) -> list[tuple[Path, str | None]]:
     return [(p, s) for s in order for p in files_of(cfg.split_files[s], cfg.source)]
 
 
+def columnar_rules(cfg: DataConfig) -> BatchRules:
+    """The row path's checks of ``read_generic`` for the columnar reader."""
+    return BatchRules(cfg.columns.split or None, cfg.split_values, _SPLIT_TARGET)
+
+
 def _split_of(row: dict, cfg: DataConfig, path: Path, line: int, issues: IssueLog) -> int | None:
     """Target kind from the split column of a row; None (counted) when missing or unknown."""
     value = as_id(row.get(cfg.columns.split))
@@ -53,12 +59,17 @@ def _split_of(row: dict, cfg: DataConfig, path: Path, line: int, issues: IssueLo
     return _SPLIT_TARGET[name]
 
 
-def read_generic(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None) -> Dataset:
+def read_generic(
+    cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder | None = None, columnar: bool = True
+) -> Dataset:
     """JSONL / CSV / Parquet events with ``data.columns`` names, optional item text file.
 
     Pre-split logs: with ``data.columns.split`` each event names its split, with ``data.split_files``
     each file holds one split. Then every valid/test event is a held-out target and the user's
     events before it (every split, every domain) its history; no leave-one-out.
+
+    Parquet files are read a batch of columns at a time (``columnar``, the same result as the row
+    path, which ``columnar=False`` forces and files of other column types take).
     """
     fmt, col = cfg.source, cfg.columns
     builder = builder if builder is not None else InteractionsBuilder()
@@ -69,6 +80,7 @@ def read_generic(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder
     if col.split:
         required["data.columns.split"] = col.split
     events_have_domain = False
+    rules = columnar_rules(cfg)
     for path, file_split in event_files:
         header, rows = iter_rows(path, fmt, issues.drop)
         require_columns(header, required, path)
@@ -77,6 +89,17 @@ def read_generic(cfg: DataConfig, issues: IssueLog, builder: InteractionsBuilder
         has_domain = has_time = None
         if header is not None:
             has_domain, has_time = col.domain in header, col.timestamp in header
+        names = {
+            "user": col.user,
+            "item": col.item,
+            "domain": col.domain if has_domain else None,
+            "time": col.timestamp if has_time else None,
+            "split": col.split or None,
+        }
+        if columnar and fmt == "parquet" and columnar_reads(path, names):
+            events_have_domain = events_have_domain or has_domain
+            read_parquet_events(path, fcode, builder, issues, names, cfg.default_domain, target, rules)
+            continue
         for line, row in progress(rows, f"read {path.name}"):
             if has_domain is None:  # JSONL: the first record decides which optional keys exist
                 has_domain, has_time = col.domain in row, col.timestamp in row
