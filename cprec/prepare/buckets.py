@@ -223,8 +223,9 @@ class BucketWriter:
         order = np.arange(self._n, self._n + n, dtype=np.int64)
         self._summarise(col["item"], col["domain"], col["file"], col["line"], order)
         self._bucket_rows += np.bincount(bucket, minlength=self.n_buckets)
-        pair = np.unique((bucket.astype(np.int64) << 32) | col["file"])
-        for b, f in zip((pair >> 32).tolist(), (pair & 0xFFFFFFFF).tolist()):
+        n_files = len(self._codes["file"])
+        pair = np.flatnonzero(np.bincount(bucket.astype(np.int64) * n_files + col["file"]))
+        for b, f in zip((pair // n_files).tolist(), (pair % n_files).tolist()):
             self._bucket_files[b].add(f)
         self._targets.update(np.unique(col["target"]).tolist())
         batch = pa.record_batch(
@@ -246,10 +247,23 @@ class BucketWriter:
 
     def _summarise(self, item, domain, file, line, order) -> None:
         """Fold a batch into the per (item, domain) counts and first/last positions."""
-        key = (item.astype(np.int64) << _DOMAIN_BITS) | domain
-        uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
-        _, last_rev = np.unique(key[::-1], return_index=True)
-        last = len(key) - 1 - last_rev
+        n_domains = max(len(self._codes["domain"]), 1)
+        if len(self._codes["item"]) * n_domains <= 4 * len(item):  # dense pair index: no sort
+            key = item.astype(np.int64) * n_domains + domain
+            counts = np.bincount(key)
+            uniq = np.flatnonzero(counts)
+            at = np.arange(len(key))
+            first = np.full(len(counts), len(key), np.int64)
+            np.minimum.at(first, key, at)
+            last = np.full(len(counts), -1, np.int64)
+            np.maximum.at(last, key, at)
+            first, last, counts = first[uniq], last[uniq], counts[uniq]
+            uniq = ((uniq // n_domains) << _DOMAIN_BITS) | (uniq % n_domains)
+        else:
+            key = (item.astype(np.int64) << _DOMAIN_BITS) | domain
+            uniq, first, counts = np.unique(key, return_index=True, return_counts=True)
+            _, last_rev = np.unique(key[::-1], return_index=True)
+            last = len(key) - 1 - last_rev
         pairs = self._pairs
         for k, f, n, la in zip(uniq.tolist(), first.tolist(), counts.tolist(), last.tolist()):
             rec = pairs.get(k)

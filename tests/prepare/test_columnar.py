@@ -15,7 +15,7 @@ from cprec.prepare.readers import columnar
 from cprec.prepare.readers.generic import read_generic
 from cprec.prepare.schema import IssueLog
 
-USERS = [" u1 ", "u2", None, "", "\u3000u3", "u1", "u4\t", "u2", "u5", "u6", "u1", "u7"]
+USERS = [" u1 ", "u2", None, "", "\u3000u3", "u1", "u4\t", "u2", "é5", "\u3000 u6 ", "u1", "\x1fu7é"]
 ITEMS = [10, 11, 12, 13, None, 10, 14, 15, 16, 17, 11, 18]
 DOMAINS = ["A", "B", "A", "A", "B", "", None, "A", "B", "A", " B", "A"]
 TIMES = {
@@ -114,11 +114,13 @@ def test_unsupported_column_types_take_the_row_path(tmp_path):
     assert fi.dropped["missing_field"] == 1
 
 
-def test_bucket_writer_batches_equal_its_rows(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flush_rows", [7, 10_000])  # pair summaries: sorted, and dense (one flush)
+def test_bucket_writer_batches_equal_its_rows(tmp_path, monkeypatch, flush_rows):
     """The spilled buckets of the columnar path hold the row path's events, codes and order."""
     monkeypatch.setattr(columnar, "BATCH_ROWS", 4)
     cfg = cfg_for(write_log(tmp_path / "log", "int", True), True)
-    (fast, _), (rows, _) = both_ways(cfg, lambda flag: BucketWriter(tmp_path / f"b{flag}", 3, flush_rows=7))
+    writers = {True: flush_rows, False: 7}
+    (fast, _), (rows, _) = both_ways(cfg, lambda flag: BucketWriter(tmp_path / f"b{flag}", 3, writers[flag]))
     a, b = fast.interactions, rows.interactions
     assert (a.items, a.domains, a.files, a.n_rows) == (b.items, b.domains, b.files, b.n_rows)
     np.testing.assert_array_equal(a.bucket_rows, b.bucket_rows)

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 from cprec.prepare.readers.records import as_id, parse_time, progress
 from cprec.prepare.schema import IssueLog
 
-BATCH_ROWS = 65536
-# A value whose first or last character is not printable ASCII may carry whitespace that
-# ``as_id``'s ``str.strip`` removes (its set of whitespace is Unicode's, wider than Arrow's):
-# those few values are normalised in Python, the rest keep Arrow's string as it is.
+BATCH_ROWS = 1 << 19  # Python work is per distinct id in a batch: larger batches, fewer repeats
+# What ``as_id``'s ``str.strip`` removes from ASCII text; Arrow trims exactly these. A non-ASCII
+# value whose first or last character is not printable ASCII may carry other (Unicode) whitespace:
+# those few values are stripped in Python.
+_ASCII_SPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
 _EDGE = r"^[^!-~]|[^!-~]$"
 
 
@@ -64,13 +65,16 @@ def ids(col: pa.Array) -> tuple[pa.Array, np.ndarray]:
     if pa.types.is_integer(col.type):
         strings = pc.cast(col, pa.string())
     else:
-        strings = col.cast(pa.string())
-        edge = pc.fill_null(pc.match_substring_regex(strings, _EDGE), False).to_numpy(zero_copy_only=False)
-        if edge.any():
-            values = strings.to_pylist()
-            for i in np.flatnonzero(edge).tolist():
-                values[i] = as_id(values[i])
-            strings = pa.array(values, pa.string())
+        strings = pc.utf8_trim(col.cast(pa.string()), characters=_ASCII_SPACE)
+        other = pc.invert(pc.fill_null(pc.string_is_ascii(strings), True)).to_numpy(zero_copy_only=False)
+        if other.any():
+            rows = np.flatnonzero(other)
+            edge = pc.match_substring_regex(strings.take(rows), _EDGE).to_numpy(zero_copy_only=False)
+            if edge.any():
+                values = strings.to_pylist()
+                for i in rows[edge].tolist():
+                    values[i] = as_id(values[i])
+                strings = pa.array(values, pa.string())
     strings = pc.fill_null(strings, "")
     missing = pc.equal(strings, "").to_numpy(zero_copy_only=False)
     return strings, missing
