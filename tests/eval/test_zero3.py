@@ -1,0 +1,131 @@
+"""ZeRO-3 partitioned inference (``eval.zero3_inference``, `cprec.eval.zero3`) on 2 CPU ranks:
+embeddings and generative scores equal the unsharded single-process model's, and no rank holds the
+full weights, before, during or after the passes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cprec.config import PromptConfig
+from cprec.eval.encode import Encoder, PromptBuilder, encode_users, load_model
+from cprec.eval.generative import GenerativeScorer
+from cprec.eval.inputs import load_inputs
+from cprec.eval.ranking import build_tasks
+from cprec.prepare.tokenize import special_ids
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from zero3_worker import N_ITEMS, USERS  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, eval_fixtures) -> Path:
+    """A Llama whose matrices (embeddings included: 1024 rows) are above DeepSpeed's persistence
+    threshold (1e5 elements), so that every one of them must stay partitioned; 3.7M parameters."""
+    return eval_fixtures.make_model_folder(tmp_path_factory.mktemp("z3model"), 1024, seed=3, hidden=384)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_prepared, model_dir, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("z3run") / "out.pt"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),  # this checkout
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(HERE / "zero3_worker.py"),
+        str(tiny_prepared),
+        str(model_dir),
+        str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_prepared, tiny_tokenizer, model_dir) -> dict:
+    """The same passes in this one process with the whole model (`load_model`, as before)."""
+    ids = special_ids(tiny_tokenizer)
+    inputs = load_inputs(tiny_prepared, "test")
+    cat = inputs.catalogue
+    builder = PromptBuilder(tiny_tokenizer, PromptConfig(), 20, 512)
+    seqs = builder.item_ids(cat.texts[:N_ITEMS])
+    task = build_tasks(inputs)["A"]
+    model = load_model(model_dir, torch.device("cpu"), torch.float32).eval()
+    enc = Encoder(model, ids["pad_id"], "last", batch_size=4)
+    scorer = GenerativeScorer(model, builder, cat, ids["eos_id"], ids["pad_id"], batch_size=1)
+    users = list(range(USERS))
+    beams = scorer.search(task, users, 3)
+    bf16 = load_model(model_dir, torch.device("cpu"), torch.bfloat16).eval()
+    return {
+        "items": enc.encode(seqs),
+        "users": encode_users(enc, builder, cat, [u.history for u in task.users][:N_ITEMS]),
+        "hits": [beams[u].hits for u in users],
+        "likelihoods": scorer.likelihoods(task, users, [list(range(task.n_items))] * USERS),
+        "items_bf16": Encoder(bf16, ids["pad_id"], "last", batch_size=4).encode(seqs),
+    }
+
+
+@pytest.mark.dist
+def test_partitioned_embeddings_equal_the_whole_model(two_ranks, reference):
+    close = {"atol": 1e-5, "rtol": 1e-4}
+    torch.testing.assert_close(two_ranks["items"], reference["items"], **close)  # 2 batches vs 1
+    torch.testing.assert_close(two_ranks["one_item"], reference["items"][:1], **close)  # 1 vs none
+    torch.testing.assert_close(two_ranks["users"], reference["users"], **close)
+    shards = [r["shard"] for r in two_ranks["ranks"]]
+    assert [s["start"] for s in shards] == [0, 5]
+    for s in shards:
+        part = reference["items"][s["start"] : s["start"] + len(s["emb"])]
+        torch.testing.assert_close(s["emb"], part, **close)
+        torch.testing.assert_close(s["again"], part, **close)
+    assert [s["hits"] for s in shards] == [0, 1]  # rank 1 hit its cached slice and padded along
+    # bf16 partitions and passes, as the unsharded bf16 model (rounding of bf16 matmuls aside).
+    assert all(r["bf16_dtypes"] == ["torch.bfloat16"] for r in two_ranks["ranks"])
+    torch.testing.assert_close(two_ranks["items_bf16"], reference["items_bf16"], atol=5e-3, rtol=0)
+
+
+@pytest.mark.dist
+def test_partitioned_generative_scores_equal_the_whole_model(two_ranks, reference):
+    got, want = two_ranks["hits"], reference["hits"]  # 3 beam calls on rank 0, 2 on rank 1
+    assert [sorted(h) for h in got] == [sorted(h) for h in want]
+    for g, w in zip(got, want):
+        assert [g[c] for c in sorted(g)] == pytest.approx([w[c] for c in sorted(w)], abs=1e-4)
+    for g, w in zip(two_ranks["likelihoods"], reference["likelihoods"]):  # 9 passes vs 6
+        assert g == pytest.approx(w, abs=1e-4)
+
+
+@pytest.mark.dist
+def test_no_rank_holds_the_full_weights(two_ranks):
+    for rank in two_ranks["ranks"]:
+        total = sum(p["ds_numel"] for p in rank["before"])
+        assert total > 3.5e6
+        for p in rank["before"]:  # built partitioned: every rank has read only its slice
+            assert p["held"] == 0 and not p["available"], p
+            assert p["partition"] == -(-p["ds_numel"] // 2), p
+        for stage in ("encoded", "after"):  # after the passes every matrix is released again
+            for p in rank[stage]:
+                if p["ds_numel"] > 1e5:
+                    assert p["held"] == 0 and not p["available"], (stage, p)
+                else:  # a norm, kept gathered by DeepSpeed's persistence threshold
+                    assert p["held"] in (0, p["ds_numel"]), (stage, p)
+        # While the passes ran: at most one rank's share gathered, plus one module's own weights.
+        largest = max(p["ds_numel"] for p in rank["before"])
+        for phase, held in rank["peak"].items():
+            assert 0 < held <= total / 2 + largest, (phase, held, total)
