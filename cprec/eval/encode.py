@@ -506,11 +506,11 @@ def encode_item_shard(
         hit = cache.load(key, items)
         if hit is not None:
             encoder.join()  # ZeRO-3 lockstep: pad while ranks that missed encode their slices
-            return ItemShard(hit, start, len(rows))
+            return ItemShard(hit, start, len(rows), spread=True)
     emb = encoder.encode_local(builder.item_ids([catalogue.texts[r] for r in mine]), f"{desc} [rank {rank}]")
     if key is not None:
         cache.save(key, items, emb)
-    return ItemShard(emb, start, len(rows))
+    return ItemShard(emb, start, len(rows), spread=True)
 
 
 def encode_users(
