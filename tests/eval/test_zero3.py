@@ -129,3 +129,43 @@ def test_no_rank_holds_the_full_weights(two_ranks):
         largest = max(p["ds_numel"] for p in rank["before"])
         for phase, held in rank["peak"].items():
             assert 0 < held <= total / 2 + largest, (phase, held, total)
+
+
+@pytest.mark.dist
+def test_two_rank_zero3_eval_job_matches_the_one_process_job(tiny_prepared, tiny_model_dir, tmp_path):
+    """`cprec eval` with ``eval.zero3_inference=true`` on 2 ranks: embedding, generative and re-ranked
+    rows rank every user as the single-process job with whole models does."""
+    import json
+
+    import yaml
+
+    from cprec.config import load_config
+    from cprec.eval.run import run as evaluate_job
+
+    common = {
+        "data": {"output_dir": str(tiny_prepared)},
+        "eval": {
+            "checkpoint": str(tiny_model_dir),
+            "batch_size": 3,
+            "finetune": False,
+            "baselines": ["popularity"],
+            "ks": [1, 5, 10],
+            "generative": True,
+            "beam_width": 4,
+            "rerank_top_n": 3,
+        },
+        "tracking": {"backend": "none"},
+    }
+    path = tmp_path / "z3.yaml"
+    path.write_text(yaml.safe_dump(common))
+    one = evaluate_job(load_config(path, [f"eval.output_dir={tmp_path / 'one'}"]))
+    two_out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m"]
+    cmd += ["cprec.cli", "eval", str(path), f"eval.output_dir={two_out}", "eval.zero3_inference=true"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    two = json.loads((two_out / "report.json").read_text())
+    assert set(two["ranks"]) == {"llm-pretrained", "llm-generative", "llm-reranked", "popularity"}
+    assert two["ranks"] == one["ranks"]
+    assert two["results"] == json.loads(json.dumps(one["results"]))
