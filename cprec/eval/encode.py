@@ -23,6 +23,9 @@ catalogue content, prompt config, pooling): re-evaluating the same checkpoint sk
 When torch.distributed is initialised each rank encodes a slice and the slices are all-gathered
 (tensor collectives), or, for the streaming full ranking (`cprec.eval.topk`), each rank encodes
 and keeps only its contiguous slice of a domain's items (`encode_item_shard`, cached per slice).
+The model is an HF causal LM whole on every rank, or (``eval.zero3_inference``) a
+`cprec.eval.zero3.PartitionedLM`, ZeRO-3 partitioned over the ranks: its passes gather parameters,
+so every encoding call then runs the same number of passes on every rank (`Encoder`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,9 @@
 
 Under torchrun, encoding and fine-tuning are spread over the ranks, and so is the full ranking of
 embedding rows (`item_sharding`); rank 0 trains the baselines and writes the report (other ranks
-return an empty dict).
+return an empty dict). Encoding and generative scoring load the model whole on every rank in
+``eval.dtype``, or with ``eval.zero3_inference`` ZeRO-3 partitioned over them (`LLMSide.load_model`,
+`cprec.eval.zero3`).
 """
 
 from __future__ import annotations

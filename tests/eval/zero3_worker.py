@@ -5,7 +5,8 @@ Loads the model ZeRO-3 partitioned for inference (`cprec.eval.zero3.load`, fp32 
 batch sizes chosen so that the ranks hold different numbers of batches (one rank none at all, or a
 cache hit), encodes items (``Encoder.encode``, ``encode_item_shard``) and users and runs the
 generative passes (beam search, likelihoods) in lockstep. Rank 0 saves everything gathered, with
-every rank's parameter status before and after the passes (partitioned or not).
+every rank's parameter status before and after the passes (partitioned or not) and the most
+weights it held gathered at once while they ran (a forward hook on every module).
 """
 
 from __future__ import annotations
@@ -115,7 +116,16 @@ def main(prepared: str, model_dir: str, out: str) -> None:
     dtypes = sorted({str(p.ds_tensor.dtype) for p in lm16.parameters()})
     lm16.close()
 
-    ranks = gather({"before": before, "encoded": encoded, "after": after, "peak": peak, "shard": shard, "bf16_dtypes": dtypes})
+    ranks = gather(
+        {
+            "before": before,
+            "encoded": encoded,
+            "after": after,
+            "peak": peak,
+            "shard": shard,
+            "bf16_dtypes": dtypes,
+        }
+    )
     if rank == 0:
         torch.save({**result, "ranks": ranks}, out)
     tdist.barrier()
