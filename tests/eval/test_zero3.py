@@ -169,3 +169,34 @@ def test_two_rank_zero3_eval_job_matches_the_one_process_job(tiny_prepared, tiny
     assert set(two["ranks"]) == {"llm-pretrained", "llm-generative", "llm-reranked", "popularity"}
     assert two["ranks"] == one["ranks"]
     assert two["results"] == json.loads(json.dumps(one["results"]))
+
+
+def test_one_process_zero3_embed_writes_the_embeddings_of_the_whole_model(
+    tiny_prepared, tiny_model_dir, tmp_path, one_process_group, caplog
+):
+    """`cprec embed` with ``eval.zero3_inference``: one rank (a process group of its own, closed at
+    the end) and the same embeddings as without."""
+    import numpy as np
+
+    from cprec.config import load_config
+    from cprec.eval.embed import load_embeddings
+    from cprec.eval.embed import run as embed
+
+    base = [f"data.output_dir={tiny_prepared}", f"eval.checkpoint={tiny_model_dir}", "eval.dtype=fp32"]
+    base += ["eval.batch_size=5", "tracking.backend=none"]
+    runs = {}
+    caplog.set_level("INFO", logger="cprec.eval.zero3")
+    for z3 in (False, True):
+        cfg = load_config(
+            None, [*base, f"eval.output_dir={tmp_path / f'eval-{z3}'}", f"eval.zero3_inference={z3}"]
+        )
+        runs[z3] = (tmp_path / f"emb-{z3}", embed(cfg, out=str(tmp_path / f"emb-{z3}")))
+    assert not torch.distributed.is_initialized()
+    said = [r.message for r in caplog.records if r.name == "cprec.eval.zero3"]
+    assert len(said) == 1 and "ZeRO-3 inference over 1 rank(s) in float32, 100.0% of" in said[0]
+    (plain, want), (sharded, got) = runs[False], runs[True]
+    pairs = [(want["users"], got["users"])] + [(want["items"][d], got["items"][d]) for d in want["items"]]
+    for w, g in pairs:
+        (wi, we), (gi, ge) = load_embeddings(plain, w), load_embeddings(sharded, g)
+        assert wi == gi
+        np.testing.assert_allclose(ge, we, atol=1e-5, rtol=1e-4)
