@@ -132,24 +132,24 @@ def test_no_rank_holds_the_full_weights(two_ranks):
 
 
 @pytest.mark.dist
-def test_two_rank_zero3_eval_job_matches_the_one_process_job(tiny_prepared, tiny_model_dir, tmp_path):
-    """`cprec eval` with ``eval.zero3_inference=true`` on 2 ranks: embedding, generative and re-ranked
-    rows rank every user as the single-process job with whole models does."""
+def test_two_rank_zero3_eval_job_ranks_like_whole_models(tiny_prepared, tiny_model_dir, tmp_path):
+    """`cprec eval` on 2 ranks with and without ``eval.zero3_inference``: the embedding rows (the
+    pre-trained model, and the fine-tuned one, which is encoded from its exported folder) and the
+    generative and re-ranked rows rank every user alike."""
     import json
 
     import yaml
-
-    from cprec.config import load_config
-    from cprec.eval.run import run as evaluate_job
 
     common = {
         "data": {"output_dir": str(tiny_prepared)},
         "eval": {
             "checkpoint": str(tiny_model_dir),
             "batch_size": 3,
-            "finetune": False,
             "baselines": ["popularity"],
             "ks": [1, 5, 10],
+            "finetune_epochs": 0.5,
+            "finetune_batch_size": 8,
+            "finetune_negatives": 3,
             "generative": True,
             "beam_width": 4,
             "rerank_top_n": 3,
@@ -158,17 +158,20 @@ def test_two_rank_zero3_eval_job_matches_the_one_process_job(tiny_prepared, tiny
     }
     path = tmp_path / "z3.yaml"
     path.write_text(yaml.safe_dump(common))
-    one = evaluate_job(load_config(path, [f"eval.output_dir={tmp_path / 'one'}"]))
-    two_out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m"]
-    cmd += ["cprec.cli", "eval", str(path), f"eval.output_dir={two_out}", "eval.zero3_inference=true"]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    two = json.loads((two_out / "report.json").read_text())
-    assert set(two["ranks"]) == {"llm-pretrained", "llm-generative", "llm-reranked", "popularity"}
-    assert two["ranks"] == one["ranks"]
-    assert two["results"] == json.loads(json.dumps(one["results"]))
+    reports = {}
+    for z3 in (False, True):
+        out = tmp_path / f"z3-{z3}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m"]
+        cmd += ["cprec.cli", "eval", str(path), f"eval.output_dir={out}", f"eval.zero3_inference={z3}"]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert ("ZeRO-3 inference over 2 rank(s)" in proc.stdout + proc.stderr) == z3
+        reports[z3] = json.loads((out / "report.json").read_text())
+    rows = {"llm-pretrained", "llm-finetuned", "llm-generative", "llm-reranked", "popularity"}
+    assert set(reports[True]["ranks"]) == rows
+    assert reports[True]["ranks"] == reports[False]["ranks"]
+    assert reports[True]["results"] == reports[False]["results"]
 
 
 def test_one_process_zero3_embed_writes_the_embeddings_of_the_whole_model(
