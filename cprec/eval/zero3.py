@@ -53,9 +53,9 @@ def inference_config(dtype: torch.dtype, max_live: int = 0) -> dict:
 
     ``max_live`` > 0 caps the parameters gathered at once (``stage3_max_live_parameters``, which
     bounds prefetching; one module's own are always gathered): `load` passes one rank's share of the
-    model, so a rank never holds more gathered weights than its partition plus one module, whatever
-    the model's size (DeepSpeed's default, 1e9 elements, would let a model smaller than that be
-    prefetched whole on every rank).
+    model, so a rank holds gathered at most about that share plus the module running, whatever the
+    model's size (DeepSpeed's default, 1e9 elements, lets a model smaller than that be prefetched
+    whole on every rank).
 
     A parameter is freed right after its module's pass (``stage3_max_reuse_distance`` 0), even when
     the trace says it is needed again soon: with DeepSpeed's default (1e9 elements) a model under 1e9
@@ -96,10 +96,6 @@ class InferenceModule(nn.Module):
         if task == "generate":
             return self.hf_model.generate(**kwargs)
         raise ValueError(f"unknown inference task {task!r} (one of {TASKS})")
-
-
-def _world() -> int:
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
 def _all_reduce_max(value: int) -> int:

@@ -203,3 +203,20 @@ def test_one_process_zero3_embed_writes_the_embeddings_of_the_whole_model(
         (wi, we), (gi, ge) = load_embeddings(plain, w), load_embeddings(sharded, g)
         assert wi == gi
         np.testing.assert_allclose(ge, we, atol=1e-5, rtol=1e-4)
+
+
+def test_inference_config_and_module_refuse_what_they_cannot_run():
+    from cprec.eval.zero3 import InferenceModule, inference_config
+
+    cfg = inference_config(torch.bfloat16, max_live=123)
+    assert cfg["zero_optimization"] == {
+        "stage": 3,
+        "stage3_max_reuse_distance": 0,
+        "stage3_max_live_parameters": 123,
+    }
+    assert cfg["bf16"] == {"enabled": True} and "optimizer" not in cfg
+    assert "stage3_max_live_parameters" not in inference_config(torch.float32)["zero_optimization"]
+    with pytest.raises(ValueError, match=r"'eval\.dtype'.*bf16 or fp32"):
+        inference_config(torch.float16)
+    with pytest.raises(ValueError, match="unknown inference task 'train'"):
+        InferenceModule(torch.nn.Linear(2, 2))(task="train")
