@@ -73,11 +73,21 @@ def test_typo_in_yaml_file(tmp_path):
         ("eval.sasrec_similarity=euclid", "eval.sasrec_similarity"),
         ("eval.sasrec_heads=3", "eval.sasrec_heads"),
         ("eval.sasrec_patience=-1", "eval.sasrec_patience"),
+        ("eval.zero3_inference=maybe", "eval.zero3_inference"),
     ],
 )
 def test_invalid_value_names_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         load_config(None, [override])
+
+
+def test_zero3_inference_field():
+    from cprec.config import EvalConfig
+
+    assert load_config(None, []).eval.zero3_inference is False  # off: every rank loads the model
+    assert load_config(None, ["eval.zero3_inference=true"]).eval.zero3_inference is True
+    with pytest.raises(ValueError, match=r"'eval\.zero3_inference': must be true or false"):
+        EvalConfig(zero3_inference="yes")  # built in code, past the loader's typing
 
 
 def test_overrides_are_typed():

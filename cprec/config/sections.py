@@ -513,6 +513,15 @@ class EvalConfig:
     """Fine-tune with training's train.zero_stage, train.offload_optimizer and model.dtype, for models too
     large for one device; false = ZeRO stage 0 in fp32 (every rank holds the model). Both run in a DeepSpeed
     engine (cprec.runtime.engine) and write DeepSpeed checkpoints."""
+    zero3_inference: bool = False
+    """Encode (item and user embeddings) and score generatively (eval.generative, eval.rerank_top_n)
+    with the model ZeRO-3 partitioned over the ranks in eval.dtype (cprec.eval.zero3): each rank reads
+    only its slices of the checkpoint's safetensors and holds 1/N of the weights (a 7B model in bf16 on
+    8 ranks: 1.75 GB each, not 14), and every forward gathers each layer's weights for its own pass,
+    all ranks in lockstep. For models too large for one device: the gathers cost time. Its own field,
+    not eval.finetune_deepspeed: that one takes training's train.zero_stage (often 1 or 2, which
+    replicate the weights) and an optimizer, and a small model may fine-tune unsharded and still
+    encode sharded (or the reverse). false = every rank loads the whole model."""
     baselines: list[str] = field(default_factory=lambda: ["popularity", "sasrec"])
     """Baselines computed on the same split: popularity, sasrec."""
     sasrec_epochs: int = 200
@@ -592,6 +601,7 @@ class EvalConfig:
         _check(self.temperature > 0, "eval.temperature", "must be > 0")
         _check(self.lora_rank >= 0, "eval.lora_rank", "must be >= 0")
         _check(self.finetune_checkpoint_every >= 0, "eval.finetune_checkpoint_every", "must be >= 0")
+        _check(isinstance(self.zero3_inference, bool), "eval.zero3_inference", "must be true or false")
         for b in self.baselines:
             _one_of(b, "eval.baselines", ("popularity", "sasrec"))
         _check(self.sasrec_patience >= 0, "eval.sasrec_patience", "must be >= 0")

@@ -21,7 +21,8 @@ product is the cosine similarity the eval job ranks by.
 
 DIR is written in a temporary folder beside it and moved into place at the end; an existing DIR
 is replaced only when it is an earlier `cprec embed` output (it holds a manifest saying so).
-Under torchrun the encoding is spread over the ranks and rank 0 writes.
+Under torchrun the encoding is spread over the ranks and rank 0 writes; with ``eval.zero3_inference``
+the model is ZeRO-3 partitioned over them too (`cprec.eval.zero3`).
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ def run(cfg: Config, users_file: str | None = None, out: str = "out/embed", fais
         import_faiss()  # a missing optional dependency fails before any compute
     users_in = read_user_file(users_file) if users_file else None
     check_tokenizer(cfg, find_checkpoint(cfg), prepared_dir(cfg))
-    started = not torch.distributed.is_initialized() and dist_info().world_size > 1
+    started = not torch.distributed.is_initialized() and (
+        dist_info().world_size > 1 or cfg.eval.zero3_inference  # a ZeRO-3 engine needs a group
+    )
     info = init_distributed()
     try:
         return _run(cfg, users_in, users_file, out_dir, faiss, info.is_main)
@@ -162,7 +165,7 @@ def run(cfg: Config, users_file: str | None = None, out: str = "out/embed", fais
 
 
 def _run(cfg: Config, users_in, users_file, out_dir: Path, faiss: bool, is_main: bool) -> dict:
-    from cprec.eval.encode import Encoder, encode_items, encode_users, load_model
+    from cprec.eval.encode import Encoder, encode_items, encode_users
     from cprec.eval.inputs import load_inputs
     from cprec.eval.ranking import build_tasks
     from cprec.eval.run import LLMSide, prepared_dir, resolve_hf_folder
@@ -173,7 +176,7 @@ def _run(cfg: Config, users_in, users_file, out_dir: Path, faiss: bool, is_main:
     hf_dir, ckpt = resolve_hf_folder(cfg)
     inputs = load_inputs(prepared, ecfg.split)
     side = LLMSide(cfg, prepared, inputs)
-    model = load_model(hf_dir, dtype=side.dtype)
+    model = side.load_model(hf_dir)  # eval.zero3_inference: partitioned over the ranks
     builder = side.builder(model.config)
     enc = Encoder(model, side.pad_id, ecfg.pooling, ecfg.batch_size)
     cat = inputs.catalogue
@@ -196,11 +199,13 @@ def _run(cfg: Config, users_in, users_file, out_dir: Path, faiss: bool, is_main:
     known = [len(builder.history_rows(cat, h)) for h in histories]
     unknown = builder.unknown_history_items - before
     uemb = encode_users(enc, builder, cat, histories).numpy().astype(np.float32, copy=False)
+    hidden_size = int(model.config.hidden_size)
+    side.release(model)
     if not is_main:
         barrier()
         return {}
 
-    dim = int(uemb.shape[1]) if len(uemb) else int(model.config.hidden_size)
+    dim = int(uemb.shape[1]) if len(uemb) else hidden_size
     manifest = {
         "format": FORMAT,
         "model": {"id": model_id, "checkpoint": ckpt, "folder": str(hf_dir)},

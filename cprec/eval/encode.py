@@ -23,6 +23,9 @@ catalogue content, prompt config, pooling): re-evaluating the same checkpoint sk
 When torch.distributed is initialised each rank encodes a slice and the slices are all-gathered
 (tensor collectives), or, for the streaming full ranking (`cprec.eval.topk`), each rank encodes
 and keeps only its contiguous slice of a domain's items (`encode_item_shard`, cached per slice).
+The model is an HF causal LM whole on every rank, or (``eval.zero3_inference``) a
+`cprec.eval.zero3.PartitionedLM`, ZeRO-3 partitioned over the ranks: its passes gather parameters,
+so every encoding call then runs the same number of passes on every rank (`Encoder`).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from tqdm import tqdm
 from cprec.atomic import atomic_path
 from cprec.config import PromptConfig
 from cprec.eval.inputs import Catalogue
+from cprec.eval.zero3 import PartitionedLM, agree_max
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +265,12 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
 
 
 def embed(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """L2-normalised pooled final hidden states of an HF causal LM (keeps the autograd graph)."""
+    """L2-normalised pooled final hidden states of an HF causal LM (keeps the autograd graph) or of a
+    `cprec.eval.zero3.PartitionedLM` (its own decoder pass)."""
     base = getattr(model, "base_model", model)
-    if base is model:
+    if isinstance(model, PartitionedLM):
+        hidden = model.hidden(input_ids, attention_mask)
+    elif base is model:
         out = model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False
         )
@@ -311,7 +318,12 @@ class EncodeProgress:
 
 
 class Encoder:
-    """Batched, length-sorted, no-grad encoding of token id lists into embeddings (float32, CPU)."""
+    """Batched, length-sorted, no-grad encoding of token id lists into embeddings (float32, CPU).
+
+    With a ZeRO-3 partitioned model (`cprec.eval.zero3`, ``eval.zero3_inference``) on N ranks, every
+    encoding call is collective: the ranks agree on the largest batch count (one ``all_reduce``) and
+    a rank with fewer batches runs 1-token padding passes, since each pass gathers parameters. A
+    rank with nothing to encode then still calls `join`."""
 
     def __init__(self, model, pad_id: int, pooling: str = "last", batch_size: int = 64):
         self.model = model
@@ -330,6 +342,8 @@ class Encoder:
         was_training = self.model.training
         self.model.eval()
         progress = EncodeProgress(len(seqs), desc)
+        n_batches = -(-len(order) // self.batch_size)
+        passes = agree_max(self.model, n_batches)  # n_batches itself unless in ZeRO-3 lockstep
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
             ids, mask = pad_batch([seqs[i] for i in idx], self.pad_id)
@@ -338,6 +352,8 @@ class Encoder:
                 out = torch.empty((len(seqs), e.shape[1]), dtype=torch.float32)
             out[torch.tensor(idx)] = e
             progress.update(len(idx))
+        for _ in range(passes - n_batches):
+            self.model.pad_hidden()
         progress.close()
         self.model.train(was_training)
         if out is None:
@@ -366,8 +382,17 @@ class Encoder:
         return out
 
     def encode_local(self, seqs: list[list[int]], desc: str = "encode") -> torch.Tensor:
-        """Embeddings [N, H] of this rank's prompts alone (no collective)."""
+        """Embeddings [N, H] of this rank's prompts alone (no collective, except the lockstep of a
+        ZeRO-3 model)."""
         return self._encode_local(seqs, desc)
+
+    @torch.no_grad()
+    def join(self) -> None:
+        """Take part in the other ranks' `encode_local` without prompts of this rank's own (a cache
+        hit): the padding passes of a ZeRO-3 model in lockstep; nothing for any other model."""
+        if getattr(self.model, "needs_lockstep", False):
+            for _ in range(agree_max(self.model, 0)):
+                self.model.pad_hidden()
 
 
 # -------------------------------------------------------------------------------------- cache
@@ -447,6 +472,8 @@ def encode_items(
     key = _items_key(encoder, builder, catalogue, rows, cache, model_id)
     if key is not None:
         hit = cache.load(key, items)
+        if agree_max(encoder.model, int(hit is None)):  # ZeRO-3 lockstep: one rank's miss is all's
+            hit = None
         if hit is not None:
             log.info("item embeddings: cache hit %s (%d items)", cache.path(key).name, len(items))
             return hit
@@ -481,11 +508,12 @@ def encode_item_shard(
         key = f"{key}-{rank}of{world}"
         hit = cache.load(key, items)
         if hit is not None:
-            return ItemShard(hit, start, len(rows))
+            encoder.join()  # ZeRO-3 lockstep: pad while ranks that missed encode their slices
+            return ItemShard(hit, start, len(rows), spread=True)
     emb = encoder.encode_local(builder.item_ids([catalogue.texts[r] for r in mine]), f"{desc} [rank {rank}]")
     if key is not None:
         cache.save(key, items, emb)
-    return ItemShard(emb, start, len(rows))
+    return ItemShard(emb, start, len(rows), spread=True)
 
 
 def encode_users(

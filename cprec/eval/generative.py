@@ -29,6 +29,7 @@ exhaustive likelihood scoring of every candidate (the prompt once, then each can
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from cprec.eval.encode import EncodeProgress, PromptBuilder, load_model
+from cprec.eval.encode import EncodeProgress, PromptBuilder
 from cprec.eval.inputs import Catalogue
 from cprec.eval.ranking import DomainTask, ScoreFn
 from cprec.eval.trie import CatalogueTrie
@@ -236,6 +237,20 @@ class GenerativeScorer:
             hits.append(found)
         return hits, steps
 
+    def lockstep(self, task: DomainTask, search_width: int = 0):
+        """The lockstep phase (`cprec.eval.zero3.PartitionedLM.lockstep`) a ZeRO-3 model's ranks
+        spread work in: padding passes of the kind the phase runs, a beam search of width
+        ``search_width`` over the task's trie from a 1-token prompt, or (0) one likelihood pass.
+        A model of its own on every rank needs none (a context that does nothing)."""
+        phase = getattr(self.model, "lockstep", None)
+        if phase is None:
+            return contextlib.nullcontext()
+        bos = list(self.builder.bos)
+        if search_width:
+            trie = self.items(task)[1]
+            return phase(lambda: self.beams(trie, [bos], [set()], search_width))
+        return phase(lambda: sequence_logprobs(self.model, [(bos, [self.eos_id])], self.pad_id))
+
     def history(self, task: DomainTask, user: int) -> set[int]:
         return set(task.history_cols[user].tolist())
 
@@ -340,15 +355,18 @@ def rerank_score_fn(embedding: ScoreFn, rescored: dict[str, list[tuple[list[int]
 
 
 # ----------------------------------------------------------------------------------- the rows
-def _spread(n: int, compute: Callable[[list[int]], dict[int, object]]) -> list:
+def _spread(n: int, compute: Callable[[list[int]], dict[int, object]], phase=contextlib.nullcontext) -> list:
     """``compute`` over users 0..n-1; under torch.distributed each rank takes every world-th user
-    and the results are all-gathered (every rank gets them all)."""
+    (inside ``phase()``: the lockstep of a ZeRO-3 model, `GenerativeScorer.lockstep`) and the
+    results are all-gathered (every rank gets them all)."""
     if not (tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1):
         done = compute(list(range(n)))
     else:
         rank, world = tdist.get_rank(), tdist.get_world_size()
         parts: list = [None] * world
-        tdist.all_gather_object(parts, compute(list(range(rank, n, world))))
+        with phase():
+            mine = compute(list(range(rank, n, world)))
+        tdist.all_gather_object(parts, mine)
         done = {k: v for part in parts for k, v in part.items()}
     return [done[i] for i in range(n)]
 
@@ -386,10 +404,10 @@ def generative_rows(
     ecfg = cfg.eval
     if not (ecfg.generative or ecfg.rerank_top_n):
         return {}, {}
-    model = load_model(hf_dir, dtype=side.dtype).eval()
+    model = side.load_model(hf_dir).eval()
     eos = special_ids(side.tokenizer)["eos_id"]
     scorer = GenerativeScorer(
-        model, side.builder(model), side.inputs.catalogue, eos, side.pad_id, ecfg.batch_size
+        model, side.builder(model.config), side.inputs.catalogue, eos, side.pad_id, ecfg.batch_size
     )
     duplicates = {d: scorer.items(t)[1].duplicate_counts() for d, t in tasks.items()}
     for d, c in ((d, c) for d, c in duplicates.items() if c["groups"]):
@@ -399,7 +417,11 @@ def generative_rows(
     if ecfg.generative:
         hits, cost = {}, {}
         for d, task in tasks.items():
-            res = _spread(len(task.users), lambda us, task=task: scorer.search(task, us, ecfg.beam_width))
+            res = _spread(
+                len(task.users),
+                lambda us, task=task: scorer.search(task, us, ecfg.beam_width),
+                lambda task=task: scorer.lockstep(task, ecfg.beam_width),
+            )
             hits[d] = [r.hits for r in res]
             cost[d] = [
                 {"beam": r.forward_tokens, "steps": r.steps, "reached": len(r.hits),
@@ -425,7 +447,7 @@ def generative_rows(
                         out[u] = (c, lik)
                 return out
 
-            rescored[d] = _spread(len(task.users), compute)
+            rescored[d] = _spread(len(task.users), compute, lambda task=task: scorer.lockstep(task))
             seqs, _ = scorer.items(task)
             cost[d] = [
                 sum(len(scorer.prompt(task, u)) + len(seqs[c]) - 1 for c in cols)
@@ -443,4 +465,5 @@ def generative_rows(
                 for d, v in {**cost, "overall": pooled}.items()
             },
         }
+    side.release(model)
     return fns, models

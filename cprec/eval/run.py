@@ -28,7 +28,9 @@
 
 Under torchrun, encoding and fine-tuning are spread over the ranks, and so is the full ranking of
 embedding rows (`item_sharding`); rank 0 trains the baselines and writes the report (other ranks
-return an empty dict).
+return an empty dict). Encoding and generative scoring load the model whole on every rank in
+``eval.dtype``, or with ``eval.zero3_inference`` ZeRO-3 partitioned over them (`LLMSide.load_model`,
+`cprec.eval.zero3`).
 """
 
 from __future__ import annotations
@@ -164,6 +166,24 @@ class LLMSide:
         self.pad_id = special_ids(self.tokenizer)["pad_id"]
         self.dtype = resolve_dtype(cfg.eval.dtype)  # of the encoding passes (fine-tuning keeps fp32)
 
+    def load_model(self, folder: Path):
+        """The model to encode and score with, in ``eval.dtype``: whole on every rank, or with
+        ``eval.zero3_inference`` ZeRO-3 partitioned over the ranks (`cprec.eval.zero3`). Hand it
+        back to `release` when done."""
+        if self.cfg.eval.zero3_inference:
+            from cprec.eval import zero3
+
+            return zero3.load(folder, self.dtype)
+        return load_model(folder, dtype=self.dtype)
+
+    @staticmethod
+    def release(model) -> None:
+        """Free a model of `load_model` (a partitioned one's engine hooks too)."""
+        from cprec.eval.zero3 import release
+
+        release(model)
+        gc.collect()
+
     def builder(self, model_config) -> PromptBuilder:
         """Prompts for a model of ``model_config`` (its vocabulary checked, its positions the cut)."""
         vocab = int(model_config.vocab_size)
@@ -298,15 +318,15 @@ def finetuned_score_fn(
             del model
             gc.collect()
         details[scope] = {k: v for k, v in state.items() if k != "losses"} | {"folder": str(folder)}
-        model = load_model(folder, dtype=side.dtype)
+        model = side.load_model(folder)
         scope_tasks = tasks if domains is None else {d: tasks[d] for d in domains}
         fn = side.score_fn(
             model, f"{model_identity(folder)}:{side.dtype}", scope_tasks, all_positions, item_sharding(ecfg)
         )
         for d in scope_tasks:
             fns[d] = fn
+        side.release(model)
         del model
-        gc.collect()
     return _by_domain(fns), details
 
 
@@ -338,7 +358,8 @@ def run(cfg: Config) -> dict:
 
 
 def _run_job(cfg: Config) -> dict:
-    engine = cfg.eval.finetune  # fine-tuning runs in a DeepSpeed engine: a process group even for one
+    # Fine-tuning and ZeRO-3 inference run in DeepSpeed engines: a process group even for one rank.
+    engine = cfg.eval.finetune or cfg.eval.zero3_inference
     started_dist = not torch.distributed.is_initialized() and (engine or dist_info().world_size > 1)
     if engine:
         from cprec.runtime.engine import start_distributed
@@ -421,10 +442,10 @@ def _run(cfg: Config, is_main: bool, tracker: Tracker | None = None) -> dict:
 
     if ecfg.rank_pretrained:
         t = time.perf_counter()
-        model = load_model(hf_dir, dtype=side.dtype)
+        model = side.load_model(hf_dir)
         fn = side.score_fn(model, f"{ckpt['id']}:{side.dtype}", tasks, shard=item_sharding(ecfg))
+        side.release(model)
         del model
-        gc.collect()
         seconds["encode/llm-pretrained"] = time.perf_counter() - t
         if is_main or fn.sharded:  # sharded items: every rank ranks its slice
             rank("llm-pretrained", fn)

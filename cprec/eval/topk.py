@@ -87,6 +87,9 @@ class ItemShard:
     """Column (in the domain task's order) of the first row."""
     total: int
     """Columns of the whole domain (every rank's slices together)."""
+    spread: bool = False
+    """One of the slices `cprec.eval.encode.encode_item_shard` spreads over the ranks: never whole,
+    even where this rank's slice is all of a domain with fewer items than ranks."""
 
     @property
     def end(self) -> int:
@@ -94,7 +97,9 @@ class ItemShard:
 
     @property
     def whole(self) -> bool:
-        return self.start == 0 and self.end == self.total
+        """This rank holds the whole domain: its ranking is its own (no collective; rank 0 alone may
+        rank), while ranks holding slices rank together."""
+        return not self.spread and self.start == 0 and self.end == self.total
 
     @staticmethod
     def of(embeddings: torch.Tensor) -> ItemShard:
@@ -198,7 +203,7 @@ def stream_rank(
 
     Returns:
         (int64 [B] ranks, float [B, k] top scores, int64 [B, k] top columns with -1 = empty), the
-        top-k None when ``k`` is 0. Under torch.distributed every rank gets the merged result.
+        top-k None when ``k`` is 0. Over slices spread on the ranks every rank gets the merged result.
     """
     rank, world = dist_world()
     if world == 1 and not shard.whole:
@@ -251,7 +256,7 @@ def stream_rank(
             cv, ci = _chunk_topk(s, k, r[h], c[h], shard.start + cs)
             top_v, top_i = _merge_topk(torch.cat([top_v, cv], 1), torch.cat([top_i, ci], 1), k)
 
-    if world > 1:
+    if world > 1 and not shard.whole:  # a whole shard's counts are complete (and only rank 0 ranks)
         counts = all_reduce_sum(counts)
         if k:  # rank r's columns all come before rank r + 1's: the merge keeps the tie order
             top_v, top_i = _merge_topk(all_gather_cat(top_v), all_gather_cat(top_i), k)
@@ -272,7 +277,7 @@ def gather_rows(shard: ItemShard, cols: np.ndarray) -> torch.Tensor:
     mine = (cols >= shard.start) & (cols < shard.end)
     idx = torch.from_numpy(np.flatnonzero(mine)).to(emb.device)
     out[idx] = emb[torch.from_numpy(cols[mine] - shard.start).to(emb.device)].float()
-    return all_reduce_sum(out) if dist_world()[1] > 1 else out
+    return all_reduce_sum(out) if dist_world()[1] > 1 and not shard.whole else out
 
 
 def rank_users(

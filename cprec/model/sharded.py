@@ -335,11 +335,12 @@ def load_partitions(model: nn.Module, files: list[Path]) -> dict[str, int]:
 
 def fit_embeddings(model: nn.Module, vocab_size: int, rows: int) -> None:
     """Grow the ``rows``-row embeddings of a loaded base to a larger tokenizer (a smaller one just
-    leaves rows unused); the unsharded and the partitioned load share it."""
+    leaves rows unused; 0 = no tokenizer to fit, the checkpoint's rows as they are); the unsharded
+    and the partitioned load share it."""
     if vocab_size > rows:
         log.info("resizing token embeddings %d -> %d to fit the tokenizer", rows, vocab_size)
         model.resize_token_embeddings(vocab_size)
-    elif vocab_size < rows:
+    elif 0 < vocab_size < rows:
         log.info("tokenizer uses %d of the model's %d embedding rows", vocab_size, rows)
 
 
