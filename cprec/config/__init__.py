@@ -1,5 +1,6 @@
-"""Typed configuration: dataclass sections (`sections.py`) loaded from YAML with dotted overrides
-(`loading.py`). Import everything from here: ``from cprec.config import Config, load_config``."""
+"""Typed configuration: dataclass sections (`sections.py`, `evaluation.py`) loaded from YAML with
+dotted overrides (`loading.py`). Import everything from here: ``from cprec.config import Config,
+load_config``."""
 
 from cprec.config.loading import (
     apply_overrides,

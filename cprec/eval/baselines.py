@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cprec.atomic import atomic_path
-from cprec.config.sections import EvalConfig
+from cprec.config.evaluation import EvalConfig
 from cprec.eval.inputs import Catalogue
 from cprec.eval.ranking import DomainTask, ScoreFn, evaluate
 
