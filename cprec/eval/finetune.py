@@ -71,6 +71,7 @@ from cprec.eval.finetune_state import (  # noqa: F401 (re-exported for callers o
 )
 from cprec.eval.inputs import Catalogue
 from cprec.eval.lora import apply_lora
+from cprec.model.sharded import is_partitioned
 from cprec.runtime import checkpoint as ckpt_io
 from cprec.runtime import dist, faults
 from cprec.runtime.engine import EngineSpec, init_engine, start_distributed
@@ -490,12 +491,17 @@ def finetune_to_folder(
     )
     try:
         stats = tuner.train(policy, stop_after)
+        # ZeRO-3 without LoRA: streamed from the live engine, never whole on any rank.
+        streamed = stats["completed"] and ecfg.lora_rank == 0 and is_partitioned(model)
+        if streamed:
+            fs.export_partitioned(model, Path(folder))
     finally:
         tuner.close()
     if not stats["completed"]:
         return None
     if dist.is_main():
-        fs.export_finetuned(tuner.last_checkpoint, Path(base_dir), ecfg.lora_rank, Path(folder))
+        if not streamed:
+            fs.export_finetuned(tuner.last_checkpoint, Path(base_dir), ecfg.lora_rank, Path(folder))
         fs.mark_complete(Path(folder), key, stats, skipped)
     dist.barrier()
     return fs.load_state(folder)

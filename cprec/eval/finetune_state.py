@@ -164,5 +164,23 @@ def export_finetuned(ckpt: Path, base_dir: Path, lora_rank: int, out: Path):
     return model
 
 
+def export_partitioned(model: nn.Module, out: Path) -> None:
+    """The HF folder of a ZeRO-3 fine-tuned model (no LoRA) from its live engine, into ``out``:
+    every rank calls this, one parameter's full fp32 weight is gathered at a time and rank 0 writes
+    it (`cprec.runtime.export.stream_weights`, as training's export does), so no rank ever holds
+    the whole model, which `export_finetuned` (LoRA, ZeRO 0-2) loads on rank 0. The same weights:
+    the engine's fp32 masters are what its last checkpoint saved."""
+    from cprec.runtime import dist
+    from cprec.runtime.export import WeightWriter, stream_weights
+
+    writer = WeightWriter(Path(out)) if dist.is_main() else None
+    stream_weights(model, writer)
+    if writer is not None:
+        writer.close()
+        model.config.save_pretrained(str(out))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(str(out))
+
+
 def _buffers(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_buffers()}

@@ -123,7 +123,15 @@ def bucket_dir(work: str | Path, bucket: int) -> Path:
 
 
 def _attempt(job: BucketJob, bucket: int, phase: str) -> None:
-    """Log the start of an attempt (the driver counts them for its error message)."""
+    """Start an attempt: keep the task to the one core Ray gave it, and log the attempt (the driver
+    counts them for its error message).
+
+    Arrow decodes and writes Parquet on a thread pool as wide as the machine, so a task left alone
+    would use every core while Ray counts one: on a node that Ray fills with a task per core, they
+    would oversubscribe it (and one worker would look faster than one core is)."""
+    import pyarrow as pa
+
+    pa.set_cpu_count(1)
     folder = Path(job.work) / "attempts"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{phase}-b{bucket:05d}", "a", encoding="utf-8") as f:

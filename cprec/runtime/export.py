@@ -201,6 +201,17 @@ def _full_fp32(param) -> torch.Tensor:
     return full.reshape(param.ds_shape)
 
 
+def stream_weights(model: nn.Module, writer: WeightWriter | None) -> None:
+    """Every rank: each tensor of ``model``'s HF folder as its full fp32 value, one at a time (a
+    ZeRO-3 parameter gathered collectively from the live engine's fp32 masters), handed to
+    ``writer`` where there is one (rank 0) and dropped before the next."""
+    for name, _, ref in export_entries(model):
+        value = _full_fp32(ref) if hasattr(ref, "ds_tensor") else ref.detach().float()
+        if writer is not None:
+            writer.add(name, value)
+        del value
+
+
 def export_engine(engine, ckpt: Path, out: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write ``out`` from a live ZeRO-3 engine whose weights are those of checkpoint ``ckpt``.
 
@@ -217,11 +228,7 @@ def export_engine(engine, ckpt: Path, out: Path, max_shard_bytes: int = MAX_SHAR
     ctx = atomic.atomic_path(out) if rank0 else contextlib.nullcontext()
     with ctx as tmp:
         writer = WeightWriter(tmp, max_shard_bytes) if rank0 else None
-        for name, _, ref in export_entries(model):
-            value = _full_fp32(ref) if hasattr(ref, "ds_tensor") else ref.detach().float()
-            if writer is not None:
-                writer.add(name, value)
-            del value
+        stream_weights(model, writer)
         if writer is not None:
             writer.close()
             from cprec.model.packed import ATTN_IMPLEMENTATION

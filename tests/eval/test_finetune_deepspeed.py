@@ -10,7 +10,7 @@ import torch
 from cprec.config import PromptConfig, load_config
 from cprec.eval.encode import PromptBuilder, load_model
 from cprec.eval.finetune import base_model, build_pairs, finetune_to_folder
-from cprec.eval.finetune_state import load_state
+from cprec.eval.finetune_state import export_finetuned, load_state
 from cprec.eval.inputs import load_inputs
 from cprec.model.sharded import is_partitioned
 from cprec.runtime import checkpoint as ck
@@ -69,6 +69,12 @@ def test_deepspeed_finetune_matches_plain_and_resumes(
         assert is_partitioned(sharded_model)
         part = tune(tmp_path / "part", model=sharded_model)
         assert part["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        # Its HF folder was streamed from the live engine: the weights of its last checkpoint.
+        last_part = ck.latest_checkpoint(tmp_path / "part")
+        whole = export_finetuned(last_part, tiny_model_dir, 0, tmp_path / "whole")
+        streamed = load_model(tmp_path / "part", torch.device("cpu")).state_dict()
+        assert streamed.keys() == whole.state_dict().keys()
+        assert all(torch.equal(streamed[k], v) for k, v in whole.state_dict().items())
 
     # Interrupted after step 2, resumed from DeepSpeed's checkpoint: the same run as uninterrupted.
     assert tune(tmp_path / "cut", stop_after=2) is None
