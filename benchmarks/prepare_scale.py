@@ -25,8 +25,10 @@ Speed: events/s = events read / wall time of ``pipeline.run`` (Ray's start inclu
 parts - reading and partitioning the log, training the tokenizer, Ray's start - are a fixed ~10 s
 that dominates a 1M run on a free machine). ``--cpus`` is the cores every process is pinned to
 (default 0): with one core two workers share it and the 2-vs-1 ratio is not parallel scaling (see
-``cores_note`` in the JSON); pass ``--cpus 0,1`` on two free cores. ``--reuse`` keeps the runs
-already in ``--out`` and runs only the missing ones.
+``cores_note`` in the JSON); pass ``--cpus 0,1`` on two free cores. ``--pair-repeats N`` runs the
+1-vs-2 worker pair N times, interleaved (2w, 1w, 2w, ...), and takes the ratio of the median wall
+times (each run's time in ``repeats_wall_s``). ``--reuse`` keeps the runs already in ``--out`` and
+runs only the missing ones.
 
     python benchmarks/prepare_scale.py --out benchmarks/results/prepare_scale.json
 """
@@ -250,6 +252,9 @@ def main() -> int:
     ap.add_argument(
         "--reuse", action="store_true", help="keep the runs already in --out (same names), run the rest"
     )
+    ap.add_argument(
+        "--pair-repeats", type=int, default=1, help="runs of the 1-vs-2 worker pair (median of each side)"
+    )
     ap.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -290,6 +295,14 @@ def main() -> int:
             Path(args.out).write_text(
                 json.dumps({"benchmark": "prepare_scale", "partial": True, "runs": runs}, indent=2)
             )
+    pair = {w: runs[f"{_name(at)}_ray_{w}w"] for w in (1, 2)}
+    for r in pair.values():
+        r.setdefault("repeats_wall_s", [r["wall_s"]])
+    for i in range(len(pair[1]["repeats_wall_s"]), args.pair_repeats):  # 2w first: alternate the order
+        for w in (2, 1) if i % 2 else (1, 2):
+            again = _child(args, logs[at], "ray", w, at, work)
+            pair[w]["repeats_wall_s"].append(again["wall_s"])
+            pair[w].setdefault("repeats_stages_s", []).append(again["stages_s"])
     ten, one = runs[f"{_name(large)}_ray_1w"], runs[f"{_name(small)}_ray_1w"]
     cores = sorted({int(c) for part in args.cpus.split(",") for c in _expand(part)})
     result = {
@@ -315,8 +328,12 @@ def main() -> int:
             name.split("_")[0]: r["driver_peak_rss_mb"] for name, r in runs.items() if r["engine"] == "local"
         },
         "workers_speedup_2_over_1": round(
-            runs[f"{_name(at)}_ray_2w"]["events_per_s"] / runs[f"{_name(at)}_ray_1w"]["events_per_s"], 3
+            float(np.median(pair[1]["repeats_wall_s"])) / float(np.median(pair[2]["repeats_wall_s"])), 3
         ),
+        "workers_speedup_of": "median wall time of the 1-worker runs / that of the 2-worker runs (same log)",
+        "workers_speedup_per_repeat": [
+            round(a / b, 3) for a, b in zip(pair[1]["repeats_wall_s"], pair[2]["repeats_wall_s"])
+        ],
         "workers_speedup_events": at,
         "workers_speedup_goal": ">= 1.6 with 2 free cores",
         "cores_used": cores,

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_job import torchrun
 
 from cprec.config import PromptConfig
 from cprec.eval.encode import Encoder, PromptBuilder, load_model
@@ -20,21 +18,9 @@ def test_two_rank_encoding_matches_one_process_and_finetune_stays_in_sync(
     tiny_prepared, tiny_model_dir, tiny_tokenizer, tmp_path
 ):
     out = tmp_path / "dist.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",  # the OS picks a free rendezvous port: no clash with other jobs
-        str(Path(__file__).with_name("dist_worker.py")),
-        str(tiny_prepared),
-        str(tiny_model_dir),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    worker = Path(__file__).with_name("dist_worker.py")
+    proc = torchrun([str(worker), str(tiny_prepared), str(tiny_model_dir), str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:]
     got = torch.load(out, weights_only=True)
 
     model = load_model(tiny_model_dir, torch.device("cpu"))

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from topk_fixtures import integer_fixture, random_fixture
+from torchrun_job import torchrun
 
 from cprec.eval.inputs import EvalUser
 from cprec.eval.metrics import target_ranks
@@ -149,19 +147,8 @@ def test_topk_embedding_scorer_ranks_the_full_protocol_like_the_dense_path():
 @pytest.mark.dist
 def test_topk_two_rank_sharded_ranking_equals_single_process(tmp_path):
     out = tmp_path / "dist_topk.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(HERE / "topk_dist_worker.py"),
-        str(out),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun([str(HERE / "topk_dist_worker.py"), str(out)])
+    assert proc.returncode == 0, proc.stdout[-3000:]
     got = torch.load(out, weights_only=False)
     for name, fixture in (("integer", integer_fixture), ("random", random_fixture)):
         users, items, targets, history = fixture()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun_job import torchrun
 
 from cprec.config import PromptConfig
 from cprec.eval.encode import Encoder, PromptBuilder, encode_users, load_model
@@ -36,26 +37,8 @@ def model_dir(tmp_path_factory, eval_fixtures) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(tiny_prepared, model_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("z3run") / "out.pt"
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),  # this checkout
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
-        str(HERE / "zero3_worker.py"),
-        str(tiny_prepared),
-        str(model_dir),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = torchrun([str(HERE / "zero3_worker.py"), str(tiny_prepared), str(model_dir), str(out)])
+    assert proc.returncode == 0, proc.stdout[-4000:]
     return torch.load(out, weights_only=False)
 
 
