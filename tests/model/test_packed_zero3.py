@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torchrun_job import torchrun
 
 WORKER = Path(__file__).resolve().parent / "zero3_worker.py"
 
@@ -16,14 +14,8 @@ WORKER = Path(__file__).resolve().parent / "zero3_worker.py"
 @pytest.mark.dist
 def test_zero3_loss_and_grads_match_plain_pytorch(tmp_path):
     out = tmp_path / "zero3.json"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--standalone",  # the OS picks a free rendezvous port: no race with other jobs
-        str(WORKER), "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = torchrun([str(WORKER), "--out", str(out)], env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-6000:]
     results = json.loads(out.read_text())
     # 2 ranks x (untied; tied + activation checkpointing; tied with a 49,152-token vocabulary)
     assert len(results) == 6 and {r["vocab"] for r in results} == {101, 49_152}

@@ -108,8 +108,15 @@ def main() -> None:
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:
         Path(args.out).write_text(json.dumps([r for rs in gathered for r in rs], indent=1))
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # Skip the interpreter's C++ teardown: after the six engines this worker builds and destroys,
+    # it aborted now and then ("terminate called without an active exception", both ranks, after
+    # the results were written). The results are checked by the test, not the exit path.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
