@@ -13,18 +13,14 @@ import pytest
 import torch
 from torchrun_job import torchrun
 
-from cprec.config import PromptConfig
-from cprec.eval.encode import Encoder, PromptBuilder, encode_users, load_model
+from cprec.eval.encode import Encoder, encode_users, load_model
 from cprec.eval.generative import GenerativeScorer
-from cprec.eval.inputs import load_inputs
-from cprec.eval.ranking import build_tasks
-from cprec.prepare.tokenize import special_ids
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from zero3_worker import N_ITEMS, USERS  # noqa: E402
+from zero3_worker import USERS, passes_inputs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +41,7 @@ def two_ranks(tiny_prepared, model_dir, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def reference(tiny_prepared, tiny_tokenizer, model_dir) -> dict:
     """The same passes in this one process with the whole model (`load_model`, as before)."""
-    ids = special_ids(tiny_tokenizer)
-    inputs = load_inputs(tiny_prepared, "test")
-    cat = inputs.catalogue
-    builder = PromptBuilder(tiny_tokenizer, PromptConfig(), 20, 512)
-    seqs = builder.item_ids(cat.texts[:N_ITEMS])
-    task = build_tasks(inputs)["A"]
+    ids, cat, builder, seqs, task, histories = passes_inputs(str(tiny_prepared), tiny_tokenizer)
     model = load_model(model_dir, torch.device("cpu"), torch.float32).eval()
     enc = Encoder(model, ids["pad_id"], "last", batch_size=4)
     scorer = GenerativeScorer(model, builder, cat, ids["eos_id"], ids["pad_id"], batch_size=1)
@@ -59,7 +50,7 @@ def reference(tiny_prepared, tiny_tokenizer, model_dir) -> dict:
     bf16 = load_model(model_dir, torch.device("cpu"), torch.bfloat16).eval()
     return {
         "items": enc.encode(seqs),
-        "users": encode_users(enc, builder, cat, [u.history for u in task.users][:N_ITEMS]),
+        "users": encode_users(enc, builder, cat, histories),
         "hits": [beams[u].hits for u in users],
         "likelihoods": scorer.likelihoods(task, users, [list(range(task.n_items))] * USERS),
         "items_bf16": Encoder(bf16, ids["pad_id"], "last", batch_size=4).encode(seqs),

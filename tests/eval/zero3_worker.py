@@ -59,15 +59,21 @@ def gather(obj):
     return parts
 
 
-def main(prepared: str, model_dir: str, out: str) -> None:
-    tok = load_tokenizer(prepared)
+def passes_inputs(prepared: str, tok) -> tuple:
+    """What both sides encode and score: (special ids, catalogue, builder, item prompts, task A,
+    user histories); the test's single-process reference uses the same."""
     ids = special_ids(tok)
     inputs = load_inputs(prepared, "test")
     cat = inputs.catalogue
     builder = PromptBuilder(tok, PromptConfig(), 20, 512)
     seqs = builder.item_ids(cat.texts[:N_ITEMS])
     task = build_tasks(inputs)["A"]
-    histories = [u.history for u in task.users][:N_ITEMS]
+    return ids, cat, builder, seqs, task, [u.history for u in task.users][:N_ITEMS]
+
+
+def main(prepared: str, model_dir: str, out: str) -> None:
+    tok = load_tokenizer(prepared)
+    ids, cat, builder, seqs, task, histories = passes_inputs(prepared, tok)
 
     lm = zero3.load(model_dir, torch.float32)
     rank = tdist.get_rank()
