@@ -4,10 +4,15 @@
 and the ground truth, but a packed batch of 16k tokens with a 128k vocabulary needs 8 GiB of fp32
 logits (plus as much again for their gradient).
 
-``chunked_cross_entropy`` never holds more than ``[chunk, V]`` logits: the forward pass computes
-logits chunk by chunk and keeps only each token's log-sum-exp (fp32); the backward pass recomputes
-each chunk's logits and turns them straight into the gradients of the hidden states and weight.
-Extra cost: one more ``N x H x V`` matmul in backward.
+``chunked_cross_entropy`` never holds more than ``[chunk, V]`` logits. When gradients are wanted
+(training) the forward pass turns each chunk's logits straight into its share of the gradients of
+the hidden states and the weight (softmax minus the one-hot target, in the buffer the log-sum-exp
+was computed in), as Liger's fused linear cross-entropy does on CUDA, and the backward pass only
+scales them by the incoming gradient: no logits are ever recomputed, at the price of holding the
+fp32 weight gradient ``[V, H]`` from forward to backward (113 MB for a 49k x 576 head). Without
+gradients (evaluation) it keeps only each token's log-sum-exp. The earlier form (log-sum-exp in
+forward, logits recomputed in backward) cost one more ``N x H x V`` matmul per step, about 3% of a
+SmolLM2-135M step (``benchmarks/results/train_ab.json``, ``ce``).
 """
 
 from __future__ import annotations
@@ -36,59 +41,55 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         valid = labels != ignore_index
         n_valid = int(valid.sum())
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         safe_labels = labels.masked_fill(~valid, 0)
-        for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            logits = F.linear(hidden[s:e], weight, bias).float()
-            target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
-            # In-place log-sum-exp: no second [chunk, V] buffer.
-            top = logits.amax(dim=-1, keepdim=True)
-            lse[s:e] = logits.sub_(top).exp_().sum(dim=-1).log_() + top.squeeze(1)
-            total += ((lse[s:e] - target) * valid[s:e]).sum()
-            del logits  # free this chunk before the next one is allocated
-        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse)
-        ctx.chunk_size = chunk_size
-        ctx.n_valid = n_valid
-        if n_valid == 0:
-            return total  # 0.0: no target tokens, nothing to learn from
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, bias, labels, valid, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        # Gradients of the mean loss, built chunk by chunk (see the module docstring); fp32 sums for
+        # the weight and bias over chunks, cast once.
         grad_h = torch.zeros_like(hidden) if need_h else None
-        # Weight/bias gradients are summed over chunks in fp32, then cast once.
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        if ctx.n_valid > 0:
-            coef = grad_out.float() / ctx.n_valid
-            n = hidden.shape[0]
-            for s in range(0, n, ctx.chunk_size):
-                e = min(s + ctx.chunk_size, n)
-                h = hidden[s:e]
-                # d loss / d logits = (softmax - onehot(label)) / n_valid on valid rows, 0 elsewhere,
-                # built in place in the recomputed logits buffer.
-                g = F.linear(h, weight, bias).float()
-                g.sub_(lse[s:e, None]).exp_()
-                g.scatter_add_(1, labels[s:e, None], torch.full_like(g[:, :1], -1.0))
-                g.mul_((valid[s:e] * coef)[:, None])
+        grads = (need_h or need_w or need_b) and n_valid > 0
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            h = hidden[s:e]
+            logits = F.linear(h, weight, bias).float()
+            target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
+            # In place: the one [chunk, V] buffer holds exp(logits - max), then the softmax.
+            top = logits.amax(dim=-1, keepdim=True)
+            sums = logits.sub_(top).exp_().sum(dim=-1)
+            lse = sums.log() + top.squeeze(1)
+            total += ((lse - target) * valid[s:e]).sum()
+            if grads:
+                g = logits.div_(sums[:, None])
+                g.scatter_add_(1, safe_labels[s:e, None], torch.full_like(g[:, :1], -1.0))
+                g.mul_((valid[s:e] / n_valid)[:, None])
                 if need_b:
                     grad_b += g.sum(0)
                 g_low = g.to(hidden.dtype)
-                del g
                 if need_h:
                     grad_h[s:e] = g_low @ weight
                 if need_w:
                     grad_w += (g_low.t() @ h).float()
                 del g_low
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        if need_b:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+            del logits  # free this chunk before the next one is allocated
+        ctx.grads = (
+            grad_h,
+            grad_w.to(weight.dtype) if need_w else None,
+            grad_b.to(bias.dtype) if need_b else None,
+        )
+        if n_valid == 0:
+            return total  # 0.0: no target tokens, nothing to learn from (every gradient is 0)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads, ctx.grads = ctx.grads, None  # computed in forward; a second backward has none
+        if grads is None:
+            raise RuntimeError("chunked_cross_entropy: backward through the same loss twice")
+        scale = grad_out.float()
+        out = [None if g is None else (g if bool(scale == 1) else g * scale.to(g.dtype)) for g in grads]
+        return out[0], out[1], out[2], None, None, None
 
 
 def chunked_cross_entropy(

@@ -64,6 +64,22 @@ def test_scaled_upstream_gradient():
     torch.testing.assert_close(h1.grad, h2.grad, atol=1e-6, rtol=1e-5)
 
 
+def test_without_gradients_the_loss_is_the_same_and_a_second_backward_is_refused():
+    """Evaluation (no_grad, or nothing requiring grad) takes the log-sum-exp-only path; training's
+    gradients are built in forward, so they can be taken once."""
+    hidden, weight, _, labels = make()
+    want = full_logits(hidden, weight, labels, None)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, labels, 7), want)
+    torch.testing.assert_close(chunked_cross_entropy(hidden, weight, labels, 7), want)
+    h = hidden.clone().requires_grad_()
+    loss = chunked_cross_entropy(h, weight, labels, 7)  # a frozen head: only the hidden states learn
+    loss.backward(retain_graph=True)
+    assert weight.grad is None and h.grad is not None
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
 def test_all_labels_ignored_gives_zero_loss_and_zero_grads():
     hidden, weight, _, labels = make()
     labels[:] = -100
