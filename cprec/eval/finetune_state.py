@@ -171,15 +171,13 @@ def export_partitioned(model: nn.Module, out: Path) -> None:
     the whole model, which `export_finetuned` (LoRA, ZeRO 0-2) loads on rank 0. The same weights:
     the engine's fp32 masters are what its last checkpoint saved."""
     from cprec.runtime import dist
-    from cprec.runtime.export import WeightWriter, stream_weights
+    from cprec.runtime.export import WeightWriter, stream_weights, write_model_config
 
     writer = WeightWriter(Path(out)) if dist.is_main() else None
     stream_weights(model, writer)
     if writer is not None:
         writer.close()
-        model.config.save_pretrained(str(out))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(out))
+        write_model_config(model, Path(out))
 
 
 def _buffers(model: nn.Module) -> set[str]:

@@ -136,39 +136,27 @@ class BucketWriter:
     def add_batch(self, user, item, domain, time, file_code: int, line, target) -> None:
         """``add`` for a batch (``schema.InteractionsBuilder.add_batch``'s arguments)."""
         self._seal_rows()
-        self._chunks.append(
-            {
-                "user": user.cast(pa.string()),
-                "item": intern(self._codes["item"], item),
-                "domain": intern(self._codes["domain"], domain),
-                "time": np.asarray(time, dtype=np.float64),
-                "file": np.full(len(user), file_code, dtype=np.int32),
-                "line": np.asarray(line, dtype=np.int64),
-                "target": np.asarray(target, dtype=np.int8),
-            }
-        )
-        self._buffered += len(user)
+        item, domain = intern(self._codes["item"], item), intern(self._codes["domain"], domain)
+        self._chunk(user.cast(pa.string()), item, domain, time, np.full(len(user), file_code), line, target)
         if self._buffered >= self.flush_rows:
             self._flush()
 
     def _seal_rows(self) -> None:
         """The rows ``add`` buffered, as one chunk (so that rows and batches keep read order)."""
         c = self._cols
-        if not c["user"]:
-            return
-        self._chunks.append(
-            {
-                "user": pa.array(c["user"], pa.string()),
-                "item": np.array(c["item"], dtype=np.int32),
-                "domain": np.array(c["domain"], dtype=np.int32),
-                "time": np.array(c["time"], dtype=np.float64),
-                "file": np.array(c["file"], dtype=np.int32),
-                "line": np.array(c["line"], dtype=np.int64),
-                "target": np.array(c["target"], dtype=np.int8),
-            }
-        )
-        self._buffered += len(c["user"])
-        self._cols = {k: [] for k in _COLUMNS}
+        if c["user"]:
+            self._chunk(pa.array(c["user"], pa.string()), *(c[k] for k in _COLUMNS[1:]))
+            self._cols = {k: [] for k in _COLUMNS}
+
+    def _chunk(self, user: pa.Array, *coded) -> None:
+        """Buffer one chunk: users as Arrow strings, the coded columns (``_COLUMNS[1:]``) in
+        their dtypes of ``EVENT_SCHEMA``."""
+        chunk = {
+            k: np.asarray(v, dtype=EVENT_SCHEMA.field(k).type.to_pandas_dtype())
+            for k, v in zip(_COLUMNS[1:], coded)
+        }
+        self._chunks.append({"user": user, **chunk})
+        self._buffered += len(user)
 
     def __len__(self) -> int:
         return self._n + self._buffered + len(self._cols["user"])

@@ -142,10 +142,15 @@ def export_entries(model: nn.Module) -> list[tuple[str, list[str], object]]:
     return entries
 
 
-def _write_metadata(tmp: Path, model: nn.Module, ckpt: Path, trainer_state: dict) -> None:
-    model.config.save_pretrained(tmp)
+def write_model_config(model: nn.Module, folder: Path) -> None:
+    """``config.json`` and, where the model has one, ``generation_config.json`` into ``folder``."""
+    model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(folder)
+
+
+def _write_metadata(tmp: Path, model: nn.Module, ckpt: Path, trainer_state: dict) -> None:
+    write_model_config(model, tmp)
     tok_dir = ckpt / "tokenizer"
     if tok_dir.is_dir():
         for f in tok_dir.iterdir():

@@ -109,7 +109,8 @@ class _Times:
 
 class BatchRules:
     """The row path's checks, in its order, for one file: the first failing check of a row is its
-    drop reason (``codes``); ``detail`` writes what the row path would have written for it."""
+    drop reason (``codes``, indexing ``reasons``: the reason and a function writing the detail the
+    row path would have written for that row)."""
 
     def __init__(self, split_column: str | None, split_values: dict[str, str], targets: dict[str, int]):
         self.split_column = split_column
@@ -161,9 +162,11 @@ class BatchRules:
         for i in rows.tolist():
             by_reason.setdefault(self.reasons[code[i]][0], []).append(i)
         for reason, idx in by_reason.items():
-            for i, n in ((idx[0], 1), (idx[1] if len(idx) > 1 else -1, len(idx) - 1)):
-                if n:
-                    issues.drop(reason, path, int(line[i]), self.reasons[code[i]][1](b, i), n=n)
+            first = idx[0]
+            issues.drop(reason, path, int(line[first]), self.reasons[code[first]][1](b, first))
+            if len(idx) > 1:  # the rest: counted, located at the second
+                i = idx[1]
+                issues.drop(reason, path, int(line[i]), self.reasons[code[i]][1](b, i), n=len(idx) - 1)
 
 
 def read_parquet_events(
