@@ -5,8 +5,9 @@ median **CPU time** of this thread per call (``time.thread_time``): on a machine
 jobs, wall time also counts their turns on the core, CPU time does not (it still feels their cache
 and memory traffic, hence several repeats and medians).
 
-- ``attention``: packed attention fwd+bwd, masked SDPA against the per-document loop (its 3-D math
-  path and, for comparison, 4-D slices that get SDPA's fused kernel), at the head shapes of the 7M
+- ``attention``: packed attention fwd+bwd, masked SDPA against the per-document loop (its written-
+  out grouped-query kernel and, for comparison, each slice handed to SDPA: 3-D slices get its
+  math path, the loop's kernel before, 4-D ones its fused kernel), at the head shapes of the 7M
   model (8 x 32) and SmolLM2-135M (9 query / 3 KV heads x 64), bf16, q/k/v laid out as the model
   makes them (projection, view, transpose), on batches the loader packs from food-kitchen and
   ML-1M and on synthetic ones; fits the cost model of `cprec_kernels.dispatch`.
@@ -69,15 +70,17 @@ def loader_bounds(name: str, batches: int, seq_len: int = 512, rows: int = 4) ->
     return out
 
 
-def loop_4d(q, k, v, bounds):
-    """The per-document loop with 4-D slices (SDPA's fused kernel), for comparison only."""
+def loop_sdpa(q, k, v, bounds, four_d: bool = False):
+    """The per-document loop with each slice handed to SDPA, for comparison only: 3-D slices get
+    its math path (the loop's kernel before `cprec_kernels.loop.document_attention`), 4-D slices
+    its fused flash kernel."""
     b, h, n, d = q.shape
     pieces = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         row, lo = divmod(s, n)
-        sl = (slice(row, row + 1), slice(None), slice(lo, lo + e - s))
+        sl = (slice(row, row + 1) if four_d else row, slice(None), slice(lo, lo + e - s))
         out = F.scaled_dot_product_attention(q[sl], k[sl], v[sl], is_causal=True, enable_gqa=k.shape[1] != h)
-        pieces.append(out[0].transpose(0, 1))
+        pieces.append((out[0] if four_d else out).transpose(0, 1))
     return torch.cat(pieces, 0).view(b, n, h, d)
 
 
@@ -93,7 +96,7 @@ def bench_attention(args) -> list[dict]:
         "synthetic 1x2048, 100-300-token docs": [random_bounds(1, 2048, 100, 300, s) for s in range(3)],
         "one document per 512-token row": [[0, 512, 1024, 1536, 2048]] * 3,
     }
-    variants = ("sdpa", "loop", "loop_4d")
+    variants = ("sdpa", "loop", "loop_sdpa_math", "loop_sdpa_4d")
     rows = []
     for shape, (h, kv, d) in HEAD_SHAPES.items():
         for set_name, batches in sets.items():
@@ -111,8 +114,8 @@ def bench_attention(args) -> list[dict]:
                         q = a.view(b, n, h, d).transpose(1, 2)
                         k = bk.view(b, n, kv, d).transpose(1, 2)
                         v = c.view(b, n, kv, d).transpose(1, 2)
-                        if var == "loop_4d":
-                            out = loop_4d(q, k, v, bounds)
+                        if var.startswith("loop_sdpa"):
+                            out = loop_sdpa(q, k, v, bounds, four_d=var.endswith("4d"))
                         else:
                             cu = torch.tensor(bounds, dtype=torch.int32)
                             out = packed_attention(q, k, v, cu, n, backend=var, bounds=bounds)
@@ -132,6 +135,7 @@ def bench_attention(args) -> list[dict]:
                 **{f"{v}_ms": median_ms(times[v]) for v in variants},
             }
             row["loop_speedup_vs_sdpa"] = round(row["sdpa_ms"] / row["loop_ms"], 3)
+            row["loop_speedup_vs_loop_sdpa_math"] = round(row["loop_sdpa_math_ms"] / row["loop_ms"], 3)
             rows.append(row)
             log.info("attention %s", row)
     return rows
