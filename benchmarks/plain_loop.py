@@ -1,12 +1,14 @@
-"""The third side of `benchmarks/train.py`: a plain packed PyTorch training loop, no DeepSpeed.
+"""The plain sides of `benchmarks/train.py`: a plain packed PyTorch training loop, no DeepSpeed.
 
 What one would write by hand around the same model: documents concatenated and cut into
 ``seq_len``-token rows (greedy, no padding; a document cut at a row end continues as a new segment
-of the next row), labels shifted inside each segment, positions restarting per segment, block-
-diagonal causal attention and the chunked loss through `cprec.model.packed.PackedCausalLM` (the
-`cprec_kernels` dispatcher), bf16 autocast over fp32 weights, ``torch.optim.AdamW`` with its
-defaults plus weight decay on matrices, global-norm clipping. No loader process, no engine, no
-checkpointing: the gap between this and ``cprec train`` is the engine's own overhead.
+of the next row), labels shifted inside each segment, positions restarting per segment, bf16
+autocast over fp32 weights, ``torch.optim.AdamW`` with its defaults plus weight decay on matrices,
+global-norm clipping. No loader process, no engine, no checkpointing. The model runs through
+`cprec.model.packed.PackedCausalLM` with the kernels ``cfg.model`` names: for the ``plain`` side
+the hand-written ones (``attn_backend=sdpa``: one SDPA call per layer with a block-diagonal causal
+mask; ``ce_backend=reference``: full logits), for ``plain_kernels`` CPRec's (``auto``), so the gap
+between that side and ``cprec train`` is the engine's own overhead.
 """
 
 from __future__ import annotations
@@ -92,5 +94,6 @@ def train_plain(
         "final_loss": losses[-1],
         "step_seconds": times[warmup:],
         "optimizer": "torch.optim.AdamW (defaults), weight decay on matrices",
+        "kernels": {"attention": cfg.model.attn_backend, "loss": cfg.model.ce_backend},
         "precision": "bf16 autocast, fp32 weights" if cfg.model.dtype == "bf16" else "fp32",
     }

@@ -9,8 +9,12 @@ Three sides train the same model on the same prepared shards, each in its own pr
 - **hf_trainer**: ``transformers.Trainer`` (bf16 autocast, AdamW, same LR/clipping) on the same
   documents, one document per row, each batch padded to its longest document (the usual dynamic
   padding); batch size chosen so a step holds about as many real tokens as a CPRec step.
-- **plain**: a plain packed PyTorch loop without DeepSpeed (`benchmarks/plain_loop.py`): the same
-  rows, attention and loss kernels, ``torch.optim.AdamW``. The gap to it is the engine's overhead.
+- **plain**: a plain packed PyTorch loop without DeepSpeed (`benchmarks/plain_loop.py`), as one
+  writes it by hand (issue 16): greedy packing into ``--seq-len`` rows, one SDPA call per layer with
+  a block-diagonal causal mask, the loss from full logits, ``torch.optim.AdamW``.
+- **plain_kernels**: the same loop with CPRec's kernels (`cprec_kernels` dispatcher: per-document
+  attention, chunked loss). The gap between it and cprec is the engine's own overhead; the gap
+  between it and plain is what the kernels are worth.
 
 Fairness: every side runs pinned to the same cores (``taskset -c --cores``) with the same thread
 count, set three ways (``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` and ``torch.set_num_threads`` in the
@@ -61,7 +65,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # children are started as scripts: `benchmarks.*` and `cprec` importable
 log = logging.getLogger("benchmarks.train")
 
-SIDES = ("cprec", "hf_trainer", "plain")
+SIDES = ("cprec", "hf_trainer", "plain", "plain_kernels")
+# The hand-written loop's kernels: a block-diagonal SDPA mask, full logits, transformers' own norms.
+HANDWRITTEN_KERNELS = ["model.attn_backend=sdpa", "model.ce_backend=reference", "model.norm_backend=eager"]
 # With --nproc > 1: `cprec train` on one rank (the first of --cores), interleaved with the N-rank
 # side, for the scaling ratio of the same run (``scaling_vs_1_rank``).
 ONE_RANK = "cprec_1rank"
@@ -335,10 +341,15 @@ def child_hf(args, work: Path) -> dict:
     }
 
 
-def child_plain(args, work: Path) -> dict:
+def child_plain(args, work: Path, kernels: bool = False) -> dict:
+    """The plain loop: hand-written kernels, or CPRec's with ``kernels``."""
     from benchmarks.plain_loop import train_plain
 
-    cfg = load_cfg(MODELS[args.model], args)
+    spec = MODELS[args.model]
+    if not kernels:
+        overrides = [*spec.overrides, *HANDWRITTEN_KERNELS]
+        spec = ModelSpec(spec.name, spec.description, spec.config, spec.prepared, overrides)
+    cfg = load_cfg(spec, args)
     prepared = Path(cfg.data.output_dir)
     tok = json.loads((prepared / "manifest.json").read_text())["tokenizer"]
     need = (args.warmup + args.steps) * args.micro_batch * args.seq_len
@@ -353,7 +364,12 @@ def child_plain(args, work: Path) -> dict:
     )
 
 
-CHILDREN = {"cprec": child_cprec, "hf_trainer": child_hf, "plain": child_plain}
+CHILDREN = {
+    "cprec": child_cprec,
+    "hf_trainer": child_hf,
+    "plain": child_plain,
+    "plain_kernels": lambda args, work: child_plain(args, work, kernels=True),
+}
 
 
 def run_child(args) -> int:
@@ -561,9 +577,10 @@ def bench_model(args, name: str, work: Path, peak: float) -> dict:
         ]
     if "cprec" in med and ONE_RANK in med:
         entry["scaling_vs_1_rank"] = med["cprec"] / med[ONE_RANK]
-    if "cprec" in med and "plain" in med:
-        entry["speedup_vs_plain"] = med["cprec"] / med["plain"]
-        entry["speedup_vs_plain_cpu_time"] = cpu["cprec"] / cpu["plain"]
+    for plain in ("plain", "plain_kernels"):
+        if "cprec" in med and plain in med:
+            entry[f"speedup_vs_{plain}"] = med["cprec"] / med[plain]
+            entry[f"speedup_vs_{plain}_cpu_time"] = cpu["cprec"] / cpu[plain]
     if "cprec" in med:
         for v in args.variants:  # A/B: each variant against the default cprec side
             side = f"cprec:{v}"
@@ -605,10 +622,10 @@ def _ratio(entry: dict, key: str) -> str:
 def table(results: dict) -> str:
     """The README table (from the JSON): one row per model, then the models not measured yet."""
     lines = [
-        "| model | params | CPRec tok/s [min, max] | plain packed loop | HF Trainer, padded | "
-        "CPRec / HF | CPRec / plain | per CPU-second: CPRec / HF, / plain | CPRec MFU | "
-        "CPRec step: " + " / ".join(BREAKDOWN) + " |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | params | CPRec tok/s [min, max] | plain packed loop | plain loop, CPRec kernels | "
+        "HF Trainer, padded | CPRec / HF | CPRec / plain | CPRec / plain with its kernels | "
+        "per CPU-second: CPRec / HF, / plain | CPRec MFU | CPRec step: " + " / ".join(BREAKDOWN) + " |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     done = set()
     for e in results["models"]:
@@ -622,12 +639,14 @@ def table(results: dict) -> str:
         cpu = f"{_ratio(e, 'speedup_cpu_time')}, {_ratio(e, 'speedup_vs_plain_cpu_time')}"
         lines.append(
             f"| {label} | {e['params'] / 1e6:.1f}M | {_tps(e, 'cprec')} | {_tps(e, 'plain')} | "
-            f"{_tps(e, 'hf_trainer')} | {_ratio(e, 'speedup')} | {_ratio(e, 'speedup_vs_plain')} | {cpu} | "
+            f"{_tps(e, 'plain_kernels')} | {_tps(e, 'hf_trainer')} | {_ratio(e, 'speedup')} | "
+            f"{_ratio(e, 'speedup_vs_plain')} | {_ratio(e, 'speedup_vs_plain_kernels')} | {cpu} | "
             f"{mfu} | {parts if b else '—'} |"
         )
     for name in MODELS:
         if name not in done and MODELS[name].prepared:  # not "synthetic": a GPU-check entry
-            lines.append(f"| {name} | not measured yet: `--models {name} --merge` on a quiet core |||||||||")
+            todo = f"not measured yet: `--models {name} --merge` on a quiet core"
+            lines.append(f"| {name} | {todo} |||||||||||")
     lines.append("")
     for e in results["models"]:
         r = e.get("run") or {  # an entry written before entries carried their own run

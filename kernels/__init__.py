@@ -1,7 +1,8 @@
 """CPRec kernels, imported as ``cprec_kernels`` (not ``kernels``: that name belongs to Hugging Face).
 
 A small dispatcher picks, per call, between a pure-PyTorch reference and fast paths: packed
-(varlen) causal attention and a language-model loss that need not materialise full logits.
+(varlen) causal attention, a language-model loss that need not materialise full logits, and a
+compiled RMSNorm.
 """
 
 from .cross_entropy import chunked_cross_entropy, cross_entropy_reference
@@ -16,10 +17,12 @@ from .dispatch import (
 from .flash import flash_available
 from .flex import flex_available
 from .liger import liger_available
+from .norm import NORM_BACKENDS, rms_norm, rms_norm_reference
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "CE_BACKENDS",
+    "NORM_BACKENDS",
     "choose_attention_backend",
     "choose_ce_backend",
     "chunked_cross_entropy",
@@ -29,4 +32,6 @@ __all__ = [
     "liger_available",
     "lm_cross_entropy",
     "packed_attention",
+    "rms_norm",
+    "rms_norm_reference",
 ]

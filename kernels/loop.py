@@ -10,9 +10,12 @@ flash kernel for 4-D ones) repeat the shared key/value heads of grouped-query at
 query head and, in the math path, wrap the softmax in extra all-masked-row checks. Grouping the
 query heads of one key/value head into a single matmul instead (``[r * n, D] @ [D, n]``, r query
 heads per KV head) makes bigger GEMMs and no copies of K and V: 1.4-1.5x faster fwd+bwd than SDPA's
-math path at SmolLM2-135M's 9/3 heads on ML-1M rows (`benchmarks/results/train_ab.json`,
-``attention``), equal at the 7M model's 8/8 heads. With attention dropout, and on other devices,
-SDPA serves each slice as before.
+math path at SmolLM2-135M's 9/3 heads on ML-1M and food-kitchen rows and 1.4-1.6x on long
+documents (`benchmarks/results/train_ab.json`, ``attention``). Without grouped heads (the 7M
+model's 8/8) there is nothing to group and it is no faster, and on documents under
+:data:`WRITTEN_OUT_MIN_TOKENS` tokens its few extra small kernels cost more than they save (8-24-
+token documents: 1.15x slower): SDPA serves those slices, as it does with attention dropout and on
+other devices.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from .segments import bounds_list
+
+# Shorter documents go to SDPA's math path (see the module docstring).
+WRITTEN_OUT_MIN_TOKENS = 32
 
 
 @functools.lru_cache(maxsize=64)
@@ -60,7 +66,7 @@ def packed_attention_loop(
     """
     b, h, n, d = q.shape
     gqa = k.shape[1] != h
-    written_out = q.device.type == "cpu" and dropout == 0.0
+    written_out = gqa and q.device.type == "cpu" and dropout == 0.0
     scale = d**-0.5 if scale is None else scale
     bounds = bounds_list(cu_seqlens)
     pieces = []
@@ -68,7 +74,7 @@ def packed_attention_loop(
         row, lo = divmod(start, n)
         hi = lo + (end - start)
         qs, ks, vs = q[row, :, lo:hi], k[row, :, lo:hi], v[row, :, lo:hi]
-        if written_out:
+        if written_out and end - start >= WRITTEN_OUT_MIN_TOKENS:
             out = document_attention(qs, ks, vs, scale)
         else:
             out = F.scaled_dot_product_attention(

@@ -72,6 +72,9 @@ def test_readme_table_is_the_committed_json():
             assert e["ranks"] > 1 and e["scaling_vs_1_rank"] == pytest.approx(
                 med["cprec"] / med["cprec_1rank"]
             )
+        for side, attention in (("plain", "sdpa"), ("plain_kernels", "auto")):  # what each loop ran
+            for run in e["sides"].get(side, {}).get("runs", []):
+                assert run["kernels"]["attention"] == attention, (e["model"], side)
         p = e["sides"]["cprec"]["pinning"]
         assert p["affinity"] and p["torch_threads"] == e["run"]["pinning"]["threads"]
     md = train_bench.table(results)

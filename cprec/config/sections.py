@@ -233,6 +233,10 @@ class ModelConfig:
     cross-entropy, CUDA + liger-kernel; auto's choice there)."""
     ce_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy."""
+    norm_backend: str = "eager"
+    """RMSNorm kernel in packed training calls: eager (transformers' own) or compiled (one
+    torch.compile-d kernel per direction, 4x faster on CPU; ~20 s of compiling at the first step,
+    needs a C++ compiler on CPU). Evaluation and generation always run the eager norm."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     dtype: str = "bf16"
@@ -251,6 +255,7 @@ class ModelConfig:
         _one_of(self.attn_backend, "model.attn_backend", attn_backends)
         _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked", "liger"))
         _check(self.ce_chunk_size > 0, "model.ce_chunk_size", "must be > 0")
+        _one_of(self.norm_backend, "model.norm_backend", ("eager", "compiled"))
         _one_of(self.dtype, "model.dtype", ("bf16", "fp32"))
 
 

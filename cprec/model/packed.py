@@ -35,12 +35,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import types
 
 import torch
 from torch import nn
 
 from cprec.config import ModelConfig
-from cprec_kernels import lm_cross_entropy, packed_attention
+from cprec_kernels import lm_cross_entropy, packed_attention, rms_norm
 from cprec_kernels.segments import bounds_list, check_bounds
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,38 @@ def packed_hidden_states(
         _PACKED_CALL.reset(token)
 
 
+# transformers' RMSNorm classes whose forward is exactly `cprec_kernels.rms_norm_reference`
+# (tests/model/test_packed.py compares each): only these are routed to another norm kernel.
+RMS_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+
+
+def _packed_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """A norm's forward while `use_norm_backend` routes it: its kernel in packed calls, else its own."""
+    if _PACKED_CALL.get():
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self.cprec_norm_backend)
+    return type(self).forward(self, hidden_states)
+
+
+def use_norm_backend(hf_model: nn.Module, backend: str) -> int:
+    """Run the RMSNorms of ``hf_model`` through `cprec_kernels.rms_norm` with ``backend`` in packed
+    calls (``eager`` restores their own forward); returns how many norms are routed. The module's
+    own hooks (ZeRO-3's gathers) still run: only its ``forward`` attribute changes."""
+    routed = 0
+    for module in hf_model.modules():
+        if type(module).__name__ not in RMS_NORM_CLASSES:
+            continue
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("cprec_norm_backend", None)
+        if backend != "eager":
+            module.cprec_norm_backend = backend
+            module.forward = types.MethodType(_packed_norm_forward, module)
+            routed += 1
+    if backend != "eager" and not routed:
+        log.warning("model.norm_backend=%s: %s has no RMSNorm of %s; its norms stay eager",
+                    backend, type(hf_model).__name__, RMS_NORM_CLASSES)  # fmt: skip
+    return routed
+
+
 class PackedLMHead(nn.Linear):
     """The model's ``nn.Linear`` output head, able to return the LM loss from its own forward.
 
@@ -213,6 +246,7 @@ class PackedCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module, cfg: ModelConfig):
         super().__init__()
         enable_packed_attention(hf_model)
+        use_norm_backend(hf_model, cfg.norm_backend)
         self.hf_model = hf_model
         self.attn_backend = cfg.attn_backend
         self.bf16_autocast = cfg.dtype == "bf16"
@@ -262,8 +296,9 @@ class PackedCausalLM(nn.Module):
 
 
 def unwrap(model: PackedCausalLM | nn.Module) -> nn.Module:
-    """The plain transformers model: ``sdpa`` attention and an ``nn.Linear`` head again."""
+    """The plain transformers model: ``sdpa`` attention, eager norms and an ``nn.Linear`` head again."""
     hf_model = model.hf_model if isinstance(model, PackedCausalLM) else model
+    use_norm_backend(hf_model, "eager")
     head = hf_model.get_output_embeddings()
     if isinstance(head, PackedLMHead):
         head.__class__ = nn.Linear

@@ -296,3 +296,27 @@ def test_packed_model_close_to_one_by_one_on_gpu(pack, make_docs, tiny_cfg, attn
         got = logits[row, start : start + len(docs[i])].float()
         torch.testing.assert_close(got, want.float(), atol=0.06, rtol=0.05)
     torch.testing.assert_close(loss, want_loss.float(), atol=0.02, rtol=0.01)
+
+
+def test_compiled_norms_in_packed_training_equal_eager(pack, make_docs, tiny_cfg):
+    # model.norm_backend=compiled routes every RMSNorm (2 per layer + the final one) through the
+    # compiled kernel in packed calls; loss and gradients equal the eager model's, and unwrap
+    # gives back transformers' own norms.
+    docs = make_docs(LENGTHS, seed=21)
+    batch, _ = pack(docs, SEQ_LEN)
+    grads, losses = [], []
+    for norm_backend in ("eager", "compiled"):
+        cfg = tiny_cfg(norm_backend=norm_backend)
+        model = build_model(cfg, VOCAB, seed=22)
+        wrapper = PackedCausalLM(model, cfg).train()
+        routed = [m for m in model.modules() if "forward" in m.__dict__]
+        assert len(routed) == (2 * cfg.num_layers + 1 if norm_backend == "compiled" else 0)
+        loss = wrapper(**{k: batch[k] for k in MODEL_INPUT_KEYS})
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        unwrap(wrapper)
+        assert not [m for m in model.modules() if "forward" in m.__dict__]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, atol=1e-5, rtol=1e-4, msg=name)
