@@ -15,13 +15,16 @@ and memory traffic, hence several repeats and medians).
   chunked with several chunk sizes against full logits.
 - ``adamw``: one AdamW update of 134.5M fp32 parameters (as one flat tensor, ZeRO's layout, and as
   270 tensors): torch's per-op loop, foreach and fused implementations.
+- ``norm``: one RMSNorm fwd+bwd at the activations of SmolLM2-135M ([4, 512] x 576) and the 7M
+  model (x 256), bf16: transformers' eager norm against `cprec_kernels.rms_norm`'s compiled path,
+  plus the compile time (`model.norm_backend`).
 - ``compile``: an RMSNorm + MLP block of SmolLM2-135M's shape, eager against ``torch.compile``
   (inductor CPU backend), fwd+bwd, plus the compile time.
 
 The end-to-end A/Bs of the training engine (ZeRO stage, fused AdamW, attention backend) run through
 ``benchmarks/train.py --variant`` and are merged here with ``--engine-json``.
 
-    taskset -c 0 python benchmarks/train_ab.py --parts attention,ce,adamw,compile
+    taskset -c 0 python benchmarks/train_ab.py --parts attention,ce,adamw,norm,compile
     python benchmarks/train_ab.py --parts none --engine-json out/ab7m.json   # merge an engine A/B
 """
 
@@ -242,13 +245,62 @@ def bench_compile(args) -> dict:
     return out
 
 
-PARTS = {"attention": bench_attention, "ce": bench_ce, "adamw": bench_adamw, "compile": bench_compile}
+# ---------------------------------------------------------------------------------------- norm
+def _norm_call_s(norm, x0: torch.Tensor, upstream: torch.Tensor, backend: str) -> float:
+    """CPU seconds of one fwd+bwd of ``norm`` (transformers' eager one, or the compiled kernel)."""
+    from cprec_kernels import rms_norm
+
+    x = x0.clone().requires_grad_()
+    norm.weight.grad = None
+    start = time.thread_time()
+    if backend == "eager":
+        out = norm(x)
+    else:
+        out = rms_norm(x, norm.weight, norm.variance_epsilon, "compiled")
+    out.backward(upstream)
+    return time.thread_time() - start
+
+
+def bench_norm(args) -> list[dict]:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    rows = []
+    for shape, width in (("smollm2-135m", 576), ("7m", 256)):
+        norm = LlamaRMSNorm(width, eps=1e-5).bfloat16()
+        g = torch.Generator().manual_seed(0)
+        x0, up = (torch.randn(4, 512, width, generator=g).bfloat16() for _ in range(2))
+        start = time.perf_counter()
+        _norm_call_s(norm, x0, up, "compiled")  # compiles: a static kernel, then one dynamic one
+        compile_s = time.perf_counter() - start
+        times = {"eager": [], "compiled": []}
+        for _ in range(args.repeats * 10):
+            for backend in times:
+                times[backend].append(_norm_call_s(norm, x0, up, backend))
+        row = {
+            "head_shape": shape,
+            "activations": f"[4, 512, {width}] bf16",
+            "compile_wall_s": round(compile_s, 1),
+        }
+        row.update({f"{k}_fwd_bwd_ms": median_ms(v) for k, v in times.items()})
+        row["speedup"] = round(row["eager_fwd_bwd_ms"] / row["compiled_fwd_bwd_ms"], 2)
+        rows.append(row)
+        log.info("norm %s", row)
+    return rows
+
+
+PARTS = {
+    "attention": bench_attention,
+    "ce": bench_ce,
+    "adamw": bench_adamw,
+    "norm": bench_norm,
+    "compile": bench_compile,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--parts", default="attention,ce,adamw", help=f"comma-separated, of {list(PARTS)} (or none)"
+        "--parts", default="attention,ce,adamw,norm", help=f"comma-separated, of {list(PARTS)} (or none)"
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--engine-json", default="", help="a benchmarks/train.py --variant result to merge")

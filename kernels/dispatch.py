@@ -48,8 +48,11 @@ CE_BACKENDS = ("auto", "reference", "chunked", "liger")
 # documents (food-kitchen, ML-1M) -> loop, 1.5-1.7x faster than sdpa; 2048-token rows of 100-300-token
 # documents -> loop (4-5x); 512-token rows of 8-24-token documents -> sdpa (1.3-1.5x); one document
 # filling the row -> sdpa. (An earlier fit, 256**2 per segment and no entry cost, chose sdpa for
-# the first case.) On CUDA without flash-attn auto takes flex attention (a block-sparse fused
-# kernel), and the masked SDPA where flex is absent: kernel launches would dominate the loop there.
+# the first case.) The loop's written-out grouped-query kernel came after this fit and made the
+# loop cheaper at 9/3 heads, so the model is now conservative there: whole-row documents still go
+# to sdpa although the loop is 1.1x faster on them. On CUDA without flash-attn auto takes flex
+# attention (a block-sparse fused kernel), and the masked SDPA where flex is absent: kernel
+# launches would dominate the loop there.
 LOOP_SEGMENT_OVERHEAD_TOKENS = 112
 LOOP_ENTRY_COST = 1.3
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).

@@ -4,18 +4,17 @@ Work follows the documents (``sum(n_i**2)`` instead of ``L**2`` per row) and no 
 built, at the price of a Python-level loop: a few small kernels (forward, backward) per segment per
 layer. This is the CPU choice when documents are short relative to the row but not tiny.
 
-Each document's attention on CPU is written out here (:func:`document_attention`) rather than
-handed to ``F.scaled_dot_product_attention``: SDPA's CPU paths (its math path for 3-D slices, its
-flash kernel for 4-D ones) repeat the shared key/value heads of grouped-query attention for every
-query head and, in the math path, wrap the softmax in extra all-masked-row checks. Grouping the
-query heads of one key/value head into a single matmul instead (``[r * n, D] @ [D, n]``, r query
-heads per KV head) makes bigger GEMMs and no copies of K and V: 1.4-1.5x faster fwd+bwd than SDPA's
-math path at SmolLM2-135M's 9/3 heads on ML-1M and food-kitchen rows and 1.4-1.6x on long
-documents (`benchmarks/results/train_ab.json`, ``attention``). Without grouped heads (the 7M
-model's 8/8) there is nothing to group and it is no faster, and on documents under
-:data:`WRITTEN_OUT_MIN_TOKENS` tokens its few extra small kernels cost more than they save (8-24-
-token documents: 1.15x slower): SDPA serves those slices, as it does with attention dropout and on
-other devices.
+With grouped-query attention, each document's attention on CPU is written out here
+(:func:`document_attention`) rather than handed to ``F.scaled_dot_product_attention``: SDPA's CPU
+paths (its math path for 3-D slices, its flash kernel for 4-D ones) repeat the shared key/value
+heads for every query head and, in the math path, wrap the softmax in extra all-masked-row checks.
+Grouping the query heads of one key/value head into a single matmul instead (``[r * n, D] @
+[D, n]``, r query heads per KV head) makes bigger GEMMs and no copies of K and V: 1.30-1.35x faster
+fwd+bwd than SDPA's math path at SmolLM2-135M's 9/3 heads on ML-1M and food-kitchen rows, 1.13x on
+2048-token rows of long documents (`benchmarks/results/train_ab.json`, ``attention``). Without
+grouped heads (the 7M model's 8/8) there is nothing to group and it is no faster, and on documents
+under :data:`WRITTEN_OUT_MIN_TOKENS` tokens its few extra small kernels cost more than they save:
+SDPA serves those slices, as it does with attention dropout and on other devices.
 """
 
 from __future__ import annotations
