@@ -235,7 +235,7 @@ class ModelConfig:
     """Tokens per chunk of the chunked cross-entropy."""
     norm_backend: str = "eager"
     """RMSNorm kernel in packed training calls: eager (transformers' own) or compiled (one
-    torch.compile-d kernel per direction, 4x faster on CPU; ~20 s of compiling at the first step,
+    torch.compile-d kernel per direction, 3x faster on CPU; ~20 s of compiling at the first step,
     needs a C++ compiler on CPU). Evaluation and generation always run the eager norm."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""

@@ -169,7 +169,7 @@ def packed_hidden_states(
 
 
 # transformers' RMSNorm classes whose forward is exactly `cprec_kernels.rms_norm_reference`
-# (tests/model/test_packed.py compares each): only these are routed to another norm kernel.
+# (tests/kernels/test_norm.py compares each): only these are routed to another norm kernel.
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
 
 
