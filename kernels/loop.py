@@ -14,7 +14,8 @@ fwd+bwd than SDPA's math path at SmolLM2-135M's 9/3 heads on ML-1M and food-kitc
 2048-token rows of long documents (`benchmarks/results/train_ab.json`, ``attention``). Without
 grouped heads (the 7M model's 8/8) there is nothing to group and it is no faster, and on documents
 under :data:`WRITTEN_OUT_MIN_TOKENS` tokens its few extra small kernels cost more than they save:
-SDPA serves those slices, as it does with attention dropout and on other devices.
+SDPA serves those slices, as it does fp32 inputs (where the written-out kernel measured 1.3x
+slower: SDPA's math path has nothing to upcast), attention dropout and other devices.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def packed_attention_loop(
     """
     b, h, n, d = q.shape
     gqa = k.shape[1] != h
-    written_out = gqa and q.device.type == "cpu" and dropout == 0.0
+    # fp32 keeps SDPA (see the module docstring).
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    written_out = gqa and low_precision and q.device.type == "cpu" and dropout == 0.0
     scale = d**-0.5 if scale is None else scale
     bounds = bounds_list(cu_seqlens)
     pieces = []
