@@ -71,12 +71,16 @@ def packed_attention_loop(
     written_out = gqa and low_precision and q.device.type == "cpu" and dropout == 0.0
     scale = d**-0.5 if scale is None else scale
     bounds = bounds_list(cu_seqlens)
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    # One split of the flattened token axis, not an index per document: autograd then joins the
+    # documents' gradients in one pass, where per-document slices each zero-fill a full-size
+    # gradient and add into it (0.35 s of a 135M step). The transposes are views: after the
+    # rotary embedding q and k (and v always) are laid out [B, L, H, D] in memory.
+    docs = zip(*(t.transpose(1, 2).reshape(b * n, t.shape[1], d).split(lengths) for t in (q, k, v)))
     pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        row, lo = divmod(start, n)
-        hi = lo + (end - start)
-        qs, ks, vs = q[row, :, lo:hi], k[row, :, lo:hi], v[row, :, lo:hi]
-        if written_out and end - start >= WRITTEN_OUT_MIN_TOKENS:
+    for qs, ks, vs in docs:  # each [n_i, H or Hkv, D]
+        qs, ks, vs = qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)
+        if written_out and qs.shape[1] >= WRITTEN_OUT_MIN_TOKENS:
             out = document_attention(qs, ks, vs, scale)
         else:
             out = F.scaled_dot_product_attention(

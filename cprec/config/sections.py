@@ -378,6 +378,11 @@ class TrainConfig:
     fused_adamw: bool = True
     """On CPU, torch's fused AdamW kernel (one pass per tensor instead of one per op: ~10x faster
     updates on one core); false = the per-op AdamW. GPUs always use DeepSpeed's FusedAdam."""
+    zero3_step: str = "lean"
+    """CPU runs with ZeRO-3 (no offload): ``lean`` = DeepSpeed's optimizer step without its per-step
+    gradient copies (each gradient copied to fp64 for its norm, the flat fp32 gradients rebuilt in
+    fresh buffers; `cprec.runtime.zero3_step`); ``deepspeed`` = DeepSpeed's step as shipped. The
+    update, clipping and checkpoints are DeepSpeed's either way. GPU runs: unused."""
     seed: int = 1234
     """Seed for model init, data order and dropout."""
     log_every: int = 10
@@ -412,6 +417,7 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", "must be >= 0")
         _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
         _check(self.memory_per_rank_gb >= 0, "train.memory_per_rank_gb", "must be >= 0 (0 = the machine's)")
+        _one_of(self.zero3_step, "train.zero3_step", ("lean", "deepspeed"))
         _check(self.log_every > 0, "train.log_every", "must be > 0")
         _check(self.profile_steps >= 0, "train.profile_steps", "must be >= 0")
 

@@ -57,6 +57,9 @@ class EngineSpec:
     """On CPU: torch's fused AdamW kernel (one pass over each tensor; about 10x faster than the
     per-op update on one core, measured in benchmarks/results/train_ab.json). False = torch's per-op
     AdamW. On GPU DeepSpeed's FusedAdam is used either way."""
+    zero3_step: str = "lean"
+    """CPU, ZeRO-3 without offload: ``lean`` = DeepSpeed's step without its per-step fp64 and fp32
+    gradient copies (`cprec.runtime.zero3_step`); ``deepspeed`` = DeepSpeed's step as shipped."""
 
     def __post_init__(self):
         for name in ("micro_batch_size", "grad_accum", "world_size"):
@@ -66,6 +69,10 @@ class EngineSpec:
             raise ValueError(f"engine spec field 'zero_stage' must be 0-3, got {self.zero_stage}")
         if self.dtype not in DTYPES:
             raise ValueError(f"engine spec field 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        if self.zero3_step not in ("lean", "deepspeed"):
+            raise ValueError(
+                f"engine spec field 'zero3_step' must be lean or deepspeed, got {self.zero3_step!r}"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("config field 'train.offload_optimizer': needs train.zero_stage >= 1")
 
@@ -99,6 +106,11 @@ def deepspeed_config(spec: EngineSpec, gpu: bool) -> dict:
     if spec.zero_stage == 3:
         # Lets save_16bit_model / exports gather full weights; small params stay unpartitioned.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if spec.world_size == 1 and spec.zero3_step == "lean":
+            # One rank has nothing to scatter: DeepSpeed's reduce-scatter path still concatenates
+            # each gradient bucket into a new buffer, divides it by 1 and has gloo clone it. Its
+            # all-reduce path divides and reduces the bucket in place (same values).
+            zero["reduce_scatter"] = False
     if spec.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     cfg = {
@@ -222,6 +234,10 @@ def init_engine(model: nn.Module, spec: EngineSpec, universal: bool = False):
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, spec.weight_decay), config=ds_cfg
     )
+    if spec.zero3_step == "lean" and spec.zero_stage == 3 and not spec.offload_optimizer and not on_gpu():
+        from cprec.runtime import zero3_step
+
+        zero3_step.install(engine.optimizer)
     log.info(
         "DeepSpeed engine: ZeRO-%d, %s, %d rank(s) x %d rows x %d accum = %d rows/step",
         spec.zero_stage,

@@ -59,4 +59,5 @@ def engine_spec(cfg: Config, geo: BatchGeometry) -> EngineSpec:
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         fused_adamw=t.fused_adamw,
+        zero3_step=t.zero3_step,
     )
