@@ -12,7 +12,8 @@ and memory traffic, hence several repeats and medians).
   makes them (projection, view, transpose), on batches the loader packs from food-kitchen and
   ML-1M and on synthetic ones; fits the cost model of `cprec_kernels.dispatch`.
 - ``ce``: the LM loss fwd+bwd at SmolLM2-135M's head (N = 2048 tokens, 576 wide, 49,152 vocabulary):
-  chunked with several chunk sizes against full logits.
+  chunked with several chunk sizes and with its compiled chunk kernel (``model.ce_backend=compiled``;
+  the untimed first round compiles it) against full logits.
 - ``adamw``: one AdamW update of 134.5M fp32 parameters (as one flat tensor, ZeRO's layout, and as
   270 tensors): torch's per-op loop, foreach and fused implementations.
 - ``norm``: one RMSNorm fwd+bwd at the activations of SmolLM2-135M ([4, 512] x 576) and the 7M
@@ -20,6 +21,11 @@ and memory traffic, hence several repeats and medians).
   plus the compile time (`model.norm_backend`).
 - ``compile``: an RMSNorm + MLP block of SmolLM2-135M's shape, eager against ``torch.compile``
   (inductor CPU backend), fwd+bwd, plus the compile time.
+- ``zero3_step``: DeepSpeed's ZeRO-3 optimizer step and backward on one rank at SmolLM2-135M's
+  shape (bf16, 134.5M parameters, from scratch: the step's cost depends on the shapes, not the
+  values), ``train.zero3_step=lean`` (`cprec.runtime.zero3_step`) against DeepSpeed's step as
+  shipped, two engines side by side taking the same 1 x 64-token batches (so the per-parameter
+  work, not the matmuls, is what the backward time shows).
 
 The end-to-end A/Bs of the training engine (ZeRO stage, fused AdamW, attention backend) run through
 ``benchmarks/train.py --variant`` and are merged here with ``--engine-json``.
@@ -153,7 +159,7 @@ def bench_ce(args) -> list[dict]:
     hidden = (torch.randn(n, width, generator=g) * 0.5).bfloat16()
     weight = (torch.randn(vocab, width, generator=g) * 0.02).bfloat16()
     labels = torch.randint(0, vocab, (n,), generator=g)
-    kinds = ["chunked 256", "chunked 1024", "chunked 4096", "full logits"]
+    kinds = ["chunked 256", "chunked 1024", "chunked 4096", "compiled 1024", "full logits"]
     times = {k: [] for k in kinds}
     for rep in range(args.repeats + 1):
         for kind in kinds:
@@ -162,7 +168,8 @@ def bench_ce(args) -> list[dict]:
             if kind == "full logits":
                 loss = cross_entropy_reference(h, w, labels)
             else:
-                loss = chunked_cross_entropy(h, w, labels, chunk_size=int(kind.split()[1]))
+                name, size = kind.split()
+                loss = chunked_cross_entropy(h, w, labels, chunk_size=int(size), compiled=name == "compiled")
             loss.backward()
             if rep:
                 times[kind].append(time.thread_time() - start)
@@ -288,12 +295,56 @@ def bench_norm(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------- zero3_step
+def bench_zero3_step(args) -> dict:
+    import socket
+
+    from cprec.config.sections import ModelConfig
+    from cprec.model.build import build_model
+    from cprec.runtime import engine as eng
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
+    eng.start_distributed()
+    shape = ModelConfig(
+        hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, intermediate_size=1536,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    engines = {}
+    for kind in ("lean", "deepspeed"):
+        spec = eng.EngineSpec(micro_batch_size=1, zero_stage=3, dtype="bf16", zero3_step=kind)
+        engines[kind] = eng.init_engine(
+            build_model(shape, 49152, seed=1, zero3=eng.zero3_build_config(spec)), spec
+        )
+    times = {k: {"backward": [], "optimizer": []} for k in engines}
+    gen = torch.Generator().manual_seed(0)
+    for i in range(args.repeats + 1):  # the first round allocates: not timed
+        ids = torch.randint(0, 49152, (1, 64), generator=gen)
+        for kind, engine in engines.items():
+            loss = engine(input_ids=ids, labels=ids).loss
+            start = time.thread_time()
+            engine.backward(loss)
+            mid = time.thread_time()
+            engine.step()
+            if i:
+                times[kind]["backward"].append(mid - start)
+                times[kind]["optimizer"].append(time.thread_time() - mid)
+    out = {k: {f"{part}_ms": median_ms(v) for part, v in t.items()} for k, t in times.items()}
+    out["params"] = eng.num_params(engines["deepspeed"])
+    out["batch"] = "1 x 64 tokens"
+    log.info("zero3_step %s", out)
+    return out
+
+
 PARTS = {
     "attention": bench_attention,
     "ce": bench_ce,
     "adamw": bench_adamw,
     "norm": bench_norm,
     "compile": bench_compile,
+    "zero3_step": bench_zero3_step,
 }
 
 

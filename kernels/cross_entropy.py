@@ -13,9 +13,17 @@ fp32 weight gradient ``[V, H]`` from forward to backward (113 MB for a 49k x 576
 gradients (evaluation) it keeps only each token's log-sum-exp. The earlier form (log-sum-exp in
 forward, logits recomputed in backward) cost one more ``N x H x V`` matmul per step, about 3% of a
 SmolLM2-135M step (``benchmarks/results/train_ab.json``, ``ce``).
+
+``compiled=True`` (``model.ce_backend=compiled``) runs each chunk's softmax, its loss and its
+logits gradient as one ``torch.compile``-d function (`chunk_loss_and_grad`). Eager, the chunk takes
+some nine passes over a ``[chunk, V]`` fp32 buffer (upcast, max, subtract, exp, sum, divide, the
+one-hot, the row weights, the cast back for the matmuls); inductor fuses them into the two
+reductions and one pass that writes the bf16 gradient, with no fp32 copy of the logits held.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +43,36 @@ def cross_entropy_reference(
     return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="mean")
 
 
+def chunk_loss_and_grad(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss and the mean loss's gradient w.r.t. its logits, in the logits' dtype.
+
+    ``logits [c, V]`` as the head's matmul made them; ``labels [c]`` valid ids (ignored rows carry
+    any id and weight 0); ``weights [c]`` fp32, ``valid / n_valid``. The written-out softmax
+    (max, exp, sum in fp32) so that ``torch.compile`` can fuse it (module docstring).
+    """
+    x = logits.float()
+    top = x.amax(dim=-1, keepdim=True)
+    e = torch.exp(x - top)
+    sums = e.sum(dim=-1, keepdim=True)
+    lse = (torch.log(sums) + top).squeeze(1)
+    target = x.gather(1, labels[:, None]).squeeze(1)
+    loss = torch.where(weights > 0, lse - target, 0.0).sum()
+    hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
+    grad = (e / sums - hot.to(x.dtype)) * weights[:, None]
+    return loss, grad.to(logits.dtype)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_chunk():
+    # dynamic=None: the first chunk shape static; the varying last chunk compiles one dynamic kernel.
+    return torch.compile(chunk_loss_and_grad, dynamic=None)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, compiled=False):
         n = hidden.shape[0]
         valid = labels != ignore_index
         n_valid = int(valid.sum())
@@ -50,9 +85,20 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         grads = (need_h or need_w or need_b) and n_valid > 0
+        fused = compiled and grads and not need_b
+        row_weights = valid.float() / max(n_valid, 1) if fused else None
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
+            if fused:
+                loss, g_low = _compiled_chunk()(F.linear(h, weight, bias), safe_labels[s:e], row_weights[s:e])
+                total += loss
+                if need_h:
+                    grad_h[s:e] = g_low @ weight
+                if need_w:
+                    grad_w += (g_low.t() @ h).float()
+                del g_low
+                continue
             logits = F.linear(h, weight, bias).float()
             target = logits.gather(1, safe_labels[s:e, None]).squeeze(1)
             # In place: the one [chunk, V] buffer holds exp(logits - max), then the softmax.
@@ -89,7 +135,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             raise RuntimeError("chunked_cross_entropy: backward through the same loss twice")
         scale = grad_out.float()
         out = [None if g is None else (g if bool(scale == 1) else g * scale.to(g.dtype)) for g in grads]
-        return out[0], out[1], out[2], None, None, None
+        return out[0], out[1], out[2], None, None, None, None
 
 
 def chunked_cross_entropy(
@@ -99,6 +145,7 @@ def chunked_cross_entropy(
     chunk_size: int = 1024,
     bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean token loss without materialising ``[N, V]`` logits (see module docstring).
 
@@ -122,4 +169,6 @@ def chunked_cross_entropy(
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     # Autocast would change the matmul dtype in forward but not in backward; dtypes are explicit here.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        return _ChunkedCrossEntropy.apply(hidden, weight, bias, labels, int(chunk_size), ignore_index)
+        return _ChunkedCrossEntropy.apply(
+            hidden, weight, bias, labels, int(chunk_size), ignore_index, bool(compiled)
+        )

@@ -36,7 +36,7 @@ from .segments import bounds_list, segment_lengths
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "loop", "flash", "flex")
-CE_BACKENDS = ("auto", "reference", "chunked", "liger")
+CE_BACKENDS = ("auto", "reference", "chunked", "compiled", "liger")
 
 # Cost model for auto on CPU, in units of one entry of the masked SDPA's L x L block per row: the
 # per-document loop costs LOOP_ENTRY_COST per entry of its documents' blocks plus a fixed
@@ -185,8 +185,10 @@ def lm_cross_entropy(
     """
     name, why = choose_ce_backend(backend, hidden.shape[0], weight.shape[0], hidden.device.type)
     _log_once("cross-entropy", name, why)
-    if name == "chunked":
-        return chunked_cross_entropy(hidden, weight, labels, chunk_size, bias=bias)
+    if name in ("chunked", "compiled"):
+        return chunked_cross_entropy(
+            hidden, weight, labels, chunk_size, bias=bias, compiled=name == "compiled"
+        )
     if not bool((labels != -100).any()):
         # F.cross_entropy gives NaN here; keep the graph so every parameter still gets a (zero) grad.
         return (hidden.sum() * 0.0 + weight.sum() * 0.0).float()

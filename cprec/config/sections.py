@@ -229,8 +229,9 @@ class ModelConfig:
     """Packed attention kernel: auto, reference, sdpa, loop, flash (transformers' flash_attention_2,
     CUDA + flash-attn), flex (torch flex_attention; the CUDA choice of auto without flash-attn)."""
     ce_backend: str = "auto"
-    """Loss kernel: auto, reference (full logits), chunked, liger (Liger Kernel's fused linear
-    cross-entropy, CUDA + liger-kernel; auto's choice there)."""
+    """Loss kernel: auto, reference (full logits), chunked, compiled (chunked, each chunk's softmax
+    and logits gradient one torch.compile-d kernel; training calls), liger (Liger Kernel's fused
+    linear cross-entropy, CUDA + liger-kernel; auto's choice there)."""
     ce_chunk_size: int = 1024
     """Tokens per chunk of the chunked cross-entropy."""
     norm_backend: str = "eager"
@@ -253,7 +254,7 @@ class ModelConfig:
         _check(self.intermediate_size >= 0, "model.intermediate_size", "must be >= 0")
         attn_backends = ("auto", "reference", "sdpa", "loop", "flash", "flex")
         _one_of(self.attn_backend, "model.attn_backend", attn_backends)
-        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked", "liger"))
+        _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked", "compiled", "liger"))
         _check(self.ce_chunk_size > 0, "model.ce_chunk_size", "must be > 0")
         _one_of(self.norm_backend, "model.norm_backend", ("eager", "compiled"))
         _one_of(self.dtype, "model.dtype", ("bf16", "fp32"))
