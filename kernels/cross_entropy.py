@@ -70,6 +70,12 @@ def _compiled_chunk():
     return torch.compile(chunk_loss_and_grad, dynamic=None)
 
 
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """``total + part`` in fp32; the first part becomes the total."""
+    part = part.float()
+    return part if total is None else total.add_(part)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, ignore_index, compiled=False):
@@ -82,7 +88,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         # Gradients of the mean loss, built chunk by chunk (see the module docstring); fp32 sums for
         # the weight and bias over chunks, cast once.
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        # The fp32 weight gradient starts as the first chunk's product (no zero-filled [V, H] to add into).
+        grad_w = None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         grads = (need_h or need_w or need_b) and n_valid > 0
         fused = compiled and grads and not need_b
@@ -96,7 +103,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = g_low @ weight
                 if need_w:
-                    grad_w += (g_low.t() @ h).float()
+                    grad_w = _accumulate(grad_w, g_low.t() @ h)
                 del g_low
                 continue
             logits = F.linear(h, weight, bias).float()
@@ -116,9 +123,11 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = g_low @ weight
                 if need_w:
-                    grad_w += (g_low.t() @ h).float()
+                    grad_w = _accumulate(grad_w, g_low.t() @ h)
                 del g_low
             del logits  # free this chunk before the next one is allocated
+        if need_w and grad_w is None:  # no chunk reached the weight (no valid label)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.grads = (
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
