@@ -43,17 +43,18 @@ CE_BACKENDS = ("auto", "reference", "chunked", "compiled", "liger")
 # LOOP_SEGMENT_OVERHEAD_TOKENS**2 per segment (Python and its small kernels), whatever the heads.
 # Fitted to CPU time per fwd+bwd (benchmarks/results/train_ab.json, "attention"): bf16, one thread,
 # q/k/v laid out as the model produces them, 8 x 32 heads (7M model) and 9/3 x 64 (SmolLM2-135M),
-# on real food-kitchen and ML-1M batches and synthetic ones; both shapes give an entry cost of
-# 1.25-1.4 and an overhead of 11-12k entries (~110 tokens squared). So: 4 x 512 rows of 100-150-token
-# documents (food-kitchen, ML-1M) -> loop, 1.5-1.7x faster than sdpa; 2048-token rows of 100-300-token
-# documents -> loop (4-5x); 512-token rows of 8-24-token documents -> sdpa (1.3-1.5x); one document
-# filling the row -> sdpa. (An earlier fit, 256**2 per segment and no entry cost, chose sdpa for
-# the first case.) The loop's written-out grouped-query kernel came after this fit and made the
-# loop cheaper at 9/3 heads, so the model is now conservative there: whole-row documents still go
-# to sdpa although the loop is 1.1x faster on them. On CUDA without flash-attn auto takes flex
-# attention (a block-sparse fused kernel), and the masked SDPA where flex is absent: kernel
-# launches would dominate the loop there.
-LOOP_SEGMENT_OVERHEAD_TOKENS = 112
+# on real food-kitchen and ML-1M batches and synthetic ones. The 2026-12-02 refit, after the loop
+# took its documents as one split of the token axis (its backward no longer zero-fills a full-size
+# gradient per document), gives an overhead of ~67 tokens squared per segment at both shapes and an
+# entry cost of 1.57 at 8 x 32 heads and 0.84 at 9/3 (the written-out grouped-query kernel); 1.3 is
+# kept between them. So: 4 x 512 rows of 100-150-token documents (food-kitchen, ML-1M) -> loop,
+# 1.8-2.8x faster than sdpa; 2048-token rows of 100-300-token documents -> loop (5-8x); 512-token
+# rows of 8-24-token documents -> loop now (1.8-2.0x; sdpa before the split); one document filling
+# the row -> sdpa (1.5x faster at 8 x 32 heads; at 9/3 the loop is 1.14x faster: conservative).
+# (The first fit, 256**2 per segment and no entry cost, chose sdpa for the first case; the second,
+# 112**2, the third.) On CUDA without flash-attn auto takes flex attention (a block-sparse fused kernel), and
+# the masked SDPA where flex is absent: kernel launches would dominate the loop there.
+LOOP_SEGMENT_OVERHEAD_TOKENS = 67
 LOOP_ENTRY_COST = 1.3
 # Above this many logits (N * V) `auto` switches the loss to the chunked kernel (64M fp32 = 256 MiB).
 CE_AUTO_CHUNK_ELEMENTS = 1 << 26
