@@ -1,14 +1,15 @@
 """DeepSpeed's ZeRO-3 optimizer step on CPU, without its two per-step gradient copies.
 
 Why this exists: DeepSpeed's ZeRO-3 step (``DeepSpeedZeroOptimizer_Stage3``, 0.16-0.19) spends most
-of a CPU step copying gradients rather than updating weights. Profiled on one core at SmolLM2-135M
-(``benchmarks/results/profile_smollm2_135m_cpu.md``) the optimizer section takes about 1.0 s, of
-which 0.87 s is ``aten::copy_`` and 0.12 s the fused AdamW update itself:
+of a CPU step copying gradients rather than updating weights. Profiled alone on one core at
+SmolLM2-135M, its optimizer step took about 1.0 s, of which 0.87 s was ``aten::copy_`` and 0.12 s
+the fused AdamW update itself; with both patches below it takes 0.32 s against 1.20 s in the same
+run (``benchmarks/results/train_ab.json``, ``zero3_step``):
 
 - **The gradient norm** (``get_grad_norm_direct``) copies every gradient whole to fp64 before
   taking its norm: 134M parameters -> 1.1 GB written, and each gradient above glibc's 32 MiB mmap
   threshold as fp64 (the 28M-element embedding; at 0.5B every MLP matrix) is a fresh mapping the
-  kernel faults in page by page. `norm_without_copies` takes each gradient's norm over chunks of
+  kernel faults in page by page. `norm_by_chunks` takes each gradient's norm over chunks of
   ``NORM_CHUNK`` elements, still in fp64: a chunk's fp64 copy is 2 MB, reused from the heap and
   warm in cache. On the embedding gradient that is 18 ms against 150-176 ms (one core); the value
   agrees with DeepSpeed's to 1e-15. It hands DeepSpeed each gradient's norm as a one-element
@@ -22,9 +23,13 @@ which 0.87 s is ``aten::copy_`` and 0.12 s the fused AdamW update itself:
 
 Both are patched on the one optimizer instance (not the class), only for CPU runs without
 optimizer offload (`cprec.runtime.engine.init_engine`, ``train.zero3_step``); the update, clipping
-and checkpoint format are DeepSpeed's. A DeepSpeed whose optimizer lacks either method is left as
-it is, with a log line. ``tests/runtime/test_zero3_step.py`` checks the result against DeepSpeed's
-own step: the same norm and the same weights after the update.
+and checkpoint format are DeepSpeed's. The same setting turns DeepSpeed's ``reduce_scatter`` off
+on one rank (`cprec.runtime.engine.deepspeed_config`): its all-reduce path reduces each gradient
+bucket in place where the reduce-scatter path concatenates it into a new buffer first (the
+backward of a 64-token batch 0.70 s against 1.19 s, the same ``train_ab.json`` entry). A DeepSpeed
+whose optimizer lacks either method is left as it is, with a log line.
+``tests/runtime/test_zero3_step.py`` checks the result against DeepSpeed's own step: the same norm
+and the same weights after the update.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-ZERO3_STEPS = ("lean", "deepspeed")
 PATCHED = ("get_grad_norm_direct", "_prepare_fp32_grad_for_sub_group")
 NORM_CHUNK = 1 << 18
 """Elements per fp64 chunk of a gradient's norm (2 MB)."""
@@ -51,7 +55,7 @@ def chunked_norm(grad: torch.Tensor, p: float) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(parts), p)
 
 
-def norm_without_copies(original):
+def norm_by_chunks(original):
     """``get_grad_norm_direct`` with each gradient's norm taken chunk by chunk (`chunked_norm`)."""
 
     def get_grad_norm_direct(self, gradients, params, norm_type=2):
@@ -93,7 +97,7 @@ def install(optimizer) -> bool:
         return False
     optimizer._cprec_fp32_grads = {}
     optimizer.get_grad_norm_direct = types.MethodType(
-        norm_without_copies(optimizer.get_grad_norm_direct), optimizer
+        norm_by_chunks(optimizer.get_grad_norm_direct), optimizer
     )
     optimizer._prepare_fp32_grad_for_sub_group = types.MethodType(fp32_grads_in_place, optimizer)
     return True
