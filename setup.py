@@ -1,8 +1,9 @@
 """CPRec: all-domain continual pre-training of LLMs for recommendation.
 
 Two import packages ship from this repository: ``cprec`` (the system) and ``cprec_kernels``
-(the code in the top-level ``kernels/`` folder). The kernels package is *not* importable as
-``kernels`` because transformers probes Hugging Face's own ``kernels`` package by that name.
+(the top-level ``cprec_kernels/`` folder). No folder at the repository root may be named
+``kernels``: transformers (5.x) imports Hugging Face's own ``kernels`` package by that name, and a
+``kernels/`` folder on ``sys.path`` (the repository root under ``python -m`` or pytest) shadows it.
 """
 
 from setuptools import find_packages, setup
@@ -16,8 +17,8 @@ setup(
     python_requires=">=3.10",
     # configs/ ships inside the package as cprec/presets (include: model/small.yaml works from any
     # folder, see cprec.config.loading.preset_dirs); a source or editable install reads configs/.
-    packages=find_packages(include=["cprec", "cprec.*"]) + ["cprec_kernels", "cprec.presets"],
-    package_dir={"cprec_kernels": "kernels", "cprec.presets": "configs"},
+    packages=find_packages(include=["cprec", "cprec.*", "cprec_kernels"]) + ["cprec.presets"],
+    package_dir={"cprec.presets": "configs"},
     package_data={"cprec.presets": ["*.yaml", "model/*.yaml"]},
     install_requires=[
         # CPU machines: install torch==2.13.0 first (see README) so pip does not pull a CUDA build.

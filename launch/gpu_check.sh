@@ -48,13 +48,8 @@ if [[ $dry != 1 ]] && compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/cprec-site .whl/*.whl
     export PYTHONPATH=/tmp/cprec-site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# The repository as the import root, `kernels/` importable as cprec_kernels (what setup.py maps).
-if ! "$PY" -c "import cprec_kernels" 2>/dev/null; then
-    mkdir -p /tmp/cprec-shim && ln -sfn "$PWD/kernels" /tmp/cprec-shim/cprec_kernels
-    export PYTHONPATH=/tmp/cprec-shim:$PWD${PYTHONPATH:+:$PYTHONPATH}
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+# The repository as the import root (cprec and cprec_kernels are both top-level folders).
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TORCH_EXTENSIONS_DIR=/tmp/cprec-torch-ext
 unset DS_ACCELERATOR
 

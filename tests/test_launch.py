@@ -505,8 +505,19 @@ def test_docker_readme_build_line_matches_the_layout():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv*" in ignored and "out" in ignored
     # Everything the install needs is in the build context.
-    for needed in ("setup.py", "README.md", "pyproject.toml", "cprec", "kernels"):
+    for needed in ("setup.py", "README.md", "pyproject.toml", "cprec", "cprec_kernels"):
         assert needed not in ignored and (REPO / needed).exists()
+
+
+def test_repository_root_shadows_no_dependency():
+    """From the repository root (``python -m``, pytest, the launch scripts' PYTHONPATH) transformers
+    still imports Hugging Face's own ``kernels`` package, and ours imports as ``cprec_kernels``:
+    a top-level ``kernels/`` folder here once shadowed it and broke every import of transformers."""
+    code = "import transformers.activations, cprec_kernels; print(cprec_kernels.__file__)"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Path(proc.stdout.strip()).parent == REPO / "cprec_kernels"
 
 
 def test_gpu_check_dry_run_prepares_tests_and_both_benchmarks(tmp_path):
