@@ -9,7 +9,7 @@ Cross-entropy: forward + backward time and peak extra host memory of ``reference
 variant runs in a fresh process and reports its peak resident memory (``ru_maxrss``) above the
 level reached after allocating the inputs, so the numbers do not mask each other.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels.json
+    python benchmarks/kernel_bench.py --out benchmarks/results/kernels.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from cprec_kernels import choose_attention_backend, flash_available, packed_atte
 from cprec_kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference
 from cprec_kernels.segments import random_bounds, segment_lengths
 
-log = logging.getLogger("benchmarks.kernels")
+log = logging.getLogger("benchmarks.kernel_bench")
 
 # (name, rows, row length, min doc, max doc)
 SCENARIOS = [
