@@ -94,6 +94,11 @@ def train_plain(
         "final_loss": losses[-1],
         "step_seconds": times[warmup:],
         "optimizer": "torch.optim.AdamW (defaults), weight decay on matrices",
-        "kernels": {"attention": cfg.model.attn_backend, "loss": cfg.model.ce_backend},
+        "kernels": {
+            "attention": cfg.model.attn_backend,
+            "loss": cfg.model.ce_backend,
+            "norm": cfg.model.norm_backend,
+            "mlp": cfg.model.mlp_backend,
+        },
         "precision": "bf16 autocast, fp32 weights" if cfg.model.dtype == "bf16" else "fp32",
     }

@@ -66,8 +66,14 @@ sys.path.insert(0, str(REPO))  # children are started as scripts: `benchmarks.*`
 log = logging.getLogger("benchmarks.train")
 
 SIDES = ("cprec", "hf_trainer", "plain", "plain_kernels")
-# The hand-written loop's kernels: a block-diagonal SDPA mask, full logits, transformers' own norms.
-HANDWRITTEN_KERNELS = ["model.attn_backend=sdpa", "model.ce_backend=reference", "model.norm_backend=eager"]
+# The hand-written loop's kernels: a block-diagonal SDPA mask, full logits, transformers' own
+# norms and MLPs.
+HANDWRITTEN_KERNELS = [
+    "model.attn_backend=sdpa",
+    "model.ce_backend=reference",
+    "model.norm_backend=eager",
+    "model.mlp_backend=eager",
+]
 # With --nproc > 1: `cprec train` on one rank (the first of --cores), interleaved with the N-rank
 # side, for the scaling ratio of the same run (``scaling_vs_1_rank``).
 ONE_RANK = "cprec_1rank"

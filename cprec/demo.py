@@ -50,6 +50,7 @@ SIZES: dict[str, list[str]] = {
     "tiny": [
         *SCRATCH,
         "model.norm_backend=eager",  # a 12-step smoke run: compiling would cost more than it saves
+        "model.mlp_backend=eager",
         "model.ce_backend=auto",
         "data.max_doc_tokens=128",
         "train.seq_len=128",

@@ -70,10 +70,33 @@ def _compiled_chunk():
     return torch.compile(chunk_loss_and_grad, dynamic=None)
 
 
-def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
-    """``total + part`` in fp32; the first part becomes the total."""
-    part = part.float()
-    return part if total is None else total.add_(part)
+@functools.lru_cache(maxsize=4)
+def _kept_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, role: str) -> torch.Tensor:
+    """A ``[V, H]`` scratch tensor kept from one call to the next (CPU only, `_add_weight_grad`)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _add_weight_grad(total: torch.Tensor | None, g_low: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``total + g_low.T @ h`` in fp32 (the first chunk's product becomes the total).
+
+    Why kept buffers on CPU: a ``[V, H]`` product (56 MB in bf16 at 49k x 576) and its fp32 sum
+    (113 MB) are above glibc's mmap threshold, so fresh ones are new mappings that the kernel
+    faults in page by page on every call: in a SmolLM2-135M step the two fp32 conversions took
+    0.4 s where a copy into memory already mapped takes 30 ms (the step's profile). On CPU with a
+    low-precision weight the product goes into one kept buffer and the sum into another, both
+    reused from call to call; the caller gets ``total.to(weight.dtype)``, a fresh tensor, so
+    nothing kept escapes. Same values bit for bit (``tests/kernels/test_cross_entropy.py``). An
+    fp32 weight needs no conversion and CUDA's caching allocator reuses memory already: both
+    keep the plain path."""
+    kept = g_low.device.type == "cpu" and g_low.dtype != torch.float32
+    if not kept:
+        part = (g_low.t() @ h).float()
+        return part if total is None else total.add_(part)
+    shape = (g_low.shape[1], h.shape[1])
+    part = torch.mm(g_low.t(), h, out=_kept_buffer(shape, g_low.dtype, g_low.device, "product"))
+    if total is None:
+        return _kept_buffer(shape, torch.float32, g_low.device, "sum").copy_(part)
+    return total.add_(part)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -103,7 +126,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = g_low @ weight
                 if need_w:
-                    grad_w = _accumulate(grad_w, g_low.t() @ h)
+                    grad_w = _add_weight_grad(grad_w, g_low, h)
                 del g_low
                 continue
             logits = F.linear(h, weight, bias).float()
@@ -123,7 +146,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[s:e] = g_low @ weight
                 if need_w:
-                    grad_w = _accumulate(grad_w, g_low.t() @ h)
+                    grad_w = _add_weight_grad(grad_w, g_low, h)
                 del g_low
             del logits  # free this chunk before the next one is allocated
         if need_w and grad_w is None:  # no chunk reached the weight (no valid label)

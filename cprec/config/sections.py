@@ -238,6 +238,11 @@ class ModelConfig:
     """RMSNorm kernel in packed training calls: eager (transformers' own) or compiled (one
     torch.compile-d kernel per direction, 3x faster on CPU; ~20 s of compiling at the first step,
     needs a C++ compiler on CPU). Evaluation and generation always run the eager norm."""
+    mlp_backend: str = "eager"
+    """Gated-MLP activation (``silu(gate) * up``) in packed training calls: eager (transformers'
+    own) or compiled (one torch.compile-d kernel per direction, `cprec_kernels.swiglu`; a few
+    seconds of compiling at the first step, needs a C++ compiler on CPU). Evaluation and
+    generation always run the eager MLP."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
     dtype: str = "bf16"
@@ -257,6 +262,7 @@ class ModelConfig:
         _one_of(self.ce_backend, "model.ce_backend", ("auto", "reference", "chunked", "compiled", "liger"))
         _check(self.ce_chunk_size > 0, "model.ce_chunk_size", "must be > 0")
         _one_of(self.norm_backend, "model.norm_backend", ("eager", "compiled"))
+        _one_of(self.mlp_backend, "model.mlp_backend", ("eager", "compiled"))
         _one_of(self.dtype, "model.dtype", ("bf16", "fp32"))
 
 
@@ -384,6 +390,13 @@ class TrainConfig:
     gradient copies (each gradient copied to fp64 for its norm, the flat fp32 gradients rebuilt in
     fresh buffers; `cprec.runtime.zero3_step`); ``deepspeed`` = DeepSpeed's step as shipped. The
     update, clipping and checkpoints are DeepSpeed's either way. GPU runs: unused."""
+    zero3_leaf: str = "layer"
+    """ZeRO-3 hook granularity: ``layer`` = each decoder layer (the classes a transformers model
+    names in ``_no_split_modules``) is one ZeRO-3 leaf, its parameters gathered together when it
+    starts and released when it ends, with no hooks on its submodules; ``module`` = DeepSpeed's
+    default, hooks on every submodule (each Linear gathered on its own: the least memory held at
+    once). Same values and checkpoints either way (`cprec.runtime.engine.mark_zero3_leaves`).
+    Pre-training only: fine-tuning runs the decoder several times a step and keeps ``module``."""
     seed: int = 1234
     """Seed for model init, data order and dropout."""
     log_every: int = 10
@@ -419,6 +432,7 @@ class TrainConfig:
         _one_of(self.zero_stage, "train.zero_stage", (0, 1, 2, 3))
         _check(self.memory_per_rank_gb >= 0, "train.memory_per_rank_gb", "must be >= 0 (0 = the machine's)")
         _one_of(self.zero3_step, "train.zero3_step", ("lean", "deepspeed"))
+        _one_of(self.zero3_leaf, "train.zero3_leaf", ("layer", "module"))
         _check(self.log_every > 0, "train.log_every", "must be > 0")
         _check(self.profile_steps >= 0, "train.profile_steps", "must be >= 0")
 

@@ -263,6 +263,9 @@ def engine_spec(cfg: Config, world_size: int) -> EngineSpec:
         betas=BETAS,
         weight_decay=0.0,
         grad_clip=GRAD_CLIP,
+        # A fine-tuning step runs the decoder more than once before its backward (users, then
+        # items), which DeepSpeed's leaf modules do not support (a gradient reduced twice).
+        zero3_leaf="module",
     )
 
 

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from cprec.config import ModelConfig
-from cprec_kernels import lm_cross_entropy, packed_attention, rms_norm
+from cprec_kernels import lm_cross_entropy, packed_attention, rms_norm, swiglu
 from cprec_kernels.segments import bounds_list, check_bounds
 
 log = logging.getLogger(__name__)
@@ -171,33 +171,59 @@ def packed_hidden_states(
 # transformers' RMSNorm classes whose forward is exactly `cprec_kernels.rms_norm_reference`
 # (tests/kernels/test_norm.py compares each): only these are routed to another norm kernel.
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+# transformers' gated MLPs, ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: routed to
+# `cprec_kernels.swiglu` when their act_fn is SiLU (tests/model/test_packed.py compares them).
+MLP_CLASSES = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+SILU_CLASSES = ("SiLU", "SiLUActivation")  # torch's, and transformers' own since 5.x
 
 
 def _packed_norm_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """A norm's forward while `use_norm_backend` routes it: its kernel in packed calls, else its own."""
     if _PACKED_CALL.get():
-        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self.cprec_norm_backend)
+        return rms_norm(hidden_states, self.weight, self.variance_epsilon, backend=self.cprec_backend)
     return type(self).forward(self, hidden_states)
+
+
+def _packed_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's forward while `use_mlp_backend` routes it: the projections are the module's own
+    (their ZeRO-3 hooks run), the activation is the kernel's in packed calls."""
+    if _PACKED_CALL.get():
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), backend=self.cprec_backend))
+    return type(self).forward(self, x)
+
+
+def _route(hf_model: nn.Module, modules: list[nn.Module], backend: str, packed_forward, what: str) -> int:
+    """Give each of ``modules`` ``packed_forward`` with ``backend`` (``eager`` restores their own
+    forward); returns how many are routed. Only the ``forward`` attribute changes, so the module's
+    own hooks (ZeRO-3's gathers) still run."""
+    for module in modules:
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("cprec_backend", None)
+        if backend != "eager":
+            module.cprec_backend = backend
+            module.forward = types.MethodType(packed_forward, module)
+    if backend != "eager" and not modules:
+        log.warning("%s=%s: %s has none of the modules it routes; they stay eager",
+                    what, backend, type(hf_model).__name__)  # fmt: skip
+    return len(modules) if backend != "eager" else 0
 
 
 def use_norm_backend(hf_model: nn.Module, backend: str) -> int:
     """Run the RMSNorms of ``hf_model`` through `cprec_kernels.rms_norm` with ``backend`` in packed
-    calls (``eager`` restores their own forward); returns how many norms are routed. The module's
-    own hooks (ZeRO-3's gathers) still run: only its ``forward`` attribute changes."""
-    routed = 0
-    for module in hf_model.modules():
-        if type(module).__name__ not in RMS_NORM_CLASSES:
-            continue
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("cprec_norm_backend", None)
-        if backend != "eager":
-            module.cprec_norm_backend = backend
-            module.forward = types.MethodType(_packed_norm_forward, module)
-            routed += 1
-    if backend != "eager" and not routed:
-        log.warning("model.norm_backend=%s: %s has no RMSNorm of %s; its norms stay eager",
-                    backend, type(hf_model).__name__, RMS_NORM_CLASSES)  # fmt: skip
-    return routed
+    calls (``eager`` restores their own forward); returns how many norms are routed."""
+    norms = [m for m in hf_model.modules() if type(m).__name__ in RMS_NORM_CLASSES]
+    return _route(hf_model, norms, backend, _packed_norm_forward, "model.norm_backend")
+
+
+def use_mlp_backend(hf_model: nn.Module, backend: str) -> int:
+    """Run the SiLU-gated MLPs of ``hf_model`` through `cprec_kernels.swiglu` with ``backend`` in
+    packed calls (``eager`` restores their own forward); returns how many MLPs are routed."""
+    mlps = [
+        m
+        for m in hf_model.modules()
+        if type(m).__name__ in MLP_CLASSES and type(getattr(m, "act_fn", None)).__name__ in SILU_CLASSES
+    ]
+    return _route(hf_model, mlps, backend, _packed_mlp_forward, "model.mlp_backend")
 
 
 class PackedLMHead(nn.Linear):
@@ -247,6 +273,7 @@ class PackedCausalLM(nn.Module):
         super().__init__()
         enable_packed_attention(hf_model)
         use_norm_backend(hf_model, cfg.norm_backend)
+        use_mlp_backend(hf_model, cfg.mlp_backend)
         self.hf_model = hf_model
         self.attn_backend = cfg.attn_backend
         self.bf16_autocast = cfg.dtype == "bf16"
@@ -296,9 +323,11 @@ class PackedCausalLM(nn.Module):
 
 
 def unwrap(model: PackedCausalLM | nn.Module) -> nn.Module:
-    """The plain transformers model: ``sdpa`` attention, eager norms and an ``nn.Linear`` head again."""
+    """The plain transformers model: ``sdpa`` attention, eager norms and MLPs and an ``nn.Linear``
+    head again."""
     hf_model = model.hf_model if isinstance(model, PackedCausalLM) else model
     use_norm_backend(hf_model, "eager")
+    use_mlp_backend(hf_model, "eager")
     head = hf_model.get_output_embeddings()
     if isinstance(head, PackedLMHead):
         head.__class__ = nn.Linear

@@ -60,4 +60,5 @@ def engine_spec(cfg: Config, geo: BatchGeometry) -> EngineSpec:
         grad_clip=t.grad_clip,
         fused_adamw=t.fused_adamw,
         zero3_step=t.zero3_step,
+        zero3_leaf=t.zero3_leaf,
     )

@@ -128,3 +128,42 @@ def test_shape_and_dtype_errors():
         chunked_cross_entropy(hidden.bfloat16(), weight, labels)
     with pytest.raises(ValueError, match="hidden \\[N, H\\]"):
         chunked_cross_entropy(hidden[None], weight, labels)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_bf16_weight_gradient_through_kept_buffers_is_exact_and_never_shared(compiled):
+    """On CPU a bf16 head's weight gradient is summed over chunks in buffers kept from call to call
+    (`_add_weight_grad`): the same bits as summing fresh fp32 copies of each chunk's product, and a
+    later call does not change a gradient an earlier call returned."""
+    hidden, weight, _, labels = make(n=53, h=16, v=50, dtype=torch.bfloat16, seed=3)
+    chunk = 10
+
+    def expected_weight_grad(hidden, weight, labels):
+        # The plain sum: each chunk's bf16 product copied afresh to fp32 and added.
+        valid = labels != -100
+        safe = labels.masked_fill(~valid, 0)
+        total = None
+        for s in range(0, hidden.shape[0], chunk):
+            logits = F.linear(hidden[s : s + chunk], weight).float()
+            g = logits.softmax(-1) - F.one_hot(safe[s : s + chunk], weight.shape[0]).float()
+            g = (g * (valid[s : s + chunk].float() / int(valid.sum()))[:, None]).to(torch.bfloat16)
+            part = (g.t() @ hidden[s : s + chunk]).float()
+            total = part if total is None else total + part
+        return total.to(torch.bfloat16)
+
+    def weight_grad(hidden, weight, labels):
+        w = weight.clone().requires_grad_()
+        chunked_cross_entropy(hidden, w, labels, chunk, compiled=compiled).backward()
+        return w.grad
+
+    first = weight_grad(hidden, weight, labels)
+    kept = first.clone()
+    hidden2, weight2, _, labels2 = make(n=53, h=16, v=50, dtype=torch.bfloat16, seed=4)
+    second = weight_grad(hidden2, weight2, labels2)
+    assert torch.equal(first, kept)  # the second call wrote into its buffers, not into `first`
+    assert first.data_ptr() != second.data_ptr()
+    if not compiled:  # the compiled chunk's softmax may round differently from .softmax()
+        assert torch.equal(first, expected_weight_grad(hidden, weight, labels))
+        assert torch.equal(second, expected_weight_grad(hidden2, weight2, labels2))  # buffers start afresh
+    torch.testing.assert_close(first.float(), expected_weight_grad(hidden, weight, labels).float(),
+                               atol=2e-3, rtol=2e-2)  # fmt: skip

@@ -298,19 +298,22 @@ def test_packed_model_close_to_one_by_one_on_gpu(pack, make_docs, tiny_cfg, attn
     torch.testing.assert_close(loss, want_loss.float(), atol=0.02, rtol=0.01)
 
 
-def test_compiled_norms_in_packed_training_equal_eager(pack, make_docs, tiny_cfg):
-    # model.norm_backend=compiled routes every RMSNorm (2 per layer + the final one) through the
-    # compiled kernel in packed calls; loss and gradients equal the eager model's, and unwrap
-    # gives back transformers' own norms.
+@pytest.mark.parametrize("field", ["norm_backend", "mlp_backend"])
+def test_compiled_norms_and_mlps_in_packed_training_equal_eager(pack, make_docs, tiny_cfg, field):
+    # model.norm_backend=compiled routes every RMSNorm (2 per layer + the final one), and
+    # model.mlp_backend=compiled every SiLU-gated MLP (one per layer), through the compiled kernel
+    # in packed calls; loss and gradients equal the eager model's, and unwrap gives back
+    # transformers' own modules.
     docs = make_docs(LENGTHS, seed=21)
     batch, _ = pack(docs, SEQ_LEN)
     grads, losses = [], []
-    for norm_backend in ("eager", "compiled"):
-        cfg = tiny_cfg(norm_backend=norm_backend)
+    for backend in ("eager", "compiled"):
+        cfg = tiny_cfg(**{field: backend})
         model = build_model(cfg, VOCAB, seed=22)
         wrapper = PackedCausalLM(model, cfg).train()
         routed = [m for m in model.modules() if "forward" in m.__dict__]
-        assert len(routed) == (2 * cfg.num_layers + 1 if norm_backend == "compiled" else 0)
+        per_model = 2 * cfg.num_layers + 1 if field == "norm_backend" else cfg.num_layers
+        assert len(routed) == (per_model if backend == "compiled" else 0)
         loss = wrapper(**{k: batch[k] for k in MODEL_INPUT_KEYS})
         loss.backward()
         losses.append(loss.detach())

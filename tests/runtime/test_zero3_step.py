@@ -19,9 +19,17 @@ from cprec.runtime import zero3_step
 VOCAB = 96
 
 
-def train_three_steps(step_kind: str) -> tuple[list[float], dict[str, torch.Tensor], object]:
+def train_three_steps(
+    step_kind: str, leaf: str = "layer"
+) -> tuple[list[float], dict[str, torch.Tensor], object]:
     spec = eng.EngineSpec(
-        micro_batch_size=2, zero_stage=3, dtype="bf16", lr=1e-2, grad_clip=0.05, zero3_step=step_kind
+        micro_batch_size=2,
+        zero_stage=3,
+        dtype="bf16",
+        lr=1e-2,
+        grad_clip=0.05,
+        zero3_step=step_kind,
+        zero3_leaf=leaf,
     )
     cfg = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96)
     model = build_model(cfg, VOCAB, seed=7, zero3=eng.zero3_build_config(spec))
@@ -38,6 +46,8 @@ def train_three_steps(step_kind: str) -> tuple[list[float], dict[str, torch.Tens
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):
             weights[name] = p.data.detach().clone()
+    leaves = [type(m).__name__ for m in engine.module.modules() if getattr(m, "_z3_leaf", False)]
+    assert leaves == (["LlamaDecoderLayer"] * cfg.num_layers if leaf == "layer" else [])
     return norms, weights, engine.optimizer
 
 
@@ -50,6 +60,17 @@ def test_lean_step_matches_deepspeeds_step(one_process_group):
     assert all(n > 0.05 for n in ref_norms)  # above the clip threshold: clipping acted every step
     assert norms == pytest.approx(ref_norms, rel=1e-12)
     assert weights.keys() == ref_weights.keys()
+    for name, want in ref_weights.items():
+        torch.testing.assert_close(weights[name], want, rtol=0, atol=0, msg=name)
+
+
+def test_decoder_layers_as_zero3_leaves_train_the_same(one_process_group):
+    # train.zero3_leaf=layer gathers each decoder layer whole (no hooks on its Linears, norms,
+    # attention and MLP): the same norms and weights bit for bit as DeepSpeed's per-module hooks.
+    eng.start_distributed()
+    ref_norms, ref_weights, _ = train_three_steps("lean", leaf="module")
+    norms, weights, _ = train_three_steps("lean", leaf="layer")
+    assert norms == ref_norms
     for name, want in ref_weights.items():
         torch.testing.assert_close(weights[name], want, rtol=0, atol=0, msg=name)
 
