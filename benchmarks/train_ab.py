@@ -19,6 +19,9 @@ and memory traffic, hence several repeats and medians).
 - ``norm``: one RMSNorm fwd+bwd at the activations of SmolLM2-135M ([4, 512] x 576) and the 7M
   model (x 256), bf16: transformers' eager norm against `cprec_kernels.rms_norm`'s compiled path,
   plus the compile time (`model.norm_backend`).
+- ``swiglu``: the gated MLP's activation ``silu(gate) * up`` fwd+bwd at SmolLM2-135M's MLP
+  ([4, 512] x 1536) and the 7M model's (x 704), bf16: eager against `cprec_kernels.swiglu`'s
+  compiled path, plus the compile time (`model.mlp_backend`).
 - ``compile``: an RMSNorm + MLP block of SmolLM2-135M's shape, eager against ``torch.compile``
   (inductor CPU backend), fwd+bwd, plus the compile time.
 - ``zero3_step``: DeepSpeed's ZeRO-3 optimizer step and backward on one rank at SmolLM2-135M's
@@ -30,7 +33,7 @@ and memory traffic, hence several repeats and medians).
 The end-to-end A/Bs of the training engine (ZeRO stage, fused AdamW, attention backend) run through
 ``benchmarks/train.py --variant`` and are merged here with ``--engine-json``.
 
-    taskset -c 0 python benchmarks/train_ab.py --parts attention,ce,adamw,norm,compile
+    taskset -c 0 python benchmarks/train_ab.py --parts attention,ce,adamw,norm,swiglu,compile
     python benchmarks/train_ab.py --parts none --engine-json out/ab7m.json   # merge an engine A/B
 """
 
@@ -295,6 +298,41 @@ def bench_norm(args) -> list[dict]:
     return rows
 
 
+# -------------------------------------------------------------------------------------- swiglu
+def _swiglu_call_s(gate0: torch.Tensor, up0: torch.Tensor, upstream: torch.Tensor, backend: str) -> float:
+    """CPU seconds of one fwd+bwd of ``silu(gate) * up`` by ``backend``."""
+    from cprec_kernels import swiglu
+
+    gate, up = gate0.clone().requires_grad_(), up0.clone().requires_grad_()
+    start = time.thread_time()
+    swiglu(gate, up, backend).backward(upstream)
+    return time.thread_time() - start
+
+
+def bench_swiglu(args) -> list[dict]:
+    rows = []
+    for shape, width in (("smollm2-135m", 1536), ("7m", 704)):
+        g = torch.Generator().manual_seed(0)
+        gate, up, upstream = (torch.randn(4, 512, width, generator=g).bfloat16() for _ in range(3))
+        start = time.perf_counter()
+        _swiglu_call_s(gate, up, upstream, "compiled")
+        compile_s = time.perf_counter() - start
+        times = {"eager": [], "compiled": []}
+        for _ in range(args.repeats * 10):
+            for backend in times:
+                times[backend].append(_swiglu_call_s(gate, up, upstream, backend))
+        row = {
+            "mlp_shape": shape,
+            "activations": f"[4, 512, {width}] bf16",
+            "compile_wall_s": round(compile_s, 1),
+        }
+        row.update({f"{k}_fwd_bwd_ms": median_ms(v) for k, v in times.items()})
+        row["speedup"] = round(row["eager_fwd_bwd_ms"] / row["compiled_fwd_bwd_ms"], 2)
+        rows.append(row)
+        log.info("swiglu %s", row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------- zero3_step
 def bench_zero3_step(args) -> dict:
     import socket
@@ -343,6 +381,7 @@ PARTS = {
     "ce": bench_ce,
     "adamw": bench_adamw,
     "norm": bench_norm,
+    "swiglu": bench_swiglu,
     "compile": bench_compile,
     "zero3_step": bench_zero3_step,
 }
