@@ -13,7 +13,8 @@ and memory traffic, hence several repeats and medians).
   ML-1M and on synthetic ones; fits the cost model of `cprec_kernels.dispatch`.
 - ``ce``: the LM loss fwd+bwd at SmolLM2-135M's head (N = 2048 tokens, 576 wide, 49,152 vocabulary):
   chunked with several chunk sizes and with its compiled chunk kernel (``model.ce_backend=compiled``;
-  the untimed first round compiles it) against full logits.
+  the untimed first round compiles it), the compiled one with its ``[V, H]`` weight-gradient buffers
+  allocated afresh per call as before they were kept, and full logits.
 - ``adamw``: one AdamW update of 134.5M fp32 parameters (as one flat tensor, ZeRO's layout, and as
   270 tensors): torch's per-op loop, foreach and fused implementations.
 - ``norm``: one RMSNorm fwd+bwd at the activations of SmolLM2-135M ([4, 512] x 576) and the 7M
@@ -40,6 +41,7 @@ The end-to-end A/Bs of the training engine (ZeRO stage, fused AdamW, attention b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -154,6 +156,25 @@ def bench_attention(args) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- loss
+FRESH = "compiled 1024, fresh weight-grad buffers"
+
+
+@contextlib.contextmanager
+def _fresh_weight_grad_buffers():
+    """The loss as it was before its CPU weight-gradient buffers were kept from call to call: every
+    ``[V, H]`` buffer allocated afresh (so the A/B shows what keeping them is worth)."""
+    from cprec_kernels import cross_entropy
+
+    kept = cross_entropy._kept_buffer
+    cross_entropy._kept_buffer = lambda shape, dtype, device, role: torch.empty(
+        shape, dtype=dtype, device=device
+    )
+    try:
+        yield
+    finally:
+        cross_entropy._kept_buffer = kept
+
+
 def bench_ce(args) -> list[dict]:
     from cprec_kernels.cross_entropy import chunked_cross_entropy, cross_entropy_reference
 
@@ -162,7 +183,7 @@ def bench_ce(args) -> list[dict]:
     hidden = (torch.randn(n, width, generator=g) * 0.5).bfloat16()
     weight = (torch.randn(vocab, width, generator=g) * 0.02).bfloat16()
     labels = torch.randint(0, vocab, (n,), generator=g)
-    kinds = ["chunked 256", "chunked 1024", "chunked 4096", "compiled 1024", "full logits"]
+    kinds = ["chunked 256", "chunked 1024", "chunked 4096", "compiled 1024", FRESH, "full logits"]
     times = {k: [] for k in kinds}
     for rep in range(args.repeats + 1):
         for kind in kinds:
@@ -170,6 +191,9 @@ def bench_ce(args) -> list[dict]:
             start = time.thread_time()
             if kind == "full logits":
                 loss = cross_entropy_reference(h, w, labels)
+            elif kind == FRESH:
+                with _fresh_weight_grad_buffers():
+                    loss = chunked_cross_entropy(h, w, labels, chunk_size=1024, compiled=True)
             else:
                 name, size = kind.split()
                 loss = chunked_cross_entropy(h, w, labels, chunk_size=int(size), compiled=name == "compiled")
