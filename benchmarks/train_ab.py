@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -295,6 +296,21 @@ def _norm_call_s(norm, x0: torch.Tensor, upstream: torch.Tensor, backend: str) -
     return time.thread_time() - start
 
 
+def _eager_against_compiled(call, repeats: int) -> dict:
+    """``call(backend)`` -> CPU seconds: the first compiled call's wall time (it compiles), then
+    ``repeats * 10`` interleaved calls of each backend: median ms of each and the speed-up."""
+    start = time.perf_counter()
+    call("compiled")  # compiles: a static kernel, then one dynamic one
+    row = {"compile_wall_s": round(time.perf_counter() - start, 1)}
+    times = {"eager": [], "compiled": []}
+    for _ in range(repeats * 10):
+        for backend in times:
+            times[backend].append(call(backend))
+    row.update({f"{k}_fwd_bwd_ms": median_ms(v) for k, v in times.items()})
+    row["speedup"] = round(row["eager_fwd_bwd_ms"] / row["compiled_fwd_bwd_ms"], 2)
+    return row
+
+
 def bench_norm(args) -> list[dict]:
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -303,20 +319,8 @@ def bench_norm(args) -> list[dict]:
         norm = LlamaRMSNorm(width, eps=1e-5).bfloat16()
         g = torch.Generator().manual_seed(0)
         x0, up = (torch.randn(4, 512, width, generator=g).bfloat16() for _ in range(2))
-        start = time.perf_counter()
-        _norm_call_s(norm, x0, up, "compiled")  # compiles: a static kernel, then one dynamic one
-        compile_s = time.perf_counter() - start
-        times = {"eager": [], "compiled": []}
-        for _ in range(args.repeats * 10):
-            for backend in times:
-                times[backend].append(_norm_call_s(norm, x0, up, backend))
-        row = {
-            "head_shape": shape,
-            "activations": f"[4, 512, {width}] bf16",
-            "compile_wall_s": round(compile_s, 1),
-        }
-        row.update({f"{k}_fwd_bwd_ms": median_ms(v) for k, v in times.items()})
-        row["speedup"] = round(row["eager_fwd_bwd_ms"] / row["compiled_fwd_bwd_ms"], 2)
+        row = {"head_shape": shape, "activations": f"[4, 512, {width}] bf16"}
+        row.update(_eager_against_compiled(functools.partial(_norm_call_s, norm, x0, up), args.repeats))
         rows.append(row)
         log.info("norm %s", row)
     return rows
@@ -338,20 +342,10 @@ def bench_swiglu(args) -> list[dict]:
     for shape, width in (("smollm2-135m", 1536), ("7m", 704)):
         g = torch.Generator().manual_seed(0)
         gate, up, upstream = (torch.randn(4, 512, width, generator=g).bfloat16() for _ in range(3))
-        start = time.perf_counter()
-        _swiglu_call_s(gate, up, upstream, "compiled")
-        compile_s = time.perf_counter() - start
-        times = {"eager": [], "compiled": []}
-        for _ in range(args.repeats * 10):
-            for backend in times:
-                times[backend].append(_swiglu_call_s(gate, up, upstream, backend))
-        row = {
-            "mlp_shape": shape,
-            "activations": f"[4, 512, {width}] bf16",
-            "compile_wall_s": round(compile_s, 1),
-        }
-        row.update({f"{k}_fwd_bwd_ms": median_ms(v) for k, v in times.items()})
-        row["speedup"] = round(row["eager_fwd_bwd_ms"] / row["compiled_fwd_bwd_ms"], 2)
+        row = {"mlp_shape": shape, "activations": f"[4, 512, {width}] bf16"}
+        row.update(
+            _eager_against_compiled(functools.partial(_swiglu_call_s, gate, up, upstream), args.repeats)
+        )
         rows.append(row)
         log.info("swiglu %s", row)
     return rows
