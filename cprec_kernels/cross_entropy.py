@@ -28,6 +28,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .compiled import compiled as compiled_fn
+
 IGNORE_INDEX = -100
 
 
@@ -62,12 +64,6 @@ def chunk_loss_and_grad(
     hot = torch.arange(x.shape[1], device=x.device)[None, :] == labels[:, None]
     grad = (e / sums - hot.to(x.dtype)) * weights[:, None]
     return loss, grad.to(logits.dtype)
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_chunk():
-    # dynamic=None: the first chunk shape static; the varying last chunk compiles one dynamic kernel.
-    return torch.compile(chunk_loss_and_grad, dynamic=None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,7 +117,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             e = min(s + chunk_size, n)
             h = hidden[s:e]
             if fused:
-                loss, g_low = _compiled_chunk()(F.linear(h, weight, bias), safe_labels[s:e], row_weights[s:e])
+                loss, g_low = compiled_fn(chunk_loss_and_grad)(
+                    F.linear(h, weight, bias), safe_labels[s:e], row_weights[s:e]
+                )
                 total += loss
                 if need_h:
                     grad_h[s:e] = g_low @ weight

@@ -12,11 +12,11 @@ on CPU there is no library kernel (``F.rms_norm`` is no faster than the eager fo
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-NORM_BACKENDS = ("eager", "compiled")
+from .compiled import COMPILE_BACKENDS, eager_or_compiled
+
+NORM_BACKENDS = COMPILE_BACKENDS
 
 
 def rms_norm_reference(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -27,17 +27,6 @@ def rms_norm_reference(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -
     return weight * h.to(dtype)
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled():
-    # dynamic=None: static shapes first (training's fixed [B, L]); a second shape compiles one
-    # dynamic kernel instead of one per shape.
-    return torch.compile(rms_norm_reference, dynamic=None)
-
-
 def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "eager") -> torch.Tensor:
     """RMSNorm of ``hidden [..., H]`` with ``weight [H]``, by ``backend`` (eager | compiled)."""
-    if backend == "compiled":
-        return _compiled()(hidden, weight, eps)
-    if backend != "eager":
-        raise ValueError(f"unknown norm backend {backend!r}; choose from {list(NORM_BACKENDS)}")
-    return rms_norm_reference(hidden, weight, eps)
+    return eager_or_compiled(rms_norm_reference, backend, "norm")(hidden, weight, eps)

@@ -13,12 +13,12 @@ MLP of the model; the matmuls around it stay transformers' (and ZeRO-3's) own.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-MLP_BACKENDS = ("eager", "compiled")
+from .compiled import COMPILE_BACKENDS, eager_or_compiled
+
+MLP_BACKENDS = COMPILE_BACKENDS
 
 
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -26,17 +26,6 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@functools.lru_cache(maxsize=1)
-def _compiled():
-    # dynamic=None: static shapes first (training's fixed [B, L, I]); a second shape compiles one
-    # dynamic kernel instead of one per shape.
-    return torch.compile(swiglu_reference, dynamic=None)
-
-
 def swiglu(gate: torch.Tensor, up: torch.Tensor, backend: str = "eager") -> torch.Tensor:
     """``silu(gate) * up`` by ``backend`` (eager | compiled)."""
-    if backend == "compiled":
-        return _compiled()(gate, up)
-    if backend != "eager":
-        raise ValueError(f"unknown MLP backend {backend!r}; choose from {list(MLP_BACKENDS)}")
-    return swiglu_reference(gate, up)
+    return eager_or_compiled(swiglu_reference, backend, "MLP")(gate, up)
