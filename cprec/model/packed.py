@@ -192,10 +192,12 @@ def _packed_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return type(self).forward(self, x)
 
 
-def _route(hf_model: nn.Module, modules: list[nn.Module], backend: str, packed_forward, what: str) -> int:
+def _route(
+    hf_model: nn.Module, modules: list[nn.Module], backend: str, packed_forward, what: str, kinds: str
+) -> int:
     """Give each of ``modules`` ``packed_forward`` with ``backend`` (``eager`` restores their own
     forward); returns how many are routed. Only the ``forward`` attribute changes, so the module's
-    own hooks (ZeRO-3's gathers) still run."""
+    own hooks (ZeRO-3's gathers) still run; ``kinds`` names what was looked for, for the warning."""
     for module in modules:
         module.__dict__.pop("forward", None)
         module.__dict__.pop("cprec_backend", None)
@@ -203,8 +205,8 @@ def _route(hf_model: nn.Module, modules: list[nn.Module], backend: str, packed_f
             module.cprec_backend = backend
             module.forward = types.MethodType(packed_forward, module)
     if backend != "eager" and not modules:
-        log.warning("%s=%s: %s has none of the modules it routes; they stay eager",
-                    what, backend, type(hf_model).__name__)  # fmt: skip
+        log.warning("%s=%s: %s has none of %s; they stay eager",
+                    what, backend, type(hf_model).__name__, kinds)  # fmt: skip
     return len(modules) if backend != "eager" else 0
 
 
@@ -212,7 +214,9 @@ def use_norm_backend(hf_model: nn.Module, backend: str) -> int:
     """Run the RMSNorms of ``hf_model`` through `cprec_kernels.rms_norm` with ``backend`` in packed
     calls (``eager`` restores their own forward); returns how many norms are routed."""
     norms = [m for m in hf_model.modules() if type(m).__name__ in RMS_NORM_CLASSES]
-    return _route(hf_model, norms, backend, _packed_norm_forward, "model.norm_backend")
+    return _route(
+        hf_model, norms, backend, _packed_norm_forward, "model.norm_backend", f"the norms {RMS_NORM_CLASSES}"
+    )
 
 
 def use_mlp_backend(hf_model: nn.Module, backend: str) -> int:
@@ -223,7 +227,14 @@ def use_mlp_backend(hf_model: nn.Module, backend: str) -> int:
         for m in hf_model.modules()
         if type(m).__name__ in MLP_CLASSES and type(getattr(m, "act_fn", None)).__name__ in SILU_CLASSES
     ]
-    return _route(hf_model, mlps, backend, _packed_mlp_forward, "model.mlp_backend")
+    return _route(
+        hf_model,
+        mlps,
+        backend,
+        _packed_mlp_forward,
+        "model.mlp_backend",
+        f"the SiLU-gated MLPs {MLP_CLASSES}",
+    )
 
 
 class PackedLMHead(nn.Linear):
